@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from xray import metrics as M
+
+Y = [0, 0, 1, 1]
+P = [0.1, 0.4, 0.35, 0.8]
+
+
+def test_auc_and_average_precision_hand_computed():
+    # pairs (pos, neg): (0.35>0.1) (0.35<0.4) (0.8>0.1) (0.8>0.4) -> 3 of 4
+    assert M.roc_auc(Y, P) == pytest.approx(0.75)
+    # ranks: 0.8 (pos, precision 1), 0.4 (neg), 0.35 (pos, precision 2/3): AP = (1 + 2/3) / 2
+    assert M.pr_auc(Y, P) == pytest.approx(5 / 6)
+
+
+def test_auc_ties_count_half():
+    assert M.roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert np.isnan(M.roc_auc([1, 1], [0.2, 0.9]))
+
+
+def test_metrics_at_threshold_hand_computed():
+    m = M.metrics_at(Y, P, 0.5)
+    assert m["confusion_matrix"] == {"tp": 1, "fp": 0, "tn": 2, "fn": 1}
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["sensitivity"] == pytest.approx(0.5)
+    assert m["specificity"] == pytest.approx(1.0)
+    assert m["precision"] == pytest.approx(1.0)
+    assert m["npv"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # threshold is inclusive: p >= t is PNEUMONIA
+    assert M.confusion(Y, P, 0.8)["tp"] == 1
+
+
+def test_youden_threshold_rule():
+    # J = 0.5 at t=0.8 and at t=0.35; the higher wins, placed midway to the next lower score 0.4
+    assert M.choose_threshold(Y, P, "youden") == pytest.approx(0.6)
+
+
+def test_sensitivity_rule_reaches_target():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(y * 0.3 + rng.normal(0.4, 0.2, 500), 0, 1)
+    t = M.choose_threshold(y, p, "sensitivity>=0.95")
+    m = M.metrics_at(y, p, t)
+    assert m["sensitivity"] >= 0.95
+    # the highest such threshold: a hair higher loses the target
+    assert M.metrics_at(y, p, t + 1e-9)["sensitivity"] < 0.95
+
+
+def test_unknown_rule_rejected():
+    with pytest.raises(ValueError):
+        M.choose_threshold(Y, P, "magic")
+
+
+def test_matches_scikit_learn_on_random_data():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.random(300), 2)  # with ties
+    assert M.roc_auc(y, p) == pytest.approx(sklearn.roc_auc_score(y, p))
+    assert M.pr_auc(y, p) == pytest.approx(sklearn.average_precision_score(y, p))
+
+
+def test_expected_calibration_error_hand_computed():
+    # bin of 0.9: accuracy 0.5, confidence 0.9 (half the data); bin of 0.1: accuracy 0, confidence 0.1
+    assert M.expected_calibration_error([1, 0, 0, 0], [0.9, 0.9, 0.1, 0.1]) == pytest.approx(0.25)
+    assert M.expected_calibration_error([1, 0], [1.0, 0.0]) == pytest.approx(0.0)

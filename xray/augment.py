@@ -1,0 +1,58 @@
+"""Batch augmentation on (B, 1, S, S) float tensors in [0, 255], aimed at acquisition differences
+between hospitals and machines: framing, small rotation, gamma, blur, noise. Never flips: the heart
+sits on the left, and a mirrored chest is not a chest X-ray."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (0.85, 1.15)  # zoom (>1 crops in)
+    aspect: float = 0.1  # +- relative change of aspect ratio
+    rotation_deg: float = 10.0
+    translate: float = 0.08  # fraction of the image
+    gamma: tuple[float, float] = (0.7, 1.5)
+    blur_p: float = 0.3  # probability of a resolution-loss blur
+    noise_p: float = 0.3
+    noise_std: float = 8.0  # grey levels, at most
+
+
+PRESETS = {"none": None, "standard": AugmentConfig(),
+           "strong": AugmentConfig(scale=(0.75, 1.3), aspect=0.15, rotation_deg=15.0, translate=0.12,
+                                   gamma=(0.6, 1.7), blur_p=0.5, noise_p=0.5, noise_std=12.0)}
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=g)
+
+
+def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Random geometric and photometric changes, one draw per image."""
+    b, _, h, w = batch.shape
+    x = batch.float()
+    zoom = _uniform(b, *cfg.scale, g)
+    aspect = 1.0 + _uniform(b, -cfg.aspect, cfg.aspect, g)
+    angle = _uniform(b, -cfg.rotation_deg, cfg.rotation_deg, g) * math.pi / 180
+    tx, ty = _uniform(b, -cfg.translate, cfg.translate, g) * 2, _uniform(b, -cfg.translate, cfg.translate, g) * 2
+    sx, sy = 1.0 / (zoom * aspect.sqrt()), aspect.sqrt() / zoom
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1),
+                         torch.stack([sin * sx, cos * sy, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gamma = torch.exp(_uniform(b, math.log(cfg.gamma[0]), math.log(cfg.gamma[1]), g)).view(b, 1, 1, 1)
+    x = 255.0 * (x.clamp(0, 255) / 255.0) ** gamma
+    blur = torch.rand(b, generator=g) < cfg.blur_p
+    if blur.any():
+        factor = float(_uniform(1, 0.4, 0.8, g))  # down and up again: a softer, lower-resolution detector
+        small = F.interpolate(x[blur], scale_factor=factor, mode="bilinear", antialias=True, align_corners=False)
+        x[blur] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    noisy = (torch.rand(b, generator=g) < cfg.noise_p).view(b, 1, 1, 1)
+    sigma = _uniform(b, 0, cfg.noise_std, g).view(b, 1, 1, 1)
+    x = x + noisy * sigma * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 255)

@@ -1,0 +1,128 @@
+"""Binary classification metrics in plain numpy: ROC/PR curves, AUCs, metrics at a threshold,
+the operating-threshold rules, and calibration error. Positive class = PNEUMONIA (label 1)."""
+from __future__ import annotations
+
+import numpy as np
+
+THRESHOLD_RULES = ("youden", "sensitivity>=0.95", "balanced-accuracy")
+
+
+def _as_arrays(y_true, p) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    s = np.asarray(p, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError("labels and scores differ in length")
+    return y, s
+
+
+def roc_curve(y_true, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), thresholds decreasing; predicting positive means p >= threshold."""
+    y, s = _as_arrays(y_true, p)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    pos, neg = max(int(y.sum()), 1), max(int(len(y) - y.sum()), 1)
+    fpr = np.r_[0.0, fps / neg]
+    tpr = np.r_[0.0, tps / pos]
+    thresholds = np.r_[np.inf, s[distinct]]
+    return fpr, tpr, thresholds
+
+
+def roc_auc(y_true, p) -> float:
+    """Area under the ROC curve (ties count half); nan when one class is absent."""
+    y, s = _as_arrays(y_true, p)
+    if y.size == 0 or y.min() == y.max():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def pr_curve(y_true, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) with recall increasing from 0."""
+    y, s = _as_arrays(y_true, p)
+    _, tpr, thresholds = roc_curve(y, s)
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    distinct = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s_sorted) - 1]
+    tps = np.cumsum(y_sorted)[distinct]
+    predicted = distinct + 1
+    precision = np.r_[1.0, tps / predicted]
+    return precision, tpr, thresholds
+
+
+def pr_auc(y_true, p) -> float:
+    """Average precision (step-wise area under the precision-recall curve)."""
+    y, s = _as_arrays(y_true, p)
+    if y.sum() == 0:
+        return float("nan")
+    precision, recall, _ = pr_curve(y, s)
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def confusion(y_true, p, threshold: float) -> dict[str, int]:
+    y, s = _as_arrays(y_true, p)
+    pred = s >= threshold
+    return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
+            "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+def metrics_at(y_true, p, threshold: float) -> dict:
+    """Every figure a clinician or an ML engineer asks for, at one operating threshold."""
+    y, s = _as_arrays(y_true, p)
+    c = confusion(y, s, threshold)
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    sensitivity, precision = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "n": int(len(y)), "threshold": float(threshold),
+        "accuracy": _ratio(tp + tn, len(y)), "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp), "precision": precision, "npv": _ratio(tn, tn + fn),
+        "f1": f1, "balanced_accuracy": (sensitivity + _ratio(tn, tn + fp)) / 2,
+        "roc_auc": roc_auc(y, s), "pr_auc": pr_auc(y, s),
+        "confusion_matrix": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def choose_threshold(y_true, p, rule: str = "youden") -> float:
+    """The operating threshold on validation predictions by a stated rule.
+
+    youden: maximise sensitivity + specificity - 1 (ties: the highest such threshold), placed
+        midway to the next lower validation score.
+    sensitivity>=0.95: the highest threshold whose sensitivity is at least 0.95.
+    balanced-accuracy: same optimum as youden (kept as an alias people search for).
+    """
+    y, s = _as_arrays(y_true, p)
+    fpr, tpr, thresholds = roc_curve(y, s)
+    finite = np.isfinite(thresholds)
+    if rule.startswith("sensitivity>="):
+        target = float(rule.split(">=")[1])
+        ok = np.nonzero((tpr >= target) & finite)[0]
+        return float(thresholds[ok[0]]) if len(ok) else float(s.min())
+    if rule not in ("youden", "balanced-accuracy"):
+        raise ValueError(f"unknown threshold rule {rule!r}; one of {THRESHOLD_RULES}")
+    j = np.where(finite, tpr - fpr, -np.inf)
+    best = int(np.nonzero(j >= j.max() - 1e-12)[0][0])  # ties: the highest threshold (more specific)
+    # Any threshold in (next lower score, chosen score] gives the same decisions: take the midpoint,
+    # so the operating point does not sit exactly on one validation image.
+    high = thresholds[best]
+    lower = s[s < high]
+    return float((high + lower.max()) / 2) if lower.size else float(high)
+
+
+def expected_calibration_error(y_true, p, bins: int = 15) -> float:
+    """ECE with equal-width bins: mean |accuracy - confidence| weighted by bin size."""
+    y, s = _as_arrays(y_true, p)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            ece += mask.mean() * abs(y[mask].mean() - s[mask].mean())
+    return float(ece)

@@ -1,0 +1,108 @@
+"""The pneumonia CNN: a small residual network trained from scratch on one-channel radiographs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture; stored in the model card so a version rebuilds exactly."""
+
+    widths: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stage
+    strides: tuple[int, ...] = (2, 2, 2, 1)  # last stage keeps resolution so Grad-CAM is not 4x4
+    dropout: float = 0.3  # before the classifier
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a projected shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_bn(c_in, c_out, stride)
+        self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class PneumoniaNet(nn.Module):
+    """Input (B, 1, S, S) standardised; output (B,) logit of pneumonia."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        stem_width = config.widths[0] // 2
+        self.stem = nn.Sequential(conv_bn(1, stem_width, stride=2), conv_bn(stem_width, stem_width))
+        stages, c_in = [], stem_width
+        for width, stride in zip(config.widths, config.strides):
+            stages.append(ResidualBlock(c_in, width, stride))
+            c_in = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(c_in, 1)
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The layer Grad-CAM explains: the last stage, at 1/8 of the input resolution."""
+        return self.stages[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> (B, C) pooled features of the last stage (also used for the OOD check)."""
+        return self.pool(self.stages(self.stem(x))).flatten(1)  # stages: (B, C, S/8, S/8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C) features -> (B,) logits."""
+        return self.classifier(self.dropout(features)).squeeze(1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: PneumoniaNet, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass at (1, 1, S, S), counted from conv and linear layers."""
+    macs = 0
+
+    def hook(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            macs += output.numel() * k
+        elif isinstance(module, nn.Linear):
+            macs += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        model(torch.zeros(1, 1, image_size, image_size))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return macs

@@ -1,0 +1,246 @@
+"""Model registry: one folder per version (weights + model card), one marker naming the active one.
+
+Layout under the registry root (``weights/`` by default, or $XRAY_WEIGHTS):
+    active.json                 {"version": ID, "history": [previously active IDs, newest last]}
+    versions/ID/model.pt        state_dict
+    versions/ID/card.json       model card, including the SHA-256 of model.pt
+A version folder is assembled under a hidden temporary name and renamed into place, and every file
+is written atomically, so a crash never leaves a partial version or a marker pointing at one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_write_bytes, atomic_write_json
+from .model import ModelConfig, PneumoniaNet
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REGISTRY = PACKAGE_ROOT / "weights"
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+
+
+def default_registry_path() -> Path:
+    return Path(os.environ.get("XRAY_WEIGHTS", DEFAULT_REGISTRY))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ModelFileError(ValueError):
+    """A version's files are missing, damaged or inconsistent with its card."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the card that travels with it."""
+
+    net: PneumoniaNet
+    card: dict
+    device: torch.device
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card["preprocessing"]["image_size"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.card.get("calibration", {}).get("temperature", 1.0))
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_net(card: dict) -> PneumoniaNet:
+    return PneumoniaNet(ModelConfig.from_dict(card["architecture"]["config"]))
+
+
+class Registry:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_registry_path()
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / "active.json"
+
+    def version_dir(self, version: str) -> Path:
+        if not VERSION_PATTERN.match(version):
+            raise ValueError(f"invalid version id {version!r}")
+        return self.versions_dir / version
+
+    # -- reading --------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Complete versions (those with a card), oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        found = [p.name for p in self.versions_dir.iterdir()
+                 if p.is_dir() and not p.name.startswith(".") and (p / "card.json").is_file()]
+        return sorted(found, key=lambda v: (self.card(v).get("created", ""), v))
+
+    def card(self, version: str) -> dict:
+        path = self.version_dir(version) / "card.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelFileError(f"model version {version} has no card") from None
+        except json.JSONDecodeError as exc:
+            raise ModelFileError(f"model card of {version} is damaged: {exc}") from None
+
+    def _marker_state(self) -> dict:
+        try:
+            state = json.loads(self.marker.read_text())
+            return state if isinstance(state, dict) else {}
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def active_version(self) -> str | None:
+        version = self._marker_state().get("version")
+        return version if version in self.versions() else None
+
+    def history(self) -> list[str]:
+        return [v for v in self._marker_state().get("history", []) if isinstance(v, str)]
+
+    def load(self, version: str | None = None, device: torch.device | None = None) -> LoadedModel:
+        """Load a version (the active one by default), verifying its checksum.
+
+        Raises:
+            ModelFileError: missing, truncated or altered weights, or a card that does not match.
+        """
+        version = version or self.active_version()
+        if version is None:
+            raise ModelFileError(f"no active model in {self.root}")
+        card = self.card(version)
+        try:
+            data = (self.version_dir(version) / "model.pt").read_bytes()
+        except FileNotFoundError:
+            raise ModelFileError(f"model version {version} has no weights file") from None
+        if sha256_bytes(data) != card.get("weights_sha256"):
+            raise ModelFileError(f"weights of model {version} are damaged (checksum mismatch); refusing to load")
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            net = build_net(card)
+            net.load_state_dict(state)
+        except Exception as exc:  # torch raises several types on bad archives or shapes
+            raise ModelFileError(f"weights of model {version} cannot be loaded: {exc}") from None
+        device = device or pick_device()
+        net = net.to(device).eval()
+        if device.type == "cpu":
+            net = net.to(memory_format=torch.channels_last)
+        return LoadedModel(net, card, device)
+
+    def load_with_fallback(self, device: torch.device | None = None) -> tuple[LoadedModel, list[str]]:
+        """The active model or, if it is damaged, the newest earlier good one; plus the warnings."""
+        problems: list[str] = []
+        candidates = []
+        state = self._marker_state()
+        for v in [state.get("version"), *reversed(self.history()), *reversed(self.versions())]:
+            if isinstance(v, str) and v not in candidates:
+                candidates.append(v)
+        for version in candidates:
+            try:
+                return self.load(version, device), problems
+            except (ModelFileError, ValueError) as exc:
+                problems.append(str(exc))
+        raise ModelFileError("; ".join(problems) or f"no model versions in {self.root}")
+
+    # -- writing --------------------------------------------------------------------------------
+    def new_version_id(self, tag: str = "") -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        base = f"{stamp}-{tag}" if tag else stamp
+        version, n = base, 1
+        while (self.versions_dir / version).exists():
+            n += 1
+            version = f"{base}-{n}"
+        return version
+
+    def save_version(self, net: torch.nn.Module, card: dict, version: str | None = None,
+                     extras: dict[str, bytes] | None = None) -> str:
+        """Write weights + card (+ extra files, checksummed in the card) as a new, inactive version."""
+        version = version or self.new_version_id()
+        final = self.version_dir(version)
+        if final.exists():
+            raise ValueError(f"model version {version} already exists")
+        buffer = io.BytesIO()
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        extras = extras or {}
+        card = {**card, "version": version, "weights_sha256": sha256_bytes(data),
+                "weights_bytes": len(data), "extra_files": {n: sha256_bytes(b) for n, b in extras.items()}}
+        staging = self.versions_dir / f".{version}.partial"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        atomic_write_bytes(staging / "model.pt", data)
+        for name, blob in extras.items():
+            atomic_write_bytes(staging / name, blob)
+        atomic_write_json(staging / "card.json", card)
+        os.replace(staging, final)  # the version appears whole or not at all
+        return version
+
+    def update_card(self, version: str, updates: dict) -> dict:
+        """Merge ``updates`` into a version's card atomically (e.g. a new default threshold)."""
+        card = self.card(version)
+        protected = {"version", "weights_sha256", "weights_bytes", "extra_files"}
+        if protected & set(updates):
+            raise ValueError(f"cannot change {sorted(protected & set(updates))}")
+        card.update(updates)
+        atomic_write_json(self.version_dir(version) / "card.json", card)
+        return card
+
+    def activate(self, version: str) -> None:
+        """Make ``version`` the one the app and CLI use; it must load cleanly first."""
+        self.load(version, torch.device("cpu"))
+        state = self._marker_state()
+        history = [v for v in state.get("history", []) if v != version]
+        current = state.get("version")
+        if current and current != version:
+            history.append(current)
+        atomic_write_json(self.marker, {"version": version, "history": history[-50:],
+                                        "activated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def rollback(self) -> str:
+        """Re-activate the previously active version; returns it."""
+        state = self._marker_state()
+        history = [v for v in state.get("history", []) if v in self.versions()]
+        if not history:
+            raise ValueError("no earlier model version to roll back to")
+        previous = history.pop()
+        self.load(previous, torch.device("cpu"))
+        atomic_write_json(self.marker, {"version": previous, "history": history,
+                                        "activated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return previous
+
+    def clean_partials(self) -> list[str]:
+        """Remove staging folders left by a process killed mid-save."""
+        removed = []
+        if self.versions_dir.is_dir():
+            for p in self.versions_dir.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".partial"):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
+        return removed
