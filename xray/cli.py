@@ -1,14 +1,16 @@
-"""Command line: ``python -m xray {predict,evaluate,train,versions,activate,rollback}``."""
+"""Command line: ``python -m xray {predict,evaluate,train,jobs,bench,versions,activate,rollback}``."""
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -33,6 +35,46 @@ def iter_image_paths(paths: list[str]) -> Iterator[Path]:
             yield path
 
 
+def shard_of(key: str, count: int) -> int:
+    """Which of ``count`` shards a file belongs to, from a hash of its path relative to the folder
+    given: every machine agrees whatever the mount point, and new files never move the others."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
+
+
+def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1)) -> Iterator[Path]:
+    """``iter_image_paths``, keeping only shard ``index`` of ``count`` (lazily: nothing is listed ahead)."""
+    index, count = shard
+    for raw in paths:
+        root = Path(raw)
+        for path in iter_image_paths([raw]):
+            key = path.relative_to(root).as_posix() if path != root else root.as_posix()
+            if count == 1 or shard_of(key, count) == index:
+                yield path
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def done_paths(csv_path: Path) -> set[str]:
+    """Paths already in a predict CSV (for --resume); a last line torn by a crash is cut off first."""
+    with open(csv_path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)  # that file is scored again
+    rows = list(csv.reader(open(csv_path, newline="")))
+    if rows and rows[0] != CSV_HEADER:
+        raise ValueError(f"{csv_path} is not a predict CSV with columns {','.join(CSV_HEADER)}; cannot resume it")
+    return {row[0] for row in rows[1:] if len(row) == len(CSV_HEADER)}
+
+
 def _progress(total: int | None, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), unit="img")
@@ -51,50 +93,110 @@ def _load_model(args) -> "LoadedModel":  # noqa: F821
         raise SystemExit(f"error: {exc}")
 
 
-def score_paths(model, paths: Iterator[Path], threshold: float | None, batch_size: int = 32):
-    """Yield (path, Prediction or None, error) for each file, decoding in bounded batches."""
+def _decode(path: Path):
     from .imageio import load_image
+
+    try:
+        return load_image(path), ""
+    except ValueError as exc:
+        return None, str(exc)
+    except Exception as exc:  # a decoder bug costs one file, not a run over a whole archive
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def score_paths(model, paths: Iterable[Path], threshold: float | None, batch_size: int = 32,
+                workers: int = 0) -> Iterator[tuple[Path, "Prediction | None", str]]:  # noqa: F821
+    """Yield (path, Prediction or None, error) for each file, in the files' order (unreadable ones
+    included). Threads decode ahead (Pillow's decoders release the GIL), but never more than
+    ``batch_size + 2 * workers`` files are in flight, so memory stays flat over any number of files."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     from .inference import predict
 
-    def flush(batch):
-        predictions = predict(model, [image for _, image in batch], threshold)
-        for (path, _), prediction in zip(batch, predictions):
-            yield path, prediction, ""
-
-    batch = []
-    for path in paths:
-        try:
-            batch.append((path, load_image(path)))
-        except ValueError as exc:
-            yield path, None, str(exc)
-            continue
-        if len(batch) == batch_size:
-            yield from flush(batch)
-            batch = []
-    if batch:
-        yield from flush(batch)
+    workers = workers or min(4, os.cpu_count() or 1)
+    ahead = batch_size + 2 * workers
+    source, pending, batch = iter(paths), deque(), []
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    try:
+        while True:
+            for path in source:
+                pending.append((path, pool.submit(_decode, path)))
+                if len(pending) >= ahead:
+                    break
+            if not pending:
+                break
+            path, future = pending.popleft()
+            image, error = future.result()
+            if image is not None:
+                batch.append((path, image))
+            # score what is waiting when the batch is full, the source is exhausted (nothing pending),
+            # or an unreadable file must come out in its place
+            if batch and (len(batch) == batch_size or not pending or image is None):
+                predictions = predict(model, [im for _, im in batch], threshold, batch_size)
+                for (done, _), prediction in zip(batch, predictions):
+                    yield done, prediction, ""
+                batch = []
+            if image is None:
+                yield path, None, error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def cmd_predict(args) -> int:
+    if args.resume and not args.csv:
+        raise SystemExit("error: --resume needs --csv (the file to continue)")
+    done: set[str] = set()
+    if args.resume and args.csv and Path(args.csv).is_file() and Path(args.csv).stat().st_size:
+        try:
+            done = done_paths(Path(args.csv))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}")
     model = _load_model(args)
-    out = open(args.csv, "w", newline="") if args.csv else sys.stdout
+    out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
     writer = csv.writer(out)
-    writer.writerow(CSV_HEADER)
-    failures = 0
+    if not done:
+        writer.writerow(CSV_HEADER)
+    paths = (p for p in iter_shard(args.paths, args.shard) if str(p) not in done)
+    failures = not_xray = 0
     with _progress(None, "predict") as bar:
-        for path, prediction, error in score_paths(model, iter_image_paths(args.paths), args.threshold):
+        for path, prediction, error in score_paths(model, paths, args.threshold, args.batch_size, args.workers):
             error = " ".join(error.split())  # one line, whatever the decoder said
             if prediction is None:
                 failures += 1
                 writer.writerow([str(path), "", "", f"{args.threshold if args.threshold is not None else model.threshold:.6f}", error])
+            elif prediction.ood:  # no verdict, but the score stays visible (docs/ood.md)
+                not_xray += 1
+                writer.writerow([str(path), f"{prediction.p_pneumonia:.6f}", "", f"{prediction.threshold:.6f}",
+                                 "not a chest X-ray: " + " ".join(prediction.ood_reason.split())])
             else:
                 writer.writerow([str(path), f"{prediction.p_pneumonia:.6f}", prediction.label,
                                  f"{prediction.threshold:.6f}", ""])
+            out.flush()  # a crash loses at most the row being written; --resume continues after it
             bar.update(1)
     if args.csv:
         out.close()
     if failures:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
+    if not_xray:
+        print(f"{not_xray} file(s) do not look like chest X-rays: no label given; see the error column", file=sys.stderr)
+    return 0
+
+
+def cmd_fit_ood(args) -> int:
+    from .ood import fit_for_version
+
+    registry = Registry(args.registry or None)
+    try:
+        version = fit_for_version(registry, args.model or None, args.data_dir, workers=args.workers,
+                                  percentile=args.percentile, activate=args.activate)
+    except (ModelFileError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    card = registry.card(version)["ood"]
+    print(f"new version {version}: same weights plus OOD statistics (limit {card['threshold']:.2f}, "
+          f"{card['val_flagged']:.1%} of validation X-rays flagged)"
+          + (" - activated" if args.activate else f"; activate with: python -m xray activate {version}"),
+          file=sys.stderr)
     return 0
 
 
@@ -197,9 +299,22 @@ def cmd_train(args) -> int:
     if not cfg.run_dir:
         cfg.run_dir = str(registry.root / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     events = Path(args.events) if args.events else Path(cfg.run_dir) / "events.jsonl"
-    callbacks = [ConsolePrinter(), EventLog(events)]
+    rank = int(os.environ.get("RANK", 0))  # under torchrun, rank 0 alone reports and writes events
+    callbacks = [ConsolePrinter(), EventLog(events)] if rank == 0 else []
+    # other ranks never raise from the signal handler: they stop with rank 0 at an agreed step
+    stop = {"asked": False, "training": rank != 0}
+
+    def on_sigterm(signum, frame):  # `python -m xray jobs --cancel` and the Retrain page send SIGTERM
+        stop["asked"] = True
+        if not stop["training"]:
+            raise Cancelled()  # still scanning or decoding: nothing to finish, stop at once
+
+    def note_training(event: dict) -> None:
+        stop["training"] = stop["training"] or event["event"] == "data"
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        main(cfg, callbacks)
+        main(cfg, callbacks + [note_training], should_stop=lambda: stop["asked"])
     except Cancelled:
         for cb in callbacks[1:]:
             cb({"event": "cancelled", "time": time.time()})
@@ -210,14 +325,46 @@ def cmd_train(args) -> int:
             cb({"event": "error", "message": str(exc), "time": time.time()})
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # record why in the event file too; the traceback still goes to stderr
+        for cb in callbacks[1:]:
+            cb({"event": "error", "message": f"{type(exc).__name__}: {exc}", "time": time.time()})
+        raise
     return 0
+
+
+def cmd_jobs(args) -> int:
+    from .jobs import cancel_job, current_job, describe, list_jobs
+
+    root = Registry(args.registry or None).root
+    if args.cancel:
+        if not cancel_job(root):
+            print("no training job is running", file=sys.stderr)
+            return 1
+        print("asked the running training job to stop", file=sys.stderr)
+        return 0
+    jobs = list_jobs(root) if args.all else [j for j in [current_job(root)] if j]
+    if not jobs:
+        print(f"no training jobs recorded in {root}", file=sys.stderr)
+    for job in jobs:
+        print(describe(job))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
 
 
 def cmd_versions(args) -> int:
     registry = Registry(args.registry or None)
     active = registry.active_version()
     for version in registry.versions():
-        card = registry.card(version)
+        try:
+            card = registry.card(version)
+        except ModelFileError as exc:  # list it, say why, and go on with the others
+            print(f"{'*' if version == active else ' '} {version}  unusable: {exc}")
+            continue
         v = card.get("validation", {})
         print(f"{'*' if version == active else ' '} {version}  AUC {v.get('roc_auc', float('nan')):.4f}  "
               f"threshold {card.get('threshold', float('nan')):.4f}  {card.get('created', '')}")
@@ -243,6 +390,7 @@ def cmd_rollback(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_arguments as bench_arguments
     from .train import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m xray", description="Pneumonia chest X-ray assistant engine")
@@ -257,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     model_options(p)
     p.add_argument("--csv", default="", help="write CSV here instead of stdout")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+                   help="score only part I of N (0-based) of the files, split by a hash of each file's path "
+                        "relative to its folder argument: N machines with I = 0..N-1 cover every file once")
+    p.add_argument("--resume", action="store_true",
+                   help="with --csv: skip files already in that CSV and append the rest (same path arguments)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (default: min(4, CPU cores))")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="metrics on a labelled folder")
@@ -268,6 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a new (inactive) model version")
     add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("jobs", help="the current (or last) background training job, as the Retrain page sees it")
+    p.add_argument("--registry", default="")
+    p.add_argument("--all", action="store_true", help="every recorded job, newest first")
+    p.add_argument("--cancel", action="store_true", help="stop the running job")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("fit-ood", help="add OOD statistics to a version (saved as a new version)")
+    p.add_argument("data_dir", help="the folder the model was trained on (its validation split is reproduced)")
+    p.add_argument("--model", default="", help="model version id (default: the active one)")
+    p.add_argument("--registry", default="", help="registry folder (default weights/ or $XRAY_WEIGHTS)")
+    p.add_argument("--percentile", type=float, default=99.5,
+                   help="flag images beyond this percentile of validation distances (default 99.5)")
+    p.add_argument("--workers", type=int, default=1, help="image decoding processes (default 1)")
+    p.add_argument("--activate", action="store_true", help="activate the new version")
+    p.set_defaults(func=cmd_fit_ood)
+
+    p = sub.add_parser("bench", help="training and inference speed, against a reference network and the machine")
+    bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("versions", help="list model versions (* = active)")
     p.add_argument("--registry", default="")

@@ -52,12 +52,14 @@ class GradCam:
             self._cam = None
             _CAM_LOCK.release()
 
-    def __call__(self, image: XrayImage | np.ndarray, towards: str = PNEUMONIA) -> np.ndarray:
+    def __call__(self, image: XrayImage | np.ndarray, towards: str = PNEUMONIA,
+                 shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Heatmap at ``shape`` (H, W): the image's own size by default, or a display copy's size."""
         pixels = image.pixels if isinstance(image, XrayImage) else image
         x = standardise(model_inputs([pixels], self.model.image_size).to(self.model.device))  # (1, 1, S, S)
         with torch.enable_grad():
             cam = self._cam(input_tensor=x, targets=[PneumoniaTarget(towards)])[0]  # (S, S) in [0, 1]
-        return resize_map(cam, pixels.shape)
+        return resize_map(cam, shape or pixels.shape)
 
 
 def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -67,10 +69,11 @@ def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
-def gradcam(model: LoadedModel, image: XrayImage | np.ndarray, towards: str = PNEUMONIA) -> np.ndarray:
-    """One heatmap, hooks released afterwards."""
+def gradcam(model: LoadedModel, image: XrayImage | np.ndarray, towards: str = PNEUMONIA,
+            shape: tuple[int, int] | None = None) -> np.ndarray:
+    """One heatmap (at ``shape``, default the image's size), hooks released afterwards."""
     with GradCam(model) as cam:
-        return cam(image, towards)
+        return cam(image, towards, shape)
 
 
 def _jet(values: np.ndarray) -> np.ndarray:

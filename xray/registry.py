@@ -18,11 +18,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_json
 from .model import ModelConfig, PneumoniaNet
+
+if TYPE_CHECKING:
+    from .ood import OodStats
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = PACKAGE_ROOT / "weights"
@@ -48,6 +52,7 @@ class LoadedModel:
     net: PneumoniaNet
     card: dict
     device: torch.device
+    ood_stats: "OodStats | None" = None  # training-feature statistics; None = no feature OOD check
 
     @property
     def version(self) -> str:
@@ -98,17 +103,29 @@ class Registry:
         if not self.versions_dir.is_dir():
             return []
         found = [p.name for p in self.versions_dir.iterdir()
-                 if p.is_dir() and not p.name.startswith(".") and (p / "card.json").is_file()]
-        return sorted(found, key=lambda v: (self.card(v).get("created", ""), v))
+                 if p.is_dir() and VERSION_PATTERN.match(p.name) and (p / "card.json").is_file()]
+
+        def created(version: str) -> str:
+            # One damaged card must not hide every other version (load() reports it when asked for it).
+            try:
+                card = self.card(version)
+            except ModelFileError:
+                return ""
+            return str(card.get("created", ""))
+
+        return sorted(found, key=lambda v: (created(v), v))
 
     def card(self, version: str) -> dict:
         path = self.version_dir(version) / "card.json"
         try:
-            return json.loads(path.read_text())
+            card = json.loads(path.read_text())
         except FileNotFoundError:
             raise ModelFileError(f"model version {version} has no card") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelFileError(f"model card of {version} is damaged: {exc}") from None
+        if not isinstance(card, dict):
+            raise ModelFileError(f"model card of {version} is damaged: not a JSON object")
+        return card
 
     def _marker_state(self) -> dict:
         try:
@@ -140,6 +157,7 @@ class Registry:
             raise ModelFileError(f"model version {version} has no weights file") from None
         if sha256_bytes(data) != card.get("weights_sha256"):
             raise ModelFileError(f"weights of model {version} are damaged (checksum mismatch); refusing to load")
+        extras = self._read_extras(version, card)
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             net = build_net(card)
@@ -150,7 +168,29 @@ class Registry:
         net = net.to(device).eval()
         if device.type == "cpu":
             net = net.to(memory_format=torch.channels_last)
-        return LoadedModel(net, card, device)
+        ood_stats = None
+        if "ood.npz" in extras:
+            from .ood import OodStats
+            try:
+                ood_stats = OodStats.from_bytes(extras["ood.npz"])
+            except ValueError as exc:
+                raise ModelFileError(f"model {version}: {exc}") from None
+        return LoadedModel(net, card, device, ood_stats)
+
+    def _read_extras(self, version: str, card: dict) -> dict[str, bytes]:
+        """The version's extra files, each checked against the SHA-256 in its card."""
+        extras = {}
+        for name, digest in (card.get("extra_files") or {}).items():
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ModelFileError(f"model {version} lists an invalid extra file name {name!r}")
+            try:
+                blob = (self.version_dir(version) / name).read_bytes()
+            except FileNotFoundError:
+                raise ModelFileError(f"model version {version} lacks its file {name}") from None
+            if sha256_bytes(blob) != digest:
+                raise ModelFileError(f"file {name} of model {version} is damaged (checksum mismatch); refusing to load")
+            extras[name] = blob
+        return extras
 
     def load_with_fallback(self, device: torch.device | None = None) -> tuple[LoadedModel, list[str]]:
         """The active model or, if it is damaged, the newest earlier good one; plus the warnings."""

@@ -23,6 +23,7 @@ from . import metrics as M
 from .atomic import atomic_write, atomic_write_json
 from .augment import PRESETS, augment
 from .data import CLASSES, SMALL_VAL, DatasetScan, decoded_dataset, patient_split, scan_dataset
+from .inference import autocast_for
 from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters
 from .preprocess import standardise
 from .registry import Registry, pick_device
@@ -175,7 +176,8 @@ def to_input(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
 def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: torch.Tensor,
                     indices: np.ndarray, cfg: TrainConfig, epoch: int, pos_weight: float,
                     generator: torch.Generator, ema: EMA | None, emit: Callback,
-                    should_stop: Callable[[], bool], device: torch.device, sampler_rank: tuple[int, int] = (0, 1)) -> float:
+                    should_stop: Callable[[], bool], device: torch.device, sampler_rank: tuple[int, int] = (0, 1),
+                    scaler: "torch.amp.GradScaler | None" = None) -> float:
     """One pass over ``indices`` in a seeded random order; returns the mean training loss."""
     model.train()
     aug = PRESETS[cfg.augment]
@@ -185,7 +187,7 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
     steps = max(1, len(indices) // world // cfg.batch_size)  # identical on every rank (DDP needs it)
     total, count, started = 0.0, 0, time.time()
     for step in range(steps):
-        if should_stop():
+        if _any_rank(should_stop(), world, device):  # every rank stops at the same step
             raise Cancelled()
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = images[idx].unsqueeze(1).float()  # (B, 1, S, S) in [0, 255]
@@ -196,11 +198,17 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
             lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(cfg.mixup, cfg.mixup))
             perm = torch.randperm(len(idx), generator=generator)
             x, y = lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
-        logits = model(to_input(x, device))
-        loss = loss_fn(logits, y.to(device), pos_weight, cfg.label_smoothing)
+        with autocast_for(device):  # bf16/fp16 on a GPU, float32 on the CPU
+            logits = model(to_input(x, device))
+            loss = loss_fn(logits, y.to(device), pos_weight, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16 only: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         if ema is not None:
             ema.update(model.module if hasattr(model, "module") else model)
@@ -213,15 +221,16 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
     return total / max(count, 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, indices: np.ndarray, device: torch.device,
                    batch_size: int = 128) -> np.ndarray:
     model.eval()
     out = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        out.append(model(to_input(images[idx].unsqueeze(1), device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+        with autocast_for(device):
+            out.append(model(to_input(images[idx].unsqueeze(1), device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 def evaluate(logits: np.ndarray, labels: np.ndarray, pos_weight: float) -> dict:
@@ -254,6 +263,67 @@ def environment() -> dict:
             "pillow": PIL.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
 
 
+# -- several processes (torchrun) ---------------------------------------------------------------------
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any: all ranks stop together or none does."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _raise_together(failure: BaseException | None, world: int) -> None:
+    """Raise on every rank when any rank failed: a lone failure would leave the others waiting."""
+    if world > 1:
+        import torch.distributed as dist
+        reports: list = [None] * world
+        dist.all_gather_object(reports, None if failure is None else (type(failure).__name__, str(failure)))
+        if failure is None:
+            kind, message = next(iter(filter(None, reports)), (None, ""))
+            if kind == "Cancelled":
+                failure = Cancelled()
+            elif kind is not None:
+                failure = ValueError(f"another training process failed: {message}")
+    if failure is not None:
+        raise failure
+
+
+def _average_buffers(tensors: list[torch.Tensor], world: int) -> None:
+    """Average BatchNorm running statistics over ranks, in place (each rank saw only its batches)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    for t in tensors:
+        if t.dtype.is_floating_point:
+            dist.all_reduce(t)
+            t.div_(world)
+
+
+def _gather_logits(local: np.ndarray, n: int, world: int) -> np.ndarray:
+    """Rank r scored positions r::world of n; every rank gets all n logits, in order."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    out = np.zeros(n, np.float32)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def _from_rank0(obj, world: int):
+    """Rank 0's value of ``obj`` on every rank (the run folder, a checkpoint read from its disk)."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # -- main ---------------------------------------------------------------------------------------------
 def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
          should_stop: Callable[[], bool] = lambda: False) -> str:
@@ -282,14 +352,36 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // world)
+    try:
+        return _train(cfg, emit, should_stop, device, rank, world)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], device: torch.device,
+           rank: int, world: int) -> str:
+    """``main`` once this process knows its place: rank 0 of 1 when alone, else one of a torchrun job."""
+    distributed = world > 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes sharing this machine's cores
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     registry = Registry(cfg.registry or None)
     started = time.time()
     emit({"event": "start", "config": cfg.to_dict(), "pid": os.getpid(), "world_size": world})
 
-    splits = load_data(cfg, emit)
+    failure, source = None, None
+    try:  # the errors a user can cause (bad folder, bad source model) happen here, on every rank alike
+        splits = load_data(cfg, emit)
+        if cfg.init_from:
+            source = registry.load(None if cfg.init_from == "active" else cfg.init_from, torch.device("cpu"))
+            if source.image_size != cfg.image_size:
+                raise ValueError(f"fine-tuning needs the source model's image size {source.image_size}")
+    except (ValueError, Cancelled) as exc:
+        failure = exc
+    _raise_together(failure, world)
     images = torch.from_numpy(splits.images)
     labels = torch.from_numpy(splits.labels)
     n_pos = int(splits.labels[splits.train].sum())
@@ -301,10 +393,7 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
     model_cfg = ModelConfig(widths=tuple(cfg.widths), dropout=cfg.dropout)
     model = PneumoniaNet(model_cfg)
     parent = None
-    if cfg.init_from:
-        source = registry.load(None if cfg.init_from == "active" else cfg.init_from, torch.device("cpu"))
-        if source.image_size != cfg.image_size:
-            raise ValueError(f"fine-tuning needs the source model's image size {source.image_size}")
+    if source is not None:
         model = source.net.float()
         model_cfg = source.net.config
         parent = source.version
@@ -313,23 +402,39 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
         model = model.to(memory_format=torch.channels_last)
     train_model = model
     if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Parameters stay identical on every rank (gradients are averaged). BatchNorm running
+        # statistics are averaged once per epoch (_average_buffers) instead of being broadcast from
+        # rank 0 before every step: one collective per epoch rather than one per step. Batch
+        # statistics stay per process (no SyncBatchNorm, see docs/scaling.md).
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(splits.train) // world // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=0.2)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
+    scaler = None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():  # fp16 autocast needs loss scaling
+        scaler = torch.amp.GradScaler("cuda")
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else registry.root / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(_from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
     checkpoint_path = run_dir / "checkpoint.pt"
     start_epoch, history, best = 1, [], {"score": -math.inf, "epoch": 0, "state": None}
-    if cfg.resume and checkpoint_path.is_file():
+    ckpt = None
+    if cfg.resume and rank == 0 and checkpoint_path.is_file():
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    ckpt = _from_rank0(ckpt, world)  # only rank 0 writes checkpoints: other machines need not share its disk
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["generator"])
+        if ckpt.get("torch_rng") is not None:  # dropout draws from the global RNG: resume it too
+            torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         if ema is not None and ckpt.get("ema"):
             ema.shadow = ckpt["ema"]
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
@@ -339,16 +444,24 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_start = time.time()
         train_loss = train_one_epoch(train_model, optimizer, scheduler, images, labels, splits.train, cfg, epoch,
-                                     pos_weight, generator, ema, emit, should_stop, device, (rank, world))
-        eval_model = model
+                                     pos_weight, generator, ema, emit, should_stop, device, (rank, world), scaler)
+        buffer_names = [name for name, _ in model.named_buffers()]
+        _average_buffers([b for _, b in model.named_buffers()]
+                         + ([ema.shadow[name] for name in buffer_names] if ema is not None else []), world)
+        eval_model = model  # identical on every rank from here on
         if ema is not None:
             eval_model = PneumoniaNet(model_cfg).to(device)
+            if device.type == "cpu":
+                eval_model = eval_model.to(memory_format=torch.channels_last)
             eval_model.load_state_dict(ema.shadow)
-        val_logits = predict_logits(eval_model, images, splits.val, device)
+        # each rank scores its share of the validation images; all ranks then hold all logits, so
+        # metrics, the best epoch and early stopping agree everywhere
+        val_logits = _gather_logits(predict_logits(eval_model, images, splits.val[rank::world], device),
+                                    len(splits.val), world)
         row = {"epoch": epoch, "train_loss": train_loss,
                **evaluate(val_logits, splits.labels[splits.val], pos_weight),
                "seconds": time.time() - epoch_start}
-        if distributed:  # every rank evaluated the same validation set; average the training loss
+        if distributed:  # each rank's loss is over its own equal share of the batches: average them
             import torch.distributed as dist
             t = torch.tensor([train_loss], dtype=torch.float64)
             dist.all_reduce(t)
@@ -366,31 +479,29 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 "ema": ema.shadow if ema else None, "epoch": epoch, "history": history, "best": best,
                 "config": cfg.to_dict()})
         if epoch - best["epoch"] >= cfg.patience:
             emit({"event": "early_stop", "epoch": epoch, "best_epoch": best["epoch"]})
             break
-        if cfg.max_minutes and (time.time() - started) / 60 > cfg.max_minutes:
+        # clocks differ between ranks: decide together, or one rank would wait for the others forever
+        if _any_rank(bool(cfg.max_minutes) and (time.time() - started) / 60 > cfg.max_minutes, world, device):
             emit({"event": "time_limit", "epoch": epoch})
             break
-        if should_stop():
+        if _any_rank(should_stop(), world, device):
             raise Cancelled()
 
     if distributed:
         import torch.distributed as dist
         dist.barrier()
         if rank != 0:
-            dist.destroy_process_group()
-            return ""
+            return ""  # rank 0 alone calibrates and writes the version
     final = PneumoniaNet(model_cfg)
     final.load_state_dict(best["state"])
     final = final.to(device).eval()
-    version = register(final, cfg, splits, best["epoch"], history, time.time() - started, registry, parent, device, emit)
-    if distributed:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    return version
+    return register(final, cfg, splits, best["epoch"], history, time.time() - started, registry, parent, device, emit)
 
 
 def _eval_block(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -406,6 +517,16 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     temperature = fit_temperature(val_logits, y_val)
     p_val = 1 / (1 + np.exp(-val_logits / temperature))
     threshold = M.choose_threshold(y_val, p_val, cfg.threshold_rule)
+    extras, ood_summary = {}, {}
+    try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
+        from .ood import OOD_FILE, features_of, fit_stats
+        val_features = features_of(net, images[splits.val], device)
+        ood_stats = fit_stats(features_of(net, images[splits.train], device), val_features)
+        extras[OOD_FILE] = ood_stats.to_bytes()
+        ood_summary = {**ood_stats.summary(),
+                       "val_flagged": float(np.mean(ood_stats.distances(val_features) > ood_stats.threshold))}
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        ood_summary = {"skipped": str(exc)}
     card = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": {"name": "PneumoniaNet", "config": net.config.to_dict(),
@@ -421,7 +542,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         "validation": {"split": splits.description, **_eval_block(y_val, p_val, threshold),
                        "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
                                        "label": [int(v) for v in y_val]}},
-        "training": {"config": cfg.to_dict(), "command": "python -m xray train " + shlex.quote(cfg.data_dir),
+        "training": {"config": cfg.to_dict(), "command": command_line(cfg),
                      "argv": sys.argv, "best_epoch": best_epoch, "epochs_run": len(history),
                      "seconds": round(seconds, 1), "history": history, "parent": parent},
         "data": {"root": str(splits.scan.root), "fingerprint": splits.scan.fingerprint(),
@@ -429,6 +550,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
                  "val_images": int(len(splits.val)), "duplicates": len(splits.scan.duplicates),
                  "unreadable": len(splits.unreadable), "classes": list(CLASSES)},
         "environment": environment(),
+        "ood": ood_summary,
         "intended_use": INTENDED_USE,
         "limits": LIMITS,
     }
@@ -437,7 +559,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         p_test = 1 / (1 + np.exp(-tta_logits(net, images, splits.test, device, cfg.tta) / temperature))
         card["test"] = {"note": "the folder's test/ part; reported only, nothing was chosen on it",
                         **_eval_block(y_test, p_test, threshold)}
-    version = registry.save_version(net, card, registry.new_version_id(cfg.tag))
+    version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
     if cfg.activate:
         registry.activate(version)
     emit({"event": "done", "version": version, "threshold": threshold, "activated": cfg.activate,
@@ -494,3 +616,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The ``python -m xray train`` command that reproduces ``cfg`` (settings at their default left out)."""
+    default = TrainConfig()
+    words = ["python", "-m", "xray", "train", cfg.data_dir]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name == "data_dir" or value == getattr(default, f.name) or (
+                isinstance(value, list) and tuple(value) == getattr(default, f.name)):
+            continue
+        flag = "--fine-tune" if f.name == "init_from" else "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)  # store_true switches; only True differs from the default
+        elif isinstance(value, (tuple, list)):
+            words += [flag, ",".join(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

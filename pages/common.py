@@ -1,0 +1,83 @@
+"""UI helpers shared by the pages: the model (loaded once per process) and the session's threshold."""
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from xray.registry import LoadedModel, ModelFileError, Registry
+
+THRESHOLD_KEY = "threshold"  # the session's operating threshold, shared by every page
+THRESHOLD_MODEL_KEY = "threshold_model"  # (version, card threshold) the session value was set against
+
+
+def model_cache_key() -> tuple[str, str | None, int]:
+    """(registry root, active version, card mtime): changes when a version is activated or its card edited."""
+    registry = Registry()
+    version = registry.active_version()
+    mtime = 0
+    if version is not None:
+        try:
+            mtime = os.stat(registry.version_dir(version) / "card.json").st_mtime_ns
+        except OSError:
+            pass
+    return str(registry.root.resolve()), version, mtime
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model...")
+def _load(root: str, version: str | None, card_mtime_ns: int) -> tuple[LoadedModel, list[str]]:
+    # The arguments are the cache key only; load_with_fallback reads the registry itself.
+    return Registry(root).load_with_fallback()
+
+
+def get_model() -> tuple[LoadedModel, list[str]]:
+    """The active model (or the newest good earlier one) and the warnings about any it skipped.
+
+    Raises:
+        ModelFileError: there is no loadable model at all (see ``require_model``).
+    """
+    return _load(*model_cache_key())
+
+
+def require_model() -> LoadedModel:
+    """The model, with its load warnings shown; without one, a clear message and the page stops."""
+    try:
+        model, problems = get_model()
+    except ModelFileError as exc:
+        st.error("No model is available, so no image can be analysed.  \n"
+                 f"Reason: {exc}.  \nTrain one on the Retrain page or with `python -m xray train`, "
+                 "or point $XRAY_WEIGHTS at a model registry.", icon=":material/error:")
+        st.stop()
+    for problem in problems:
+        st.warning(f"{problem}. Using model {model.version} instead.", icon=":material/warning:")
+    return model
+
+
+def current_threshold(model: LoadedModel) -> float:
+    """The session's threshold; starts at (and returns to) the model's default when the model or its default changes."""
+    origin = (model.version, model.threshold)
+    if st.session_state.get(THRESHOLD_MODEL_KEY) != origin or THRESHOLD_KEY not in st.session_state:
+        st.session_state[THRESHOLD_KEY] = model.threshold
+        st.session_state[THRESHOLD_MODEL_KEY] = origin
+    return float(st.session_state[THRESHOLD_KEY])
+
+
+def set_threshold(value: float) -> None:
+    st.session_state[THRESHOLD_KEY] = float(value)
+
+
+def validation_predictions(model: LoadedModel) -> tuple[list[int], list[float]] | None:
+    """(labels, p_pneumonia) stored in the card, or None when the card has none."""
+    stored = model.card.get("validation", {}).get("predictions") or {}
+    labels, scores = stored.get("label"), stored.get("p_pneumonia")
+    if not labels or not scores or len(labels) != len(scores):
+        return None
+    return [int(v) for v in labels], [float(v) for v in scores]
+
+
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:=\"'&")
+
+
+def escape_markdown(text: str) -> str:
+    """User-supplied text (file names, DICOM values) shown literally inside Streamlit markdown."""
+    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in " ".join(str(text).split()))

@@ -1,0 +1,286 @@
+"""Diagnose: drop chest X-rays (or try a sample), read p(pneumonia), the decision at the session's
+threshold and the Grad-CAM heatmap; the sidebar trades sensitivity against precision."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from pages.common import (current_threshold, escape_markdown, require_model, set_threshold,
+                          validation_predictions)
+from xray import analysis, metrics
+from xray.imageio import DICOM_DISPLAY_FIELDS
+from xray.inference import PNEUMONIA
+from xray.registry import LoadedModel, Registry, sha256_bytes
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+SLIDER_KEY = "diagnose_threshold"
+RESULTS_KEY = "diagnose_results"  # {(sha256, model version): {"analysis": Analysis, "thumbnail": str}}
+HEATMAPS_KEY = "diagnose_heatmaps"  # {(sha256, model version): (display pixels, display-size CAM)}
+SAMPLES_KEY = "diagnose_samples"  # bundled sample paths the clinician chose to try
+DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPartExamined": "Body part",
+                "PatientAge": "Patient age", "PatientSex": "Patient sex",
+                "PhotometricInterpretation": "Photometric interpretation"}
+
+
+# -- engine calls, cached per (file content, model version) so reruns never re-run the model --------
+def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
+    """Analysis (and worklist thumbnail) of one file, computed once per session and model."""
+    results = st.session_state.setdefault(RESULTS_KEY, {})
+    key = (sha256_bytes(data), model.version)
+    if key not in results:
+        result = analysis.analyse(model, data, name)
+        thumbnail = analysis.thumbnail_data_uri(result.image) if result.image is not None else None
+        results[key] = {"analysis": result, "thumbnail": thumbnail}
+    return results[key]
+
+
+def cached_heatmap(model: LoadedModel, result: analysis.Analysis) -> tuple[np.ndarray, np.ndarray]:
+    """(display pixels, Grad-CAM at display size) of one image, computed once per session and model."""
+    heatmaps = st.session_state.setdefault(HEATMAPS_KEY, {})
+    key = (result.sha256, model.version)
+    if key not in heatmaps:
+        with st.spinner("Computing the heatmap..."):
+            heatmaps[key] = (analysis.display_pixels(result.image), analysis.heatmap(model, result.image))
+    return heatmaps[key]
+
+
+def forget_other_files(keep: set[tuple[str, str]]) -> None:
+    """Drop results of files no longer on the page: uploads live in this session's memory only."""
+    for state_key in (RESULTS_KEY, HEATMAPS_KEY):
+        store = st.session_state.get(state_key, {})
+        for key in [k for k in store if k not in keep]:
+            del store[key]
+
+
+# -- sidebar: the operating threshold and what it means on validation ------------------------------
+def save_default(model: LoadedModel, threshold: float, validation) -> None:
+    """Write the threshold into the model's card (atomically), with validation figures at it."""
+    date = datetime.date.today().isoformat()
+    updates = {"threshold": float(threshold), "threshold_rule": f"set in the app on {date}"}
+    if validation is not None:
+        labels, scores = validation
+        figures = metrics.metrics_at(labels, scores, threshold)
+        updates["threshold_rule"] += (f" (validation sensitivity {figures['sensitivity']:.3f}, "
+                                      f"specificity {figures['specificity']:.3f})")
+        # the card's validation block states its figures at the card's threshold: keep them true
+        updates["validation"] = {**model.card.get("validation", {}), **figures}
+    Registry().update_card(model.version, updates)
+    st.session_state["diagnose_saved"] = (model.version, float(threshold))
+
+
+def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float:
+    """Slider, presets, save button and live validation metrics; returns the session's threshold."""
+    st.header("Operating threshold")
+    st.session_state[SLIDER_KEY] = threshold  # follows presets and a model change
+    threshold = st.slider("p(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.001,
+                          format="%.3f", key=SLIDER_KEY,
+                          on_change=lambda: set_threshold(st.session_state[SLIDER_KEY]))
+    presets = {"Model default": model.threshold}
+    if validation is not None:
+        labels, scores = validation
+        presets["High sensitivity"] = metrics.choose_threshold(labels, scores, "sensitivity>=0.95")
+        presets["Balanced"] = metrics.choose_threshold(labels, scores, "youden")
+    for name, value in presets.items():
+        st.button(f"{name}: {value:.3f}", key=f"diagnose_preset_{name}", on_click=set_threshold, args=(value,),
+                  width="stretch", type="primary" if abs(value - threshold) < 1e-9 else "secondary")
+    st.caption("Model default: chosen on validation when the model was trained. High sensitivity: "
+               "finds at least 95% of pneumonia on validation. Balanced: best sensitivity + specificity.")
+    st.button("Save as this model's default", key="diagnose_save_default", on_click=save_default,
+              args=(model, threshold, validation), disabled=abs(threshold - model.threshold) < 1e-9,
+              icon=":material/save:")
+    saved = st.session_state.pop("diagnose_saved", None)
+    if saved:
+        st.success(f"Saved {saved[1]:.3f} as the default of model {saved[0]}.")
+    if validation is None:
+        st.info("This model's card holds no validation predictions, so the trade-off cannot be shown.")
+        return threshold
+    labels, scores = validation
+    figures = metrics.metrics_at(labels, scores, threshold)
+    st.subheader(f"At {threshold:.3f}, on validation ({figures['n']} images)")
+    left, right = st.columns(2)
+    left.metric("Sensitivity (recall)", ratio(figures["sensitivity"]))
+    right.metric("Specificity", ratio(figures["specificity"]))
+    left.metric("Precision (PPV)", ratio(figures["precision"]))
+    right.metric("NPV", ratio(figures["npv"]))
+    left.metric("F1", ratio(figures["f1"]))
+    right.metric("ROC AUC", ratio(figures["roc_auc"]))
+    cm = figures["confusion_matrix"]
+    # fixed labels and counts only, so a plain table (which wraps in the narrow sidebar) is safe
+    st.caption("Confusion matrix: rows are the truth, columns what the model called.")
+    st.table({"Truth": ["Pneumonia", "Normal"], "PNEUMONIA": [cm["tp"], cm["fp"]], "NORMAL": [cm["fn"], cm["tn"]]},
+             border="horizontal", hide_index=True)
+    with st.expander("ROC and precision-recall curves", expanded=True):
+        st.plotly_chart(roc_figure(labels, scores, figures), key="diagnose_roc", config={"displayModeBar": False})
+        st.plotly_chart(pr_figure(labels, scores, figures), key="diagnose_pr", config={"displayModeBar": False})
+    return threshold
+
+
+def ratio(value: float) -> str:
+    """A validation ratio to three decimals; n/a when undefined (e.g. precision with nothing called positive)."""
+    return "n/a" if value != value else f"{value:.3f}"
+
+
+def _curve_figure(x, y, point, title: str, x_title: str, y_title: str) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines", line={"shape": "hv"}, name=title, hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[point[0]], y=[point[1]], mode="markers", name="current threshold",
+                             marker={"size": 12, "color": "#c0392b", "line": {"width": 2, "color": "white"}}))
+    fig.update_layout(title=title, height=260, margin={"l": 10, "r": 10, "t": 36, "b": 10}, showlegend=False,
+                      xaxis={"title": x_title, "range": [-0.02, 1.02]}, yaxis={"title": y_title, "range": [-0.02, 1.02]})
+    return fig
+
+
+def roc_figure(labels, scores, figures: dict) -> go.Figure:
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    point = (1 - figures["specificity"], figures["sensitivity"])
+    return _curve_figure(fpr, tpr, point, "ROC", "1 - specificity", "sensitivity")
+
+
+def pr_figure(labels, scores, figures: dict) -> go.Figure:
+    precision, recall, _ = metrics.pr_curve(labels, scores)
+    point = (figures["sensitivity"], figures["precision"])
+    return _curve_figure(recall, precision, point, "Precision-recall", "recall (sensitivity)", "precision (PPV)")
+
+
+# -- one image: verdict panel and heatmap ---------------------------------------------------------
+def verdict_panel(result: analysis.Analysis, threshold: float) -> None:
+    prediction = result.prediction
+    if analysis.is_out_of_distribution(prediction):
+        reason = getattr(prediction, "ood_reason", "")
+        st.warning("This does not look like a chest X-ray" + (f": {escape_markdown(reason)}" if reason else ".")
+                   + "  \nNo pneumonia verdict is given for it.", icon=":material/block:")
+        st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
+    else:
+        st.metric("p(pneumonia)", f"{prediction.p_pneumonia:.3f}")
+        st.progress(prediction.p_pneumonia)
+        with st.container(key="diagnose_decision"):  # colour, icon and word: readable without colour vision
+            if prediction.at(threshold).label == PNEUMONIA:
+                st.markdown("#### :red-background[:material/warning: PNEUMONIA]")
+            else:
+                st.markdown("#### :green-background[:material/check_circle: NORMAL]")
+            st.caption(f"Decision at threshold {threshold:.3f}.")
+    st.caption(f"Model version {prediction.model_version}. Image {result.image.size[0]} x {result.image.size[1]} "
+               f"pixels, {result.image.format}.")
+    header = result.image.dicom_header
+    if header:
+        st.markdown("**DICOM header** (shown, not stored)")
+        keys = [k for k in DICOM_DISPLAY_FIELDS if k in header]
+        # a dataframe renders cell text literally: header values never reach markdown or HTML
+        st.dataframe({"Field": [DICOM_LABELS.get(k, k) for k in keys], "Value": [header[k] for k in keys]},
+                     hide_index=True, key=f"diagnose_dicom_{result.sha256[:12]}")
+
+
+@st.fragment
+def heatmap_view(model: LoadedModel, result: analysis.Analysis) -> None:
+    """Image and Grad-CAM overlay; its controls rerun only this fragment, from cached maps."""
+    if analysis.is_out_of_distribution(result.prediction):
+        st.image(analysis.display_pixels(result.image), caption="As uploaded", width="stretch")
+        return
+    show_column, side_column, opacity_column = st.columns([1, 1, 2], vertical_alignment="center")
+    show = show_column.toggle("Heatmap", value=True, key="diagnose_heatmap_on")
+    side_by_side = side_column.toggle("Side by side", value=False, key="diagnose_side_by_side", disabled=not show)
+    opacity = opacity_column.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="diagnose_opacity", disabled=not show)
+    if not show:
+        st.image(analysis.display_pixels(result.image), caption="As uploaded", width="stretch")
+        return
+    pixels, cam = cached_heatmap(model, result)
+    overlay = analysis.overlay_jpeg(pixels, cam, opacity)
+    if side_by_side:
+        left, right = st.columns(2)
+        left.image(pixels, caption="As uploaded", width="stretch")
+        right.image(overlay, caption="Grad-CAM: red marks what raised p(pneumonia)", width="stretch")
+    else:
+        st.image(overlay, caption="Grad-CAM: red marks what raised p(pneumonia)", width="stretch")
+    # PNG encoding is slow at full size: done only when the clinician clicks
+    st.download_button("Download overlay (PNG)", data=lambda: analysis.overlay_png(pixels, cam, opacity),
+                       mime="image/png", on_click="ignore",
+                       file_name=f"{Path(result.name).stem or 'xray'}-gradcam.png", icon=":material/download:",
+                       key="diagnose_download_overlay")
+
+
+def image_detail(model: LoadedModel, result: analysis.Analysis, threshold: float) -> None:
+    st.subheader(escape_markdown(result.name))
+    image_column, verdict_column = st.columns([3, 2], gap="large")
+    with verdict_column:
+        verdict_panel(result, threshold)
+    with image_column:
+        heatmap_view(model, result)
+
+
+def worklist(results: list[dict], threshold: float) -> None:
+    """Every readable file, highest p(pneumonia) first, with a CSV like the command line's."""
+    analyses = [r["analysis"] for r in results]
+    thumbnails = {r["analysis"].sha256: r["thumbnail"] for r in results}
+    rows = analysis.worklist_rows(analyses, threshold)
+    st.dataframe(
+        {"Image": [thumbnails.get(r["sha256"]) for r in rows], "File": [r["path"] for r in rows],
+         "p(pneumonia)": [r["p_pneumonia"] for r in rows],
+         "Decision": [r["label"] or ("not a chest X-ray" if r["p_pneumonia"] is not None else "unreadable") for r in rows],
+         "Note": [r["error"] for r in rows]},
+        hide_index=True, key="diagnose_worklist", row_height=56,
+        column_config={"Image": st.column_config.ImageColumn("Image", width="small"),
+                       "p(pneumonia)": st.column_config.ProgressColumn("p(pneumonia)", min_value=0.0,
+                                                                        max_value=1.0, format="%.3f")})
+    st.download_button("Download worklist (CSV)", data=analysis.worklist_csv(analyses, threshold),
+                       file_name="worklist.csv", mime="text/csv", on_click="ignore", icon=":material/download:",
+                       key="diagnose_download_csv")
+
+
+# -- the page -------------------------------------------------------------------------------------
+model = require_model()
+validation = validation_predictions(model)
+with st.sidebar:
+    threshold = threshold_sidebar(model, current_threshold(model), validation)
+
+st.title("Diagnose")
+st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
+           "it assists a clinician and does not diagnose.")
+
+# No type filter: DICOM files often come without an extension; unreadable files get a clear message.
+uploads = st.file_uploader("Drop chest X-rays here (PNG, JPEG or DICOM), one or many", accept_multiple_files=True,
+                           key="diagnose_uploads")
+samples = sorted(SAMPLES_DIR.glob("*/*.jp*g")) + sorted(SAMPLES_DIR.glob("*/*.png"))
+if samples:
+    pick, add, clear = st.columns([3, 1, 1], vertical_alignment="bottom")
+    chosen = pick.selectbox("Or try a bundled sample", samples, key="diagnose_sample_choice",
+                            format_func=lambda p: f"{p.parent.name} / {p.name}")
+    if add.button("Try this sample", key="diagnose_try_sample", type="primary", width="stretch"):
+        chosen_samples = st.session_state.setdefault(SAMPLES_KEY, [])
+        if chosen not in chosen_samples:
+            chosen_samples.append(chosen)
+    if clear.button("Clear samples", key="diagnose_clear_samples", width="stretch",
+                    disabled=not st.session_state.get(SAMPLES_KEY)):
+        st.session_state[SAMPLES_KEY] = []
+
+files = [(upload.name, upload.getvalue()) for upload in uploads or []]
+files += [(path.name, path.read_bytes()) for path in st.session_state.get(SAMPLES_KEY, [])]
+results, seen = [], set()
+for name, data in files:
+    result = cached_result(model, name, data)
+    if result["analysis"].sha256 not in seen:  # the same image dropped twice is shown once
+        seen.add(result["analysis"].sha256)
+        results.append(result)
+forget_other_files({(r["analysis"].sha256, model.version) for r in results})
+
+for result in results:
+    if result["analysis"].error:
+        st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
+                 f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
+readable = [r["analysis"] for r in results if r["analysis"].ok]
+if not results:
+    st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), "
+            "the decision at the current threshold and where the model looked.", icon=":material/info:")
+elif len(results) > 1:
+    st.subheader("Worklist")
+    worklist(results, threshold)
+if len(readable) == 1:
+    image_detail(model, readable[0], threshold)
+elif readable:
+    by_sha = {a.sha256: a for a in readable}
+    order = [row["sha256"] for row in analysis.worklist_rows(readable, threshold)]  # worklist order
+    chosen_sha = st.selectbox("Image to review", order, key="diagnose_review_choice",
+                              format_func=lambda sha: by_sha[sha].name)
+    image_detail(model, by_sha[chosen_sha], threshold)

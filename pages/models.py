@@ -1,0 +1,135 @@
+"""Models: every trained version side by side with the active one, ROC curves overlaid; activate a
+version for the Diagnose page, or roll back to the previous one."""
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from xray import metrics
+from xray.registry import ModelFileError, Registry
+
+MESSAGE_KEY = "models_message"  # what the last button did, shown after the rerun it causes
+SELECTED_KEY = "models_selected"
+
+FIGURES = [("Validation AUC", "roc_auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
+           ("Precision (PPV)", "precision"), ("NPV", "npv"), ("Calibration error (ECE)", "ece")]
+
+
+def number(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def summary(card: dict) -> dict[str, str]:
+    """One column of the comparison: what a version is, what it was trained on, how it validated."""
+    validation, data, training = card.get("validation", {}), card.get("data", {}), card.get("training", {})
+    row = {"Created": card.get("created", "-"),
+           "Threshold": number(card.get("threshold")),
+           **{label: number(validation.get(key)) for label, key in FIGURES},
+           "Validation images": str(validation.get("n", "-")),
+           "Validation split": validation.get("split", "-"),
+           "Trained on": data.get("root", "-"),
+           "Data fingerprint": (data.get("fingerprint") or "-")[:12],
+           "Training images": str(data.get("train_images", "-")),
+           "Image size": str(card.get("preprocessing", {}).get("image_size", "-")),
+           "Epochs run (best)": f"{training.get('epochs_run', '-')} ({training.get('best_epoch', '-')})",
+           "Started from": training.get("parent") or "scratch"}
+    return row
+
+
+def roc_figure(cards: dict[str, dict], active: str | None) -> go.Figure:
+    """Validation ROC curve of every version that stored its validation predictions."""
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"), name="chance",
+                    hoverinfo="skip")
+    for version, card in cards.items():
+        stored = card.get("validation", {}).get("predictions") or {}
+        labels, scores = stored.get("label"), stored.get("p_pneumonia")
+        if not labels or not scores or len(labels) != len(scores):
+            continue
+        fpr, tpr, _ = metrics.roc_curve(labels, scores)
+        name = f"{version}{' (active)' if version == active else ''}: AUC {number(metrics.roc_auc(labels, scores))}"
+        fig.add_scatter(x=fpr.tolist(), y=tpr.tolist(), mode="lines", name=name, line=dict(width=4 if version == active else 2),
+                        line_shape="hv")
+    fig.update_layout(height=420, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h", y=-0.2),
+                      xaxis_title="1 - specificity (false positive rate)", yaxis_title="sensitivity")
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def activate(registry_root: str, version: str) -> None:
+    try:
+        Registry(registry_root).activate(version)
+        st.session_state[MESSAGE_KEY] = ("success", f"Model {version} is now active: the Diagnose page uses it.")
+    except (ModelFileError, ValueError) as exc:
+        st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}.")
+
+
+def roll_back(registry_root: str) -> None:
+    try:
+        version = Registry(registry_root).rollback()
+        st.session_state[MESSAGE_KEY] = ("success", f"Rolled back: model {version} is active again.")
+    except (ModelFileError, ValueError) as exc:
+        st.session_state[MESSAGE_KEY] = ("error", f"Nothing was rolled back: {exc}.")
+
+
+# -- the page -------------------------------------------------------------------------------------
+registry = Registry()
+registry_root = str(registry.root)
+st.title("Model versions")
+st.caption("Every model trained on this machine, with its validation figures. The active model is the one "
+           "the Diagnose page uses; activating another takes effect on the next image analysed.")
+
+if MESSAGE_KEY in st.session_state:
+    kind, text = st.session_state.pop(MESSAGE_KEY)
+    (st.success if kind == "success" else st.error)(text)
+
+try:
+    versions = list(reversed(registry.versions()))  # newest first
+    cards = {v: registry.card(v) for v in versions}
+except (ModelFileError, ValueError) as exc:
+    st.error(f"The model registry at {registry_root} cannot be read: {exc}.")
+    st.stop()
+if not versions:
+    st.info("No model versions yet: train one on the Retrain page or with `python -m xray train`.")
+    st.stop()
+active = registry.active_version()
+if active is None:
+    st.warning("No version is active: activate one below.", icon=":material/warning:")
+
+st.dataframe([{"active": v == active, "version": v, "created": c.get("created", ""),
+               "data fingerprint": (c.get("data", {}).get("fingerprint") or "")[:12],
+               "val AUC": c.get("validation", {}).get("roc_auc"),
+               "sensitivity": c.get("validation", {}).get("sensitivity"),
+               "specificity": c.get("validation", {}).get("specificity"),
+               "threshold": c.get("threshold")} for v, c in cards.items()],
+             hide_index=True, column_config={"val AUC": st.column_config.NumberColumn(format="%.3f"),
+                                             "sensitivity": st.column_config.NumberColumn(format="%.3f"),
+                                             "specificity": st.column_config.NumberColumn(format="%.3f"),
+                                             "threshold": st.column_config.NumberColumn(format="%.3f")})
+
+st.subheader("Validation ROC curves")
+st.caption("Each curve is measured on its own version's validation split; versions trained on different data "
+           "are not measured on the same images.")
+st.plotly_chart(roc_figure(cards, active), key="models_roc", config={"displayModeBar": False})
+
+st.subheader("Compare with the active model")
+others = [v for v in versions if v != active] or versions
+selected = st.selectbox("Version", versions, index=versions.index(others[0]), key=SELECTED_KEY)
+columns = {f"{selected}" + (" (active)" if selected == active else ""): summary(cards[selected])}
+if active and active != selected:
+    columns[f"{active} (active)"] = summary(cards[active])
+names = list(columns)
+st.dataframe([{"": label, **{name: columns[name][label] for name in names}} for label in columns[names[0]]],
+             hide_index=True, height=(len(columns[names[0]]) + 1) * 35 + 3)
+
+activate_col, rollback_col = st.columns(2)
+activate_col.button(f"Activate {selected}", key="models_activate", type="primary", disabled=selected == active,
+                    on_click=activate, args=(registry_root, selected), icon=":material/check:",
+                    help="Make this version the one the Diagnose page uses.")
+previous = [v for v in registry.history() if v in cards]
+rollback_col.button(f"Roll back to {previous[-1]}" if previous else "Roll back", key="models_rollback",
+                    disabled=not previous, on_click=roll_back, args=(registry_root,), icon=":material/undo:",
+                    help="Re-activate the previously active version.")

@@ -1,0 +1,216 @@
+"""The "not a chest X-ray" check: statistics, the registry file that carries them, predict, the CLI."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import DATASET, FULLRES
+from xray import ood as O
+from xray.cli import CSV_HEADER
+from xray.imageio import load_image
+from xray.inference import Prediction, logits_and_features, model_inputs, predict
+from xray.registry import ModelFileError, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+XRAYS = sorted(DATASET.rglob("*.jpeg")) + sorted(FULLRES.glob("*.jpeg"))
+
+
+def _colour_photo(path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC).save(path)
+    return path
+
+
+def _document(path: Path) -> Path:
+    page = Image.new("L", (850, 1100), 255)
+    draw = ImageDraw.Draw(page)
+    for line in range(30):
+        draw.text((60, 60 + 30 * line), "Discharge letter: chest clear, no findings. " * 2, fill=0)
+    page.save(path)
+    return path
+
+
+# -- statistics -------------------------------------------------------------------------------------
+def test_mahalanobis_distance_matches_hand_computation():
+    stats = O.OodStats(np.array([1.0, 2.0]), np.array([[4.0, 0.0], [0.0, 1.0]]), 3.0, 99.0, 0.0, 10)
+    # (x - mu) = (1, 2): sqrt(1*4*1 + 2*1*2) = sqrt(8)
+    np.testing.assert_allclose(stats.distances(np.array([[2.0, 4.0], [1.0, 2.0]])), [np.sqrt(8.0), 0.0])
+
+
+def test_ledoit_wolf_shrinkage_is_a_valid_weight_and_regularises():
+    rng = np.random.default_rng(0)
+    few = rng.normal(size=(20, 50))  # fewer samples than features: the plain covariance is singular
+    mean, cov, shrinkage = O.ledoit_wolf(few)
+    np.testing.assert_allclose(mean, few.mean(0))
+    assert 0.0 < shrinkage <= 1.0
+    assert np.linalg.eigvalsh(cov).min() > 0  # invertible
+    many = rng.normal(size=(5000, 3)) @ np.diag([1.0, 2.0, 3.0])
+    _, cov, shrinkage = O.ledoit_wolf(many)
+    assert shrinkage < 0.05  # with plenty of data it trusts the sample covariance
+    np.testing.assert_allclose(np.diag(cov), [1.0, 4.0, 9.0], rtol=0.1)
+
+
+def test_threshold_is_the_chosen_percentile_of_validation_distances():
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(500, 4)), rng.normal(size=(200, 4))
+    stats = O.fit_stats(train, val, percentile=90.0)
+    flagged = np.mean(stats.distances(val) > stats.threshold)
+    assert flagged == pytest.approx(0.10, abs=0.01)
+    assert np.mean(stats.distances(rng.normal(size=(200, 4)) + 6.0) > stats.threshold) > 0.95  # shifted: caught
+
+
+def test_stats_survive_a_round_trip_and_reject_damage():
+    rng = np.random.default_rng(0)
+    stats = O.fit_stats(rng.normal(size=(50, 3)), rng.normal(size=(20, 3)))
+    again = O.OodStats.from_bytes(stats.to_bytes())
+    np.testing.assert_array_equal(again.precision, stats.precision)
+    assert again.threshold == stats.threshold and again.n_train == 50
+    with pytest.raises(ValueError, match="damaged"):
+        O.OodStats.from_bytes(stats.to_bytes()[:-40])
+
+
+# -- cheap input checks -----------------------------------------------------------------------------
+def test_input_checks_pass_real_xrays_of_any_size():
+    for path in XRAYS:
+        image = load_image(path)
+        inputs = model_inputs([image], 64)[0, 0].numpy()
+        assert O.input_reason(inputs, image.pixels.shape, image.colourfulness) == "", path.name
+
+
+def test_input_checks_name_colour_shape_and_missing_midtones(tmp_path):
+    photo = load_image(_colour_photo(tmp_path / "photo.png"))
+    assert "colour" in O.input_reason(model_inputs([photo], 64)[0, 0].numpy(), photo.pixels.shape, photo.colourfulness)
+    xray = load_image(XRAYS[0])
+    inputs = model_inputs([xray], 64)[0, 0].numpy()
+    assert "shape" in O.input_reason(inputs, (300, 1000), 0.0)
+    document = load_image(_document(tmp_path / "letter.png"))
+    reason = O.input_reason(model_inputs([document], 64)[0, 0].numpy(), document.pixels.shape, 0.0)
+    assert "mid-grey" in reason
+
+
+# -- the model version carries its statistics --------------------------------------------------------
+def test_training_saves_checksummed_ood_stats_with_the_version(tiny_registry):
+    registry = Registry(tiny_registry)
+    version = registry.active_version()
+    card = registry.card(version)
+    assert set(card["extra_files"]) == {O.OOD_FILE}
+    assert card["ood"]["threshold"] > 0 and 0.0 <= card["ood"]["val_flagged"] <= 1.0
+    model = registry.load()
+    assert model.ood_stats is not None and model.ood_stats.threshold == pytest.approx(card["ood"]["threshold"], abs=1e-4)
+    assert model.ood_stats.mean.shape == (model.net.classifier.in_features,)
+
+
+def test_damaged_or_missing_ood_file_refuses_the_version(tiny_registry):
+    registry = Registry(tiny_registry)
+    version = registry.active_version()
+    path = registry.version_dir(version) / O.OOD_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    with pytest.raises(ModelFileError, match="checksum"):
+        registry.load(version)
+    path.unlink()
+    with pytest.raises(ModelFileError, match="lacks"):
+        registry.load(version)
+
+
+def test_predict_keeps_logits_identical_and_flags_from_the_same_pass(tiny_model):
+    images = [load_image(p) for p in XRAYS[:6]]
+    inputs = model_inputs(images, tiny_model.image_size)
+    logits, features = logits_and_features(tiny_model, inputs)
+    with torch.inference_mode():
+        x = (inputs.float() - inputs.float().mean(dim=(1, 2, 3), keepdim=True)) / \
+            inputs.float().std(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)
+        direct = tiny_model.net(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(logits, direct.float())
+    predictions = predict(tiny_model, images)
+    expected = torch.sigmoid(logits / tiny_model.temperature).numpy()
+    np.testing.assert_allclose([p.p_pneumonia for p in predictions], expected, rtol=1e-6)
+    distances = tiny_model.ood_stats.distances(features)
+    for p, d in zip(predictions, distances):
+        assert p.ood == (d > tiny_model.ood_stats.threshold)
+        assert ("features" in p.ood_reason) == p.ood
+
+
+def test_feature_check_fires_and_a_model_without_stats_skips_it(tiny_model):
+    images = [load_image(p) for p in XRAYS[:4]]
+    strict = dataclasses.replace(tiny_model.ood_stats, threshold=0.0)  # every image is "far"
+    flagged = predict(dataclasses.replace(tiny_model, ood_stats=strict), images)
+    assert all(p.ood and "unlike the training X-rays" in p.ood_reason for p in flagged)
+    plain = predict(dataclasses.replace(tiny_model, ood_stats=None), images)
+    assert not any(p.ood for p in plain)
+    assert [p.p_pneumonia for p in plain] == [p.p_pneumonia for p in flagged]  # the score never changes
+
+
+def test_colour_photo_and_document_are_flagged_whatever_their_size(tiny_model, tmp_path):
+    photo, document = load_image(_colour_photo(tmp_path / "p.png")), load_image(_document(tmp_path / "d.png"))
+    for p in predict(tiny_model, [photo, document]):
+        assert p.ood and p.ood_reason and 0.0 <= p.p_pneumonia <= 1.0
+
+
+def test_prediction_at_keeps_the_ood_flag():
+    p = Prediction(0.9, 0.5, "v", True, "a colour image")
+    moved = p.at(0.95)
+    assert moved.threshold == 0.95 and moved.ood and moved.ood_reason == "a colour image"
+    assert Prediction(0.9, 0.5, "v").ood is False  # old call sites still work
+
+
+# -- adding statistics to a version trained without them ----------------------------------------------
+def test_fit_ood_adds_stats_as_a_new_version_and_leaves_the_old_one_alone(tiny_registry):
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    # a version as trained before the OOD check existed: same weights, no extra files
+    model = registry.load(old)
+    card = {k: v for k, v in model.card.items() if k not in ("ood",)}
+    bare = registry.save_version(model.net, card, "bare")
+    registry.activate(bare)
+    assert registry.load().ood_stats is None
+    old_card = (registry.version_dir(bare) / "card.json").read_bytes()
+    env = {**os.environ, "XRAY_WEIGHTS": str(tiny_registry)}
+    result = subprocess.run([sys.executable, "-m", "xray", "fit-ood", str(DATASET), "--workers", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    new = [v for v in registry.versions() if v not in (old, bare)]
+    assert len(new) == 1
+    assert registry.active_version() == bare  # activation stays an explicit step
+    assert (registry.version_dir(bare) / "card.json").read_bytes() == old_card
+    fitted = registry.load(new[0])
+    assert fitted.ood_stats is not None and fitted.card["derived_from"]["version"] == bare
+    assert fitted.threshold == model.threshold
+    images = [load_image(p) for p in XRAYS[:4]]
+    assert [p.p_pneumonia for p in predict(fitted, images)] == [p.p_pneumonia for p in predict(model, images)]
+
+
+def test_fit_ood_refuses_other_data(tiny_registry, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(DATASET, other)
+    next(other.rglob("*.jpeg")).unlink()
+    with pytest.raises(ValueError, match="differs"):
+        O.fit_for_version(Registry(tiny_registry), None, str(other))
+
+
+# -- the CLI marks such rows ---------------------------------------------------------------------------
+def test_cli_marks_not_chest_xray_rows_with_score_but_no_label(tiny_registry, tmp_path):
+    photo = _colour_photo(tmp_path / "holiday photo.png")
+    xray = XRAYS[0]
+    out = tmp_path / "out.csv"
+    env = {**os.environ, "XRAY_WEIGHTS": str(tiny_registry)}
+    result = subprocess.run([sys.executable, "-m", "xray", "predict", str(photo), str(xray), "--csv", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(out.open(newline="")))
+    assert rows[0] == CSV_HEADER == ["path", "p_pneumonia", "label", "threshold", "error"]
+    photo_row = dict(zip(CSV_HEADER, rows[1]))
+    assert photo_row["label"] == "" and 0.0 <= float(photo_row["p_pneumonia"]) <= 1.0
+    assert photo_row["error"].startswith("not a chest X-ray: a colour image")
+    assert "do not look like chest X-rays" in result.stderr

@@ -1,0 +1,59 @@
+"""The About page states the active model's card: what it is, validation figures, intended use, limits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from xray.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def about_page():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/about.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def text_of(at) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info])
+
+
+def test_about_states_the_card(tiny_registry):
+    registry = Registry(tiny_registry)
+    card = registry.card(registry.active_version())
+    at = about_page()
+    assert at.title[0].value == "About this model"
+    text = text_of(at)
+    assert card["version"] in text
+    assert "It assists a clinician and does not diagnose" in text
+    assert card["intended_use"] in text
+    assert all(limit in text for limit in card["limits"])
+    assert f"temperature **{card['calibration']['temperature']:.3f}**" in text
+    assert f"threshold **{card['threshold']:.3f}**" in text
+    assert card["data"]["fingerprint"] in text
+    table = next(d.value for d in at.dataframe if "Measure" in d.value.columns)
+    figures = dict(zip(table["Measure"], table["Value"]))
+    validation = card["validation"]
+    assert figures["Expected calibration error (ECE)"] == f"{validation['ece']:.3f}"
+    assert figures["ROC AUC"] == f"{validation['roc_auc']:.3f}"
+    assert figures["Sensitivity (recall)"] == f"{validation['sensitivity']:.3f}"
+    counts = next(d.value for d in at.dataframe if "Part" in d.value.columns)
+    total = {c: sum(row.get(c, 0) for row in card["data"]["counts"].values()) for c in ("NORMAL", "PNEUMONIA")}
+    assert counts["NORMAL"].sum() == total["NORMAL"] and counts["PNEUMONIA"].sum() == total["PNEUMONIA"]
+
+
+def test_about_follows_a_new_default_threshold(tiny_registry):
+    registry = Registry(tiny_registry)
+    registry.update_card(registry.active_version(), {"threshold": 0.123, "threshold_rule": "set in the app (test)"})
+    text = text_of(about_page())
+    assert "threshold **0.123** (rule: set in the app (test))" in text
+
+
+def test_about_without_a_model_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("XRAY_WEIGHTS", str(tmp_path / "nothing-here"))
+    at = about_page()
+    assert "No model is available" in at.error[0].value

@@ -1,0 +1,301 @@
+"""The Diagnose page through Streamlit's AppTest (uploads, samples, threshold, presets, saving the
+default), and the engine behind it, xray.analysis."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATASET, FULLRES, GENERATED
+from xray import analysis
+from xray.cli import CSV_HEADER
+from xray.imageio import load_image
+from xray.inference import Prediction, predict
+from xray.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+NORMAL_FULLRES = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
+PNEUMONIA_FULLRES = FULLRES / "person1951_bacteria_4882.jpeg"
+PNEUMONIA_SMALL = DATASET / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
+
+
+def upload(path: Path, name: str | None = None, mime: str = "image/jpeg") -> tuple[str, bytes, str]:
+    return (name or path.name, path.read_bytes(), mime)
+
+
+def start_app():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def drop(at, *files):
+    at.file_uploader(key="diagnose_uploads").set_value(list(files)).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metric(at, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def decision(at) -> str:
+    texts = [m.value for m in at.markdown if "-background[" in m.value]
+    assert len(texts) == 1, texts
+    return "PNEUMONIA" if "PNEUMONIA" in texts[0] else "NORMAL"
+
+
+def validation_of(registry: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    registry = Registry(registry)
+    card = registry.card(registry.active_version())
+    stored = card["validation"]["predictions"]
+    return np.array(stored["label"]), np.array(stored["p_pneumonia"]), card
+
+
+# -- the engine ------------------------------------------------------------------------------------
+def test_analyse_scores_bytes_exactly_like_predict(tiny_model):
+    data = NORMAL_FULLRES.read_bytes()
+    result = analysis.analyse(tiny_model, data, NORMAL_FULLRES.name)
+    expected = predict(tiny_model, [load_image(NORMAL_FULLRES)])[0]
+    assert result.error == "" and result.ok
+    assert result.prediction.p_pneumonia == pytest.approx(expected.p_pneumonia, abs=1e-9)
+    assert result.prediction.threshold == tiny_model.threshold
+    assert result.prediction.model_version == tiny_model.version
+    assert result.image.size == load_image(NORMAL_FULLRES).size
+    import hashlib
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert analysis.analyse(tiny_model, data, "x.jpeg", threshold=0.25).prediction.threshold == 0.25
+
+
+def test_analyse_reports_unreadable_files_in_one_line(tiny_model):
+    result = analysis.analyse(tiny_model, (GENERATED / "truncated.jpeg").read_bytes(), "truncated.jpeg")
+    assert not result.ok and result.image is None
+    assert result.error == "truncated or damaged JPEG file"
+    assert analysis.analyse(tiny_model, b"", "empty.png").error == "empty file (0 bytes)"
+
+
+def test_heatmap_is_aligned_with_the_displayed_image(tiny_model):
+    image = load_image(PNEUMONIA_FULLRES)  # 1016 x 656: taller than wide
+    pixels = analysis.display_pixels(image)
+    cam = analysis.heatmap(tiny_model, image)
+    assert cam.shape == pixels.shape and max(cam.shape) <= analysis.DISPLAY_SIDE
+    assert abs(pixels.shape[1] / pixels.shape[0] - image.size[0] / image.size[1]) < 0.01
+    assert cam.dtype == np.float32 and 0.0 <= cam.min() <= cam.max() <= 1.0
+    png = analysis.overlay_png(pixels, cam, 0.4)
+    from PIL import Image
+    assert Image.open(io.BytesIO(png)).size == (pixels.shape[1], pixels.shape[0])
+
+
+def test_worklist_csv_has_cli_columns_sorted_by_probability(tiny_model):
+    files = [NORMAL_FULLRES, PNEUMONIA_FULLRES, PNEUMONIA_SMALL, GENERATED / "truncated.jpeg"]
+    analyses = [analysis.analyse(tiny_model, f.read_bytes(), f.name) for f in files]
+    rows = list(csv.reader(io.StringIO(analysis.worklist_csv(analyses, 0.5))))
+    assert rows[0] == CSV_HEADER and len(rows) == 5
+    verdicts = [r for r in rows[1:] if r[2]]
+    assert verdicts and rows[1:1 + len(verdicts)] == verdicts  # every verdict above the rest
+    assert [float(r[1]) for r in verdicts] == sorted((float(r[1]) for r in verdicts), reverse=True)
+    assert all(r[2] == ("PNEUMONIA" if float(r[1]) >= 0.5 else "NORMAL") and r[3] == "0.500000" for r in verdicts)
+    flagged = {a.name for a in analyses if a.ok and getattr(a.prediction, "ood", False)}
+    for row in rows[1:]:
+        if row[0] in flagged:  # out of distribution: score kept, no verdict, reason as the CLI writes it
+            assert row[1] and row[2] == "" and row[4].startswith("not a chest X-ray: ")
+    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", "truncated or damaged JPEG file"]
+
+
+# -- the page --------------------------------------------------------------------------------------
+def test_upload_shows_probability_decision_version_and_heatmap(tiny_registry):
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    model = Registry(tiny_registry).load()
+    p = predict(model, [load_image(NORMAL_FULLRES)])[0].p_pneumonia
+    assert metric(at, "p(pneumonia)") == f"{p:.3f}"
+    assert decision(at) == ("PNEUMONIA" if p >= model.threshold else "NORMAL")
+    assert any(f"Model version {model.version}" in c.value for c in at.caption)
+    assert len(at.image) == 1  # the overlay, on by default
+    assert at.toggle(key="diagnose_heatmap_on").value is True
+    assert [b.label for b in at.download_button] == ["Download overlay (PNG)"]
+
+
+def test_dicom_header_fields_are_shown(tiny_registry):
+    at = drop(start_app(), upload(GENERATED / "chest.dcm", mime="application/dicom"))
+    fields = [d.value for d in at.dataframe if list(d.value.columns) == ["Field", "Value"]]
+    assert fields, "no DICOM header table"
+    shown = dict(zip(fields[0]["Field"], fields[0]["Value"]))
+    assert shown["Modality"] == "CR" and shown["View position"] == "AP"
+    assert shown["Patient age"] == "003Y" and shown["Patient sex"] == "F"
+
+
+def test_broken_file_gets_its_message_and_the_others_their_results(tiny_registry):
+    at = drop(start_app(), upload(GENERATED / "truncated.jpeg", name="broken *scan*.jpeg"), upload(NORMAL_FULLRES))
+    assert len(at.error) == 1
+    # the file name reaches markdown escaped: no bold, no link, text as typed
+    assert at.error[0].value == r"**broken \*scan\*\.jpeg** cannot be analysed: truncated or damaged JPEG file"
+    table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
+    assert list(table["File"]) == [NORMAL_FULLRES.name, "broken *scan*.jpeg"]
+    assert list(table["Decision"])[1] == "unreadable"
+    assert metric(at, "p(pneumonia)")  # the readable image still has its result
+
+
+def test_threshold_slider_moves_decisions_and_validation_metrics(tiny_registry):
+    labels, scores, card = validation_of(tiny_registry)
+    at = drop(start_app(), upload(NORMAL_FULLRES), upload(PNEUMONIA_SMALL))
+    slider = at.slider(key="diagnose_threshold")
+    assert slider.value == pytest.approx(card["threshold"])
+
+    slider.set_value(0.0).run()
+    table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
+    assert list(table["Decision"]) == ["PNEUMONIA", "PNEUMONIA"] and decision(at) == "PNEUMONIA"
+    assert metric(at, "Sensitivity (recall)") == "1.000" and metric(at, "Specificity") == "0.000"
+    assert metric(at, "Precision (PPV)") == f"{labels.mean():.3f}"  # everything called positive
+
+    at.slider(key="diagnose_threshold").set_value(1.0).run()
+    table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
+    assert list(table["Decision"]) == ["NORMAL", "NORMAL"] and decision(at) == "NORMAL"
+    assert metric(at, "Sensitivity (recall)") == "0.000" and metric(at, "Specificity") == "1.000"
+    assert metric(at, "Precision (PPV)") == "n/a"
+
+    middle = float(np.median(scores))
+    at.slider(key="diagnose_threshold").set_value(middle).run()
+    called = scores >= middle
+    tp, fp = int(np.sum(called & (labels == 1))), int(np.sum(called & (labels == 0)))
+    assert metric(at, "Sensitivity (recall)") == f"{tp / labels.sum():.3f}"
+    assert metric(at, "Precision (PPV)") == f"{tp / (tp + fp):.3f}"
+    assert at.table[0].value["PNEUMONIA"].tolist() == [tp, fp]
+
+
+def test_presets_set_the_threshold(tiny_registry):
+    from xray.metrics import choose_threshold
+
+    labels, scores, card = validation_of(tiny_registry)
+    at = start_app()
+    at.slider(key="diagnose_threshold").set_value(0.1).run()
+    at.button(key="diagnose_preset_High sensitivity").click().run()
+    high = choose_threshold(labels, scores, "sensitivity>=0.95")
+    assert at.slider(key="diagnose_threshold").value == pytest.approx(high)
+    assert float(metric(at, "Sensitivity (recall)")) >= 0.95
+    at.button(key="diagnose_preset_Balanced").click().run()
+    assert at.slider(key="diagnose_threshold").value == pytest.approx(choose_threshold(labels, scores, "youden"))
+    at.slider(key="diagnose_threshold").set_value(0.9).run()
+    at.button(key="diagnose_preset_Model default").click().run()
+    assert at.slider(key="diagnose_threshold").value == pytest.approx(card["threshold"])
+
+
+def test_saving_the_default_writes_the_card_and_is_picked_up(tiny_registry):
+    labels, scores, card = validation_of(tiny_registry)
+    at = start_app()
+    assert at.button(key="diagnose_save_default").disabled  # nothing to save yet
+    at.slider(key="diagnose_threshold").set_value(0.3).run()
+    at.button(key="diagnose_save_default").click().run()
+    assert not at.exception, at.exception
+    saved = Registry(tiny_registry).card(card["version"])
+    assert saved["threshold"] == pytest.approx(0.3)
+    assert saved["threshold_rule"].startswith("set in the app")
+    assert saved["validation"]["threshold"] == pytest.approx(0.3)  # figures restated at the new default
+    assert saved["validation"]["sensitivity"] == pytest.approx(np.mean(scores[labels == 1] >= 0.3))
+    assert saved["weights_sha256"] == card["weights_sha256"]
+    assert any("Saved 0.300" in s.value for s in at.success)
+    at.run()  # the model is reloaded with its new card: 0.3 is now the default
+    assert at.slider(key="diagnose_threshold").value == pytest.approx(0.3)
+    assert at.button(key="diagnose_save_default").disabled
+    assert at.button(key="diagnose_preset_Model default").label == "Model default: 0.300"
+
+
+def test_opacity_and_threshold_never_rerun_the_model(tiny_registry, monkeypatch):
+    calls = {"analyse": 0, "heatmap": 0}
+    real_analyse, real_heatmap = analysis.analyse, analysis.heatmap
+
+    def counting_analyse(*args, **kwargs):
+        calls["analyse"] += 1
+        return real_analyse(*args, **kwargs)
+
+    def counting_heatmap(*args, **kwargs):
+        calls["heatmap"] += 1
+        return real_heatmap(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyse", counting_analyse)
+    monkeypatch.setattr(analysis, "heatmap", counting_heatmap)
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    assert calls == {"analyse": 1, "heatmap": 1}
+    first = at.image[0].value
+    at.slider(key="diagnose_opacity").set_value(0.9).run()
+    assert at.image[0].value != first  # a new overlay was drawn...
+    at.toggle(key="diagnose_side_by_side").set_value(True).run()
+    assert len(at.image) == 2
+    at.slider(key="diagnose_threshold").set_value(0.0).run()
+    assert calls == {"analyse": 1, "heatmap": 1}  # ...from the cached map and score
+
+
+def test_try_a_sample_in_one_click(tiny_registry):
+    at = start_app()
+    assert at.info and "try a bundled sample" in at.info[0].value
+    first_sample = at.selectbox(key="diagnose_sample_choice").value
+    at.button(key="diagnose_try_sample").click().run()
+    assert not at.exception, at.exception
+    assert at.main.subheader[-1].value == analysis_name_escaped(first_sample.name)
+    assert metric(at, "p(pneumonia)") and decision(at) in ("PNEUMONIA", "NORMAL")
+    at.button(key="diagnose_clear_samples").click().run()
+    assert not [m for m in at.metric if m.label == "p(pneumonia)"]
+
+
+def analysis_name_escaped(name: str) -> str:
+    from pages.common import escape_markdown
+    return escape_markdown(name)
+
+
+@dataclass(frozen=True)
+class FlaggedPrediction(Prediction):
+    """The shape the safety check (issue 5) will give a prediction it flags."""
+
+    ood: bool = True
+    ood_reason: str = "looks like a photograph"
+
+
+def test_out_of_distribution_images_get_no_verdict(tiny_registry, monkeypatch):
+    real_analyse = analysis.analyse
+
+    def flagging_analyse(*args, **kwargs):
+        result = real_analyse(*args, **kwargs)
+        p = result.prediction
+        result.prediction = FlaggedPrediction(p.p_pneumonia, p.threshold, p.model_version)
+        return result
+
+    monkeypatch.setattr(analysis, "analyse", flagging_analyse)
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    assert "does not look like a chest X-ray: looks like a photograph" in at.warning[0].value
+    assert not [m for m in at.markdown if "-background[" in m.value]  # no PNEUMONIA / NORMAL verdict
+    assert any(m.value.startswith(":gray[p(pneumonia)") for m in at.markdown)
+    assert not at.toggle  # no heatmap controls either
+
+
+def test_activation_and_damage_are_picked_up_without_restart(tiny_registry):
+    registry = Registry(tiny_registry)
+    first = registry.active_version()
+    at = start_app()
+    model = registry.load()
+    second = registry.save_version(model.net, {**model.card, "threshold": 0.42}, "second")
+    registry.activate(second)
+    at.run()
+    assert any("Model second" in c.value for c in at.caption)
+    assert at.slider(key="diagnose_threshold").value == pytest.approx(0.42)
+    weights = registry.version_dir(second) / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])  # damaged on disk: the card changes nothing, so touch it
+    registry.update_card(second, {"notes": "weights damaged in test"})
+    at.run()
+    assert any("checksum mismatch" in w.value and first in w.value for w in at.warning)
+    assert any(f"Model {first}" in c.value for c in at.caption)
+
+
+def test_no_model_gives_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("XRAY_WEIGHTS", str(tmp_path / "empty-registry"))
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    assert not at.exception
+    assert "No model is available" in at.error[0].value
+    assert not at.file_uploader

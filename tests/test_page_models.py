@@ -1,0 +1,80 @@
+"""Models page (AppTest): versions side by side with the active one, ROC curves from the cards,
+activate and roll back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from conftest import train_tiny
+from xray import metrics
+from xray.registry import Registry
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "models.py")
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    return at
+
+
+def click(at: AppTest, key: str) -> AppTest:
+    at.button(key=key).click().run()
+    assert not at.exception
+    return at
+
+
+def test_versions_compared_activated_and_rolled_back(tiny_registry):
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    new = train_tiny(tiny_registry, epochs=2, seed=1, tag="retrained")
+    at = open_page()
+    table = at.dataframe[0].value
+    assert list(table["version"]) == [new, old]  # newest first
+    assert list(table["active"]) == [False, True]
+    assert table.loc[0, "threshold"] == registry.card(new)["threshold"]
+
+    roc = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    curves = {trace["name"].split(":")[0]: trace for trace in roc if trace["name"] != "chance"}
+    assert set(curves) == {new, f"{old} (active)"}
+    stored = registry.card(new)["validation"]["predictions"]
+    fpr, tpr, _ = metrics.roc_curve(stored["label"], stored["p_pneumonia"])
+    assert curves[new]["x"] == list(fpr) and curves[new]["y"] == list(tpr)
+
+    assert at.selectbox(key="models_selected").value == new  # the comparison opens on the newest other version
+    compare = at.dataframe[1].value
+    assert list(compare.columns) == ["", new, f"{old} (active)"]
+    auc_row = compare[compare[""] == "Validation AUC"].iloc[0]
+    assert auc_row[new] == f"{registry.card(new)['validation']['roc_auc']:.3f}"
+    assert at.button(key="models_rollback").disabled  # nothing was active before the first model
+
+    at = click(at, "models_activate")
+    assert registry.active_version() == new
+    assert f"Model {new} is now active" in at.success[0].value
+    assert list(at.dataframe[0].value["active"]) == [True, False]
+    assert at.button(key="models_rollback").label == f"Roll back to {old}"
+
+    at = click(at, "models_rollback")
+    assert registry.active_version() == old
+    assert f"model {old} is active again" in at.success[0].value
+
+
+def test_damaged_version_is_not_activated(tiny_registry):
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    new = train_tiny(tiny_registry, epochs=1, tag="damaged")
+    weights = registry.version_dir(new) / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    at = open_page()
+    at.selectbox(key="models_selected").set_value(new).run()
+    at = click(at, "models_activate")
+    assert "was not activated" in at.error[0].value and "damaged" in at.error[0].value
+    assert registry.active_version() == old
+
+
+def test_empty_registry_says_how_to_get_a_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("XRAY_WEIGHTS", str(tmp_path / "empty"))
+    at = open_page()
+    assert "No model versions yet" in at.info[0].value

@@ -1,0 +1,178 @@
+"""Out-of-distribution check: "this does not look like a chest X-ray".
+
+Two parts, both run inside ``inference.predict`` (see docs/ood.md for the measurements):
+1. cheap input checks on the decoded image: colour, extreme shape, almost no mid-tones;
+2. a feature-space check: the Mahalanobis distance of the CNN's pooled features to the training
+   X-rays' features (Ledoit-Wolf shrunk covariance), flagged above a high percentile of the
+   validation X-rays' distances. Its statistics travel with the weights as ``ood.npz``.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .preprocess import standardise
+
+OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
+DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
+# Input-check limits, chosen with margin from the training X-rays (docs/ood.md, scripts/measure_ood.py).
+MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, photos 20-100
+MAX_ASPECT = 2.5  # radiographs in the data set are 1.0-1.8 : 1; the loader refuses beyond 4
+MIN_MIDTONES = 0.25  # fraction of input pixels in grey levels 26-229; documents and line art have few
+MIDTONE_RANGE = (26, 229)  # uint8 grey levels counted as mid-tones (10%-90%)
+
+
+@dataclass(frozen=True)
+class OodStats:
+    """Training-feature statistics of one model version."""
+
+    mean: np.ndarray  # (C,) mean pooled feature of the training X-rays
+    precision: np.ndarray  # (C, C) inverse of the shrunk covariance
+    threshold: float  # Mahalanobis distance above which an image is flagged
+    percentile: float  # of validation distances the threshold was set at
+    shrinkage: float  # Ledoit-Wolf weight of the scaled identity
+    n_train: int  # training images the statistics come from
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """(B, C) features -> (B,) Mahalanobis distances."""
+        centred = np.asarray(features, dtype=np.float64) - self.mean
+        squared = np.einsum("bi,ij,bj->b", centred, self.precision, centred)
+        return np.sqrt(np.clip(squared, 0.0, None))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, mean=self.mean, precision=self.precision, threshold=self.threshold,
+                            percentile=self.percentile, shrinkage=self.shrinkage, n_train=self.n_train)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "OodStats":
+        """Parse ``ood.npz``; ValueError when it is not a consistent statistics file."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                stats = cls(np.asarray(f["mean"], np.float64), np.asarray(f["precision"], np.float64),
+                            float(f["threshold"]), float(f["percentile"]), float(f["shrinkage"]),
+                            int(f["n_train"]))
+        except Exception as exc:  # zip, key and dtype errors all mean a damaged file
+            raise ValueError(f"OOD statistics file is damaged: {exc}") from None
+        c = stats.mean.shape[0]
+        if stats.mean.ndim != 1 or stats.precision.shape != (c, c) or not np.isfinite(stats.precision).all():
+            raise ValueError("OOD statistics file has inconsistent shapes or values")
+        return stats
+
+    def summary(self) -> dict:
+        """For the model card."""
+        return {"method": "Mahalanobis distance of pooled last-stage features, Ledoit-Wolf shrinkage",
+                "threshold": round(self.threshold, 4), "percentile": self.percentile,
+                "shrinkage": round(self.shrinkage, 4), "n_train": self.n_train, "features": int(self.mean.shape[0])}
+
+
+def ledoit_wolf(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(N, C) -> mean, shrunk covariance, shrinkage (Ledoit & Wolf 2004, as in scikit-learn)."""
+    x = np.asarray(features, dtype=np.float64)
+    n, p = x.shape
+    mean = x.mean(axis=0)
+    x = x - mean
+    cov = x.T @ x / n
+    mu = np.trace(cov) / p
+    x2 = x ** 2
+    beta_sum = float((x2.T @ x2).sum())
+    delta_sum = float((cov ** 2).sum())  # = sum((X^T X)^2) / n^2
+    beta = (beta_sum / n - delta_sum) / (p * n)
+    delta = (delta_sum - 2 * mu * np.trace(cov) + p * mu ** 2) / p
+    shrinkage = 0.0 if delta == 0 else float(min(beta, delta) / delta)
+    shrunk = (1 - shrinkage) * cov + shrinkage * mu * np.eye(p)
+    return mean, shrunk, shrinkage
+
+
+def fit_stats(train_features: np.ndarray, val_features: np.ndarray,
+              percentile: float = DEFAULT_PERCENTILE) -> OodStats:
+    """Mean/precision from training features; threshold at a percentile of validation distances."""
+    if len(train_features) < 2 or len(val_features) < 1:
+        raise ValueError("too few images to fit OOD statistics")
+    mean, cov, shrinkage = ledoit_wolf(train_features)
+    # A small ridge keeps the inverse finite when features are exactly collinear (dead channels).
+    ridge = 1e-6 * max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+    precision = np.linalg.inv(cov + ridge * np.eye(cov.shape[0]))
+    stats = OodStats(mean, precision, 0.0, float(percentile), shrinkage, int(len(train_features)))
+    threshold = float(np.percentile(stats.distances(val_features), percentile))
+    return OodStats(mean, precision, threshold, float(percentile), shrinkage, int(len(train_features)))
+
+
+@torch.no_grad()
+def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                batch_size: int = 128) -> np.ndarray:
+    """(N, S, S) uint8 model inputs -> (N, C) pooled features, preprocessed exactly as ``predict``."""
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = standardise(images[start:start + batch_size].unsqueeze(1).to(device))
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(net.features(x).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
+
+
+def input_reason(inputs: np.ndarray, shape: tuple[int, int], colour: float) -> str:
+    """Cheap checks on one image; '' when it passes.
+
+    Args:
+        inputs: (S, S) uint8 model input (after the squash-resize).
+        shape: (H, W) of the decoded image.
+        colour: its colourfulness before grey conversion (``XrayImage.colourfulness``).
+    """
+    if colour > MAX_COLOURFULNESS:
+        return f"a colour image (colourfulness {colour:.0f}; an X-ray is grey)"
+    height, width = shape
+    aspect = max(height, width) / max(1, min(height, width))
+    if aspect > MAX_ASPECT:
+        return f"an extreme shape for a chest radiograph ({width}x{height} pixels)"
+    low, high = MIDTONE_RANGE
+    midtones = float(np.mean((inputs >= low) & (inputs <= high)))
+    if midtones < MIN_MIDTONES:
+        return f"almost no mid-grey tones ({midtones:.0%} of pixels), like a document or line drawing"
+    return ""
+
+
+def feature_reason(distance: float, stats: OodStats) -> str:
+    if distance > stats.threshold:
+        return (f"its image features are unlike the training X-rays (distance {distance:.1f}; "
+                f"limit {stats.threshold:.1f})")
+    return ""
+
+
+def fit_for_version(registry, version: str | None, data_dir: str, workers: int = 1,
+                    percentile: float = DEFAULT_PERCENTILE, activate: bool = False,
+                    emit: Callable[[dict], None] = lambda e: None) -> str:
+    """Fit OOD statistics for an existing version and save them as a NEW version; returns its id.
+
+    The new version has the same weights, threshold and calibration, plus ``ood.npz``; the old
+    one is left untouched, so past audit-log lines keep meaning what they said.
+    """
+    from .train import TrainConfig, load_data
+
+    model = registry.load(version, torch.device("cpu"))
+    card = model.card
+    cfg = TrainConfig.from_dict({**card["training"]["config"], "data_dir": str(data_dir), "workers": workers})
+    splits = load_data(cfg, emit)
+    if splits.scan.fingerprint() != card.get("data", {}).get("fingerprint"):
+        raise ValueError("this folder differs from the data the model was trained on: the validation split "
+                         "could not be reproduced")
+    images = torch.from_numpy(splits.images)
+    train_features = features_of(model.net, images[splits.train], model.device)
+    val_features = features_of(model.net, images[splits.val], model.device)
+    stats = fit_stats(train_features, val_features, percentile)
+    new_card = {k: v for k, v in card.items() if k not in ("version", "weights_sha256", "weights_bytes", "extra_files")}
+    new_card["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new_card["derived_from"] = {"version": model.version, "change": "added OOD statistics (same weights)"}
+    new_card["ood"] = {**stats.summary(), "val_flagged": float(np.mean(stats.distances(val_features) > stats.threshold))}
+    new_version = registry.save_version(model.net, new_card, registry.new_version_id("ood"),
+                                        extras={OOD_FILE: stats.to_bytes()})
+    if activate:
+        registry.activate(new_version)
+    return new_version

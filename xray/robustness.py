@@ -1,0 +1,126 @@
+"""Evidence that generalises beyond a random patient split: the checks behind docs/experiments.md.
+
+For one model version: metrics on its own patient-level validation split (rebuilt from the card's
+training config), specificity on each batch of normal images (IM- vs NORMAL2-), metrics on the
+full-resolution official validation images, and the same validation set under acquisition-like
+perturbations (gamma, blur, noise, crop, zoom-out, rotation), with how many decisions flip.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+from .imageio import load_image
+from .inference import logits_of, predict, probabilities
+from .registry import LoadedModel, Registry
+from .train import TrainConfig, load_data
+
+
+def _affine(x: torch.Tensor, zoom: float = 1.0, angle_deg: float = 0.0) -> torch.Tensor:
+    b, _, h, w = x.shape
+    a = math.radians(angle_deg)
+    theta = torch.tensor([[math.cos(a) / zoom, -math.sin(a) / zoom, 0.0],
+                          [math.sin(a) / zoom, math.cos(a) / zoom, 0.0]], dtype=torch.float32).expand(b, 2, 3)
+    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _blur(x: torch.Tensor, factor: float) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, scale_factor=factor, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+PERTURBATIONS = {
+    "contrast x0.6": lambda x: 0.6 * x + 0.2 * 255,
+    "gamma 0.7": lambda x: 255 * (x / 255) ** 0.7,
+    "gamma 1.4": lambda x: 255 * (x / 255) ** 1.4,
+    "blur (half resolution)": lambda x: _blur(x, 0.5),
+    "noise sd 8": lambda x: x + 8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
+    "crop 85% (zoom in)": lambda x: _affine(x, zoom=1 / 0.85),
+    "zoom out 90%": lambda x: _affine(x, zoom=0.9),
+    "rotate 7 deg": lambda x: _affine(x, angle_deg=7),
+}
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+def _p(model: LoadedModel, inputs: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return np.concatenate([probabilities(model, logits_of(model, inputs[i:i + batch]))
+                           for i in range(0, len(inputs), batch)])
+
+
+def _summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    m = M.metrics_at(y, p, threshold)
+    return {k: m[k] for k in ("n", "accuracy", "sensitivity", "specificity", "roc_auc")}
+
+
+def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
+    """All checks for one loaded model; returns a JSON-able dict."""
+    card = model.card
+    cfg = TrainConfig.from_dict(card["training"]["config"])
+    splits = load_data(cfg, lambda e: None)
+    val = splits.val
+    y = splits.labels[val]
+    inputs = torch.from_numpy(splits.images[val]).unsqueeze(1)  # (N, 1, S, S) uint8
+    t = model.threshold
+    p = _p(model, inputs)
+    report: dict = {"version": model.version, "threshold": t, "validation": _summary(y, p, t)}
+    report["validation"]["ece"] = M.expected_calibration_error(y, p)
+    names = [splits.scan.samples[i].path.name for i in val]
+    batches = {}
+    for prefix in ("IM-", "NORMAL2-"):
+        mask = np.array([n.startswith(prefix) for n in names]) & (y == 0)
+        if mask.any():
+            batches[prefix] = {"n": int(mask.sum()), "specificity": float(np.mean(p[mask] < t)),
+                               "mean_p": float(p[mask].mean())}
+    report["normal_batches"] = batches
+    report["perturbations"] = {}
+    for name, fn in PERTURBATIONS.items():
+        q = _p(model, _to_uint8(fn(inputs.float())))
+        flips = float(np.mean((q >= t) != (p >= t)))
+        report["perturbations"][name] = {**_summary(y, q, t), "flip_rate": flips}
+    aucs = [v["roc_auc"] for v in report["perturbations"].values()]
+    report["perturbation_worst_auc"] = float(min(aucs))
+    report["perturbation_mean_flip_rate"] = float(np.mean([v["flip_rate"] for v in report["perturbations"].values()]))
+    if samples_dir and Path(samples_dir).is_dir():
+        paths, labels = [], []
+        for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+            for f in sorted((Path(samples_dir) / cls).glob("*")):
+                paths.append(f)
+                labels.append(label)
+        images = [load_image(f) for f in paths]
+        ps = np.array([pr.p_pneumonia for pr in predict(model, images)])
+        report["fullres_samples"] = {**_summary(np.array(labels), ps, t),
+                                     "p_normals": [round(float(v), 3) for v in ps[np.array(labels) == 0]]}
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xray.robustness", description=__doc__)
+    parser.add_argument("--model", default="", help="version id (default: active)")
+    parser.add_argument("--registry", default="")
+    parser.add_argument("--samples", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"),
+                        help="folder with NORMAL/ and PNEUMONIA/ full-resolution images")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    model = Registry(args.registry or None).load(args.model or None)
+    report = check(model, args.samples)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
