@@ -109,10 +109,10 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
     left.metric("F1", ratio(figures["f1"]))
     right.metric("ROC AUC", ratio(figures["roc_auc"]))
     cm = figures["confusion_matrix"]
-    # fixed labels and counts only, so a plain table (which wraps in the narrow sidebar) is safe
-    st.caption("Confusion matrix: rows are the truth, columns what the model called.")
-    st.table({"Truth": ["Pneumonia", "Normal"], "PNEUMONIA": [cm["tp"], cm["fp"]], "NORMAL": [cm["fn"], cm["tn"]]},
-             border="horizontal", hide_index=True)
+    st.markdown(f"**Confusion matrix**  \n{cm['tp']} true positive (pneumonia called PNEUMONIA)  \n"
+                f"{cm['fn']} false negative (pneumonia called NORMAL)  \n"
+                f"{cm['fp']} false positive (normal called PNEUMONIA)  \n"
+                f"{cm['tn']} true negative (normal called NORMAL)")
     with st.expander("ROC and precision-recall curves", expanded=True):
         st.plotly_chart(roc_figure(labels, scores, figures), key="diagnose_roc", config={"displayModeBar": False})
         st.plotly_chart(pr_figure(labels, scores, figures), key="diagnose_pr", config={"displayModeBar": False})

@@ -102,6 +102,7 @@ def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
             assert float(slider.input_value()) == 1.0
             expect(decision).to_contain_text("at threshold 1.000")
             page.set_viewport_size({"width": 1440, "height": 1700})  # the page scrolls inside stMain
+            page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=30_000)
             shot = tmp_path / "diagnose.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000

@@ -166,7 +166,10 @@ def test_threshold_slider_moves_decisions_and_validation_metrics(tiny_registry):
     tp, fp = int(np.sum(called & (labels == 1))), int(np.sum(called & (labels == 0)))
     assert metric(at, "Sensitivity (recall)") == f"{tp / labels.sum():.3f}"
     assert metric(at, "Precision (PPV)") == f"{tp / (tp + fp):.3f}"
-    assert at.table[0].value["PNEUMONIA"].tolist() == [tp, fp]
+    matrix = next(m.value for m in at.sidebar.markdown if m.value.startswith("**Confusion matrix**"))
+    fn, tn = int(labels.sum()) - tp, int((labels == 0).sum()) - fp
+    for count, cell in ((tp, "true positive"), (fn, "false negative"), (fp, "false positive"), (tn, "true negative")):
+        assert f"{count} {cell} (" in matrix
 
 
 def test_presets_set_the_threshold(tiny_registry):

@@ -1,8 +1,9 @@
 """One uploaded file in, one analysis out: the engine behind the Diagnose page (no streamlit here).
 
 Everything a page shows about an image is computed here from the bytes the clinician dropped:
-decoded image, calibrated probability, and (on demand) the Grad-CAM map at display size. Nothing
-is written to disk.
+decoded image, calibrated probability, and (on demand) the Grad-CAM map at display size. The upload
+itself is never written to disk; each prediction appends one audit line (hash, model, score, decision;
+xray/audit.py).
 """
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .data import IMAGE_EXTENSIONS
