@@ -11,6 +11,23 @@ THRESHOLD_KEY = "threshold"  # the session's operating threshold, shared by ever
 THRESHOLD_MODEL_KEY = "threshold_model"  # (version, card threshold) the session value was set against
 
 
+def ensure_app_navigation() -> None:
+    """Send a page opened without app.py to app.py; every page calls this first.
+
+    Because a ``pages/`` folder exists, a freshly started server answers the first visit to a page
+    URL (e.g. /about) in Streamlit's legacy multipage mode, which skips app.py: no wide layout, and
+    every file in pages/ (common.py included) listed as a page. The first run of app.py's
+    ``st.navigation`` ends that mode for the process.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+        legacy = bool(PagesManager.uses_pages_directory)
+    except (ImportError, AttributeError):  # a later Streamlit without the legacy mode
+        legacy = False
+    if legacy:
+        st.switch_page("app.py")
+
+
 def model_cache_key() -> tuple[str, str | None, int]:
     """(registry root, active version, card mtime): changes when a version is activated or its card edited."""
     registry = Registry()
@@ -41,6 +58,7 @@ def get_model() -> tuple[LoadedModel, list[str]]:
 
 def require_model() -> LoadedModel:
     """The model, with its load warnings shown; without one, a clear message and the page stops."""
+    ensure_app_navigation()
     try:
         model, problems = get_model()
     except ModelFileError as exc:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import DATASET
-from xray import registry as registry_module
 from xray.inference import predict
 from xray.imageio import load_image
 from xray.registry import ModelFileError, Registry

@@ -1,4 +1,4 @@
-"""Command line: ``python -m xray {predict,evaluate,train,jobs,bench,versions,activate,rollback}``."""
+"""Command line: ``python -m xray {predict,evaluate,train,jobs,bench,fit-ood,versions,activate,rollback}``."""
 from __future__ import annotations
 
 import argparse
