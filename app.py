@@ -15,4 +15,5 @@ for path, title, icon in (("pages/retrain.py", "Retrain", ":material/model_train
         pages.append(st.Page(path, title=title, icon=icon))
 pages.append(st.Page("pages/about.py", title="About", icon=":material/info:"))
 
+st.session_state["app_navigation"] = True  # see pages/common.py ensure_app_navigation
 st.navigation(pages).run()

@@ -9,6 +9,7 @@ from xray.registry import LoadedModel, ModelFileError, Registry
 
 THRESHOLD_KEY = "threshold"  # the session's operating threshold, shared by every page
 THRESHOLD_MODEL_KEY = "threshold_model"  # (version, card threshold) the session value was set against
+APP_NAVIGATION_KEY = "app_navigation"  # set by app.py: this session has its navigation
 
 
 def ensure_app_navigation() -> None:
@@ -17,14 +18,15 @@ def ensure_app_navigation() -> None:
     Because a ``pages/`` folder exists, a freshly started server answers the first visit to a page
     URL (e.g. /about) in Streamlit's legacy multipage mode, which skips app.py: no wide layout, and
     every file in pages/ (common.py included) listed as a page. The first run of app.py's
-    ``st.navigation`` ends that mode for the process.
+    ``st.navigation`` ends that mode for the process. (AppTest re-enters that mode on every run;
+    a session that has been through app.py is left alone.)
     """
     try:
         from streamlit.runtime.pages_manager import PagesManager
         legacy = bool(PagesManager.uses_pages_directory)
     except (ImportError, AttributeError):  # a later Streamlit without the legacy mode
         legacy = False
-    if legacy:
+    if legacy and not st.session_state.get(APP_NAVIGATION_KEY):
         st.switch_page("app.py")
 
 

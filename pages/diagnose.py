@@ -68,7 +68,11 @@ def save_default(model: LoadedModel, threshold: float, validation) -> None:
                                       f"specificity {figures['specificity']:.3f})")
         # the card's validation block states its figures at the card's threshold: keep them true
         updates["validation"] = {**model.card.get("validation", {}), **figures}
-    Registry().update_card(model.version, updates)
+    try:
+        Registry().update_card(model.version, updates)
+    except (OSError, ValueError) as exc:  # read-only registry, card damaged or removed meanwhile
+        st.session_state["diagnose_save_error"] = f"The threshold was not saved: {exc}"
+        return
     st.session_state["diagnose_saved"] = (model.version, float(threshold))
 
 
@@ -95,6 +99,8 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
     saved = st.session_state.pop("diagnose_saved", None)
     if saved:
         st.success(f"Saved {saved[1]:.3f} as the default of model {saved[0]}.")
+    if "diagnose_save_error" in st.session_state:
+        st.error(escape_markdown(st.session_state.pop("diagnose_save_error")))
     if validation is None:
         st.info("This model's card holds no validation predictions, so the trade-off cannot be shown.")
         return threshold

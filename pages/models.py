@@ -7,6 +7,7 @@ import math
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages.common import ensure_app_navigation
 from xray import metrics
 from xray.registry import ModelFileError, Registry
 
@@ -78,6 +79,7 @@ def roll_back(registry_root: str) -> None:
 # -- the page -------------------------------------------------------------------------------------
 registry = Registry()
 registry_root = str(registry.root)
+ensure_app_navigation()
 st.title("Model versions")
 st.caption("Every model trained on this machine, with its validation figures. The active model is the one "
            "the Diagnose page uses; activating another takes effect on the next image analysed.")

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from pages.common import ensure_app_navigation
 from xray import jobs
 from xray.registry import Registry
 from xray.train import TrainConfig
@@ -156,6 +157,7 @@ def parse_widths(text: str) -> tuple[int, ...]:
 registry = Registry()
 registry_root = str(registry.root)
 
+ensure_app_navigation()
 st.title("Retrain the model")
 st.caption("Train a new model version on your own labelled chest X-rays. Training runs in the background "
            "on this machine. The model the Diagnose page uses changes only when you activate a new version "

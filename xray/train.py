@@ -4,6 +4,7 @@ CLI attaches a console printer and a JSON-lines event file that the Retrain page
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -530,7 +531,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     card = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": {"name": "PneumoniaNet", "config": net.config.to_dict(),
-                         "parameters": count_parameters(net), "macs": count_macs(net.cpu(), cfg.image_size),
+                         "parameters": count_parameters(net), "macs": count_macs(copy.deepcopy(net).cpu(), cfg.image_size),
                          "gradcam_layer": "stages[-1]"},
         "preprocessing": {"image_size": cfg.image_size, "tta": cfg.tta,
                           "steps": ["decode to one channel in [0, 1] (xray.imageio.load_image)",
