@@ -10,7 +10,6 @@ from PIL import Image
 
 from .imageio import XrayImage
 from .inference import PNEUMONIA, model_inputs
-from .preprocess import standardise
 from .registry import LoadedModel
 
 # Hooks live on the shared module: two threads (two browser sessions) must not interleave.
@@ -56,7 +55,7 @@ class GradCam:
                  shape: tuple[int, int] | None = None) -> np.ndarray:
         """Heatmap at ``shape`` (H, W): the image's own size by default, or a display copy's size."""
         pixels = image.pixels if isinstance(image, XrayImage) else image
-        x = standardise(model_inputs([pixels], self.model.image_size).to(self.model.device))  # (1, 1, S, S)
+        x = model_inputs([pixels], self.model.image_size).to(self.model.device).float()  # (1, 1, S, S)
         with torch.enable_grad():
             cam = self._cam(input_tensor=x, targets=[PneumoniaTarget(towards)])[0]  # (S, S) in [0, 1]
         return resize_map(cam, shape or pixels.shape)

@@ -10,7 +10,7 @@ import torch
 
 from . import ood as O
 from .imageio import XrayImage
-from .preprocess import resize_to_input, standardise
+from .preprocess import resize_to_input
 from .registry import LoadedModel
 
 PNEUMONIA, NORMAL = "PNEUMONIA", "NORMAL"
@@ -57,7 +57,7 @@ def logits_of(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
 
 def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and (B, C) pooled features, one pass."""
-    x = standardise(inputs.to(model.device))
+    x = inputs.to(model.device).float()  # (B, 1, S, S) grey levels; the net normalises
     if model.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_for(model.device):

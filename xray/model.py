@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .preprocess import normalise
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -14,6 +16,7 @@ class ModelConfig:
     widths: tuple[int, ...] = (32, 64, 128, 256)  # channels of each stage
     strides: tuple[int, ...] = (2, 2, 2, 1)  # last stage keeps resolution so Grad-CAM is not 4x4
     dropout: float = 0.3  # before the classifier
+    normalisation: str = "standardise"  # per-image intensity normalisation (xray.preprocess.normalise)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -48,7 +51,7 @@ class ResidualBlock(nn.Module):
 
 
 class PneumoniaNet(nn.Module):
-    """Input (B, 1, S, S) standardised; output (B,) logit of pneumonia."""
+    """Input (B, 1, S, S) grey levels in [0, 255] (normalised inside); output (B,) logit of pneumonia."""
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
@@ -71,6 +74,7 @@ class PneumoniaNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, C) pooled features of the last stage (also used for the OOD check)."""
+        x = normalise(x, self.config.normalisation)  # preprocessing travels with the weights
         return self.pool(self.stages(self.stem(x))).flatten(1)  # stages: (B, C, S/8, S/8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .preprocess import standardise
 
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
@@ -111,7 +110,7 @@ def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = standardise(images[start:start + batch_size].unsqueeze(1).to(device))
+        x = images[start:start + batch_size].unsqueeze(1).to(device).float()  # the net normalises
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(net.features(x).float().cpu())

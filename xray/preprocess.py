@@ -18,6 +18,32 @@ def resize_to_input(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return np.clip(np.round(resized * 255.0), 0, 255).astype(np.uint8)
 
 
+NORMALISATIONS = ("standardise", "equalise")
+
+
+def normalise(batch: torch.Tensor, method: str = "standardise") -> torch.Tensor:
+    """(B, 1, S, S) in [0, 255] -> the network's input, by the method named in the model config."""
+    if method == "standardise":
+        return standardise(batch)
+    if method == "equalise":
+        return equalise(batch)
+    raise ValueError(f"unknown normalisation {method!r}; one of {NORMALISATIONS}")
+
+
+def equalise(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 255] -> per-image histogram equalisation, scaled to zero mean, unit std.
+
+    Every monotonic change of the grey scale (exposure, contrast, gamma, detector response curve)
+    gives the same output, so the network cannot learn one hospital's look-up table as a shortcut.
+    """
+    b = batch.shape[0]
+    levels = batch.float().clamp(0, 255).round().long().reshape(b, -1)  # (B, S*S)
+    hist = torch.zeros(b, 256, device=batch.device).scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float))
+    cdf = (hist.cumsum(1) - hist / 2) / levels.shape[1]  # mid-rank of each grey level, in (0, 1)
+    uniform = torch.gather(cdf, 1, levels).reshape(batch.shape)
+    return (uniform - 0.5) / 0.2887  # a uniform [0, 1] variable has std 1/sqrt(12)
+
+
 def standardise(batch: torch.Tensor) -> torch.Tensor:
     """(B, 1, S, S) uint8 or float in [0, 255] -> float, each image to zero mean and unit std.
 

@@ -26,7 +26,7 @@ from .augment import PRESETS, augment
 from .data import CLASSES, SMALL_VAL, DatasetScan, decoded_dataset, patient_split, scan_dataset
 from .inference import autocast_for
 from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters
-from .preprocess import standardise
+from .preprocess import NORMALISATIONS
 from .registry import Registry, pick_device
 
 INTENDED_USE = ("Decision support for pediatric (ages 1-5) anterior-posterior chest radiographs: "
@@ -59,6 +59,7 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(a, a) mixup strength; 0 = off
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
+    normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
     widths: tuple[int, ...] = (32, 64, 128, 256)
     threshold_rule: str = "youden"  # how the operating threshold is chosen on validation
     tta: str = "none"  # none | shift: test-time augmentation stored in the card
@@ -170,7 +171,7 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float, smoo
 
 
 def to_input(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = standardise(batch_uint8.to(device))
+    x = batch_uint8.to(device).float()  # grey levels; the net normalises (its config says how)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" else x
 
 
@@ -391,7 +392,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     emit({"event": "data", "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
           "validation": splits.description, "pos_weight": pos_weight})
 
-    model_cfg = ModelConfig(widths=tuple(cfg.widths), dropout=cfg.dropout)
+    model_cfg = ModelConfig(widths=tuple(cfg.widths), dropout=cfg.dropout, normalisation=cfg.normalisation)
     model = PneumoniaNet(model_cfg)
     parent = None
     if source is not None:
@@ -536,7 +537,8 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         "preprocessing": {"image_size": cfg.image_size, "tta": cfg.tta,
                           "steps": ["decode to one channel in [0, 1] (xray.imageio.load_image)",
                                     f"squash-resize to {cfg.image_size}x{cfg.image_size}, bilinear, antialiased; uint8",
-                                    "per-image standardisation to zero mean, unit std"]},
+                                    f"per-image {cfg.normalisation} (inside the network: xray.preprocess.normalise)"],
+                          "normalisation": net.config.normalisation},
         "threshold": threshold,
         "threshold_rule": cfg.threshold_rule,
         "calibration": {"method": "temperature scaling on validation", "temperature": temperature},
@@ -595,6 +597,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", choices=sorted(PRESETS), default=d.augment, help=f"(default {d.augment})")
     parser.add_argument("--mixup", type=float, default=d.mixup, help=f"mixup Beta parameter, 0 = off (default {d.mixup})")
     parser.add_argument("--ema", type=float, default=d.ema, help=f"weight EMA decay, 0 = off (default {d.ema})")
+    parser.add_argument("--normalisation", choices=NORMALISATIONS, default=d.normalisation,
+                        help=f"per-image intensity normalisation (default {d.normalisation})")
     parser.add_argument("--dropout", type=float, default=d.dropout, help=f"(default {d.dropout})")
     parser.add_argument("--widths", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.widths,
                         help=f"channels per stage, comma-separated (default {','.join(map(str, d.widths))})")
