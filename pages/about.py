@@ -26,8 +26,8 @@ st.markdown(
     f"{preprocessing.get('image_size', '?')} x {preprocessing.get('image_size', '?')} pixels\n"
     f"- Grad-CAM heatmaps from layer `{architecture.get('gradcam_layer', 'last stage')}`\n"
     f"- Default operating threshold **{model.threshold:.3f}** (rule: {card.get('threshold_rule', 'not recorded')})\n"
-    f"- Probabilities calibrated by {card.get('calibration', {}).get('method', 'no calibration')}, "
-    f"temperature **{model.temperature:.3f}**")
+    f"- Probabilities calibrated by {card.get('calibration', {}).get('method', 'no calibration')}: "
+    f"p = sigmoid(**{model.calibration[0]:.3f}** x logit + **{model.calibration[1]:.3f}**)")
 
 st.header("Intended use")
 st.markdown(card.get("intended_use", "Not stated in this model's card."))
@@ -55,6 +55,10 @@ with left:
 with right:
     st.markdown(f"On **{validation.get('n', '?')}** validation images, at threshold "
                 f"**{float(validation.get('threshold', model.threshold)):.3f}**.")
+    crossfit = card.get("calibration", {}).get("ece_crossfit")
+    if crossfit is not None:
+        st.markdown(f"Calibration error with the calibration fitted on the other half of validation "
+                    f"(an honest estimate): **{crossfit:.3f}**.")
     cm = validation.get("confusion_matrix")
     if cm:
         st.dataframe({"Actual": ["Pneumonia", "Normal"], "Called PNEUMONIA": [cm["tp"], cm["fp"]],

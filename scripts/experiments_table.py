@@ -15,9 +15,15 @@ def row(registry: Path, tag: str) -> str:
     card = json.loads((registry / "versions" / report["version"] / "card.json").read_text())
     v, s = report["validation"], report.get("fullres_samples", {})
     nb = report["normal_batches"]
-    argv = card["training"]["argv"]
-    options = " ".join(shlex.quote(a) for a in argv[argv.index("train") + 2:] if True) if "train" in argv else ""
-    options = " ".join(o for o in options.split() if not o.startswith(("--registry", "--run-dir", "--tag")))
+    options, skip = [], False
+    for token in card["training"]["argv"][3:]:  # after: xray/__main__.py train DATA_DIR
+        if skip:
+            skip = False
+        elif token in ("--registry", "--run-dir", "--tag", "--threads"):
+            skip = True  # where it was written and how many cores it had: not part of the recipe
+        else:
+            options.append(shlex.quote(token))
+    options = " ".join(options) or "(defaults)"
     return (f"| {tag} | `{options}` | {card['architecture']['parameters']/1e6:.2f} M | "
             f"{card['training']['seconds']/60:.1f} min ({card['training']['epochs_run']} ep, best {card['training']['best_epoch']}) | "
             f"{v['roc_auc']:.4f} | {v['sensitivity']:.3f} / {v['specificity']:.3f} | {v['ece']:.3f} | "

@@ -32,7 +32,7 @@ def test_about_states_the_card(tiny_registry):
     assert "It assists a clinician and does not diagnose" in text
     assert card["intended_use"] in text
     assert all(limit in text for limit in card["limits"])
-    assert f"temperature **{card['calibration']['temperature']:.3f}**" in text
+    assert f"sigmoid(**{card['calibration']['scale']:.3f}** x logit + **{card['calibration']['bias']:.3f}**)" in text
     assert f"threshold **{card['threshold']:.3f}**" in text
     assert card["data"]["fingerprint"] in text
     table = next(d.value for d in at.dataframe if "Measure" in d.value.columns)

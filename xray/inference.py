@@ -11,6 +11,7 @@ import torch
 from . import ood as O
 from .imageio import XrayImage
 from .preprocess import resize_to_input
+from .model import cpu_memory_format
 from .registry import LoadedModel
 
 PNEUMONIA, NORMAL = "PNEUMONIA", "NORMAL"
@@ -59,7 +60,7 @@ def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch
     """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and (B, C) pooled features, one pass."""
     x = inputs.to(model.device).float()  # (B, 1, S, S) grey levels; the net normalises
     if model.device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=cpu_memory_format(model.net.config))
     with torch.inference_mode(), autocast_for(model.device):
         features = model.net.features(x)  # (B, C): also what the OOD check measures
         logits = model.net.classify(features)  # identical to model.net(x)
@@ -72,8 +73,9 @@ def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch
 
 
 def probabilities(model: LoadedModel, logits: torch.Tensor) -> np.ndarray:
-    """Calibrated p(pneumonia) from raw logits (temperature scaling from the card)."""
-    return torch.sigmoid(logits / model.temperature).numpy().astype(np.float64)
+    """Calibrated p(pneumonia) from raw logits (the card's Platt scaling)."""
+    scale, bias = model.calibration
+    return torch.sigmoid(logits.double() * scale + bias).numpy()
 
 
 def predict(model: LoadedModel, images: Sequence[ImageLike], threshold: float | None = None,

@@ -29,6 +29,12 @@ class ModelConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def cpu_memory_format(config: ModelConfig) -> torch.memory_format:
+    """channels_last about doubles CPU speed, but torch 2.14's CPU backward crashes (SIGSEGV) in a
+    residual block fed 8 channels in channels_last; nets with a stem narrower than 16 stay contiguous."""
+    return torch.channels_last if config.widths[0] // 2 >= 16 else torch.contiguous_format
+
+
 def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))

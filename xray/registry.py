@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_json
-from .model import ModelConfig, PneumoniaNet
+from .model import ModelConfig, PneumoniaNet, cpu_memory_format
 
 if TYPE_CHECKING:
     from .ood import OodStats
@@ -67,8 +67,12 @@ class LoadedModel:
         return int(self.card["preprocessing"]["image_size"])
 
     @property
-    def temperature(self) -> float:
-        return float(self.card.get("calibration", {}).get("temperature", 1.0))
+    def calibration(self) -> tuple[float, float]:
+        """(scale, bias): p = sigmoid(scale * logit + bias); a card holding a temperature T means (1/T, 0)."""
+        c = self.card.get("calibration", {})
+        if "scale" in c:
+            return float(c["scale"]), float(c.get("bias", 0.0))
+        return 1.0 / float(c.get("temperature", 1.0)), 0.0
 
 
 def pick_device() -> torch.device:
@@ -167,7 +171,7 @@ class Registry:
         device = device or pick_device()
         net = net.to(device).eval()
         if device.type == "cpu":
-            net = net.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=cpu_memory_format(net.config))
         ood_stats = None
         if "ood.npz" in extras:
             from .ood import OodStats

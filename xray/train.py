@@ -25,7 +25,7 @@ from .atomic import atomic_write, atomic_write_json
 from .augment import PRESETS, augment
 from .data import CLASSES, SMALL_VAL, DatasetScan, decoded_dataset, patient_split, scan_dataset
 from .inference import autocast_for
-from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters
+from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters, cpu_memory_format
 from .preprocess import NORMALISATIONS
 from .registry import Registry, pick_device
 
@@ -170,9 +170,13 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float, smoo
     return (F.binary_cross_entropy_with_logits(logits, soft, reduction="none") * weights).sum() / weights.sum()
 
 
-def to_input(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_input(batch_uint8: torch.Tensor, device: torch.device, config: ModelConfig) -> torch.Tensor:
     x = batch_uint8.to(device).float()  # grey levels; the net normalises (its config says how)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" else x
+    return x.contiguous(memory_format=cpu_memory_format(config)) if device.type == "cpu" else x
+
+
+def _config_of(model: torch.nn.Module) -> ModelConfig:
+    return (model.module if hasattr(model, "module") else model).config  # DDP wraps the net
 
 
 def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: torch.Tensor,
@@ -201,7 +205,7 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
             perm = torch.randperm(len(idx), generator=generator)
             x, y = lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
         with autocast_for(device):  # bf16/fp16 on a GPU, float32 on the CPU
-            logits = model(to_input(x, device))
+            logits = model(to_input(x, device, _config_of(model)))
             loss = loss_fn(logits, y.to(device), pos_weight, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
@@ -231,7 +235,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, indices: np.nda
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         with autocast_for(device):
-            out.append(model(to_input(images[idx].unsqueeze(1), device)).float().cpu())
+            out.append(model(to_input(images[idx].unsqueeze(1), device, _config_of(model))).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -243,15 +247,41 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, pos_weight: float) -> dict:
             "val_auc": M.roc_auc(labels, p), "val_accuracy": float(np.mean((p >= 0.5) == labels))}
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature T minimising validation NLL of sigmoid(logit / T) (Guo et al. 2017)."""
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(scale, bias) minimising validation NLL of sigmoid(scale * logit + bias) (Platt scaling).
+
+    Temperature scaling alone (bias 0) cannot undo the shift that class-balanced training puts into
+    the logits; the bias does, so p(pneumonia) matches the observed frequency.
+    """
     z, y = torch.from_numpy(logits).double(), torch.from_numpy(labels).double()
-    best_t, best_nll = 1.0, float("inf")
-    for t in np.exp(np.linspace(np.log(0.25), np.log(8.0), 241)):  # 1-D: a grid is exact enough
-        nll = float(F.binary_cross_entropy_with_logits(z / t, y))
-        if nll < best_nll:
-            best_t, best_nll = float(t), nll
-    return best_t
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(params[0] * z + params[1], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    scale, bias = (float(v) for v in params.detach())
+    if not (np.isfinite(scale) and np.isfinite(bias)) or scale <= 0:
+        return 1.0, 0.0  # degenerate validation set (e.g. perfectly separated): leave logits as they are
+    return scale, bias
+
+
+def calibrated(logits: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    return 1 / (1 + np.exp(-(scale * logits + bias)))
+
+
+def crossfit_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    """ECE of Platt scaling fitted on one half of validation and measured on the other (both ways)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    p = np.zeros(len(labels))
+    for fit, held in (halves, halves[::-1]):
+        p[held] = calibrated(logits[held], *fit_platt(logits[fit], labels[fit]))
+    return M.expected_calibration_error(labels, p)
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -401,7 +431,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         parent = source.version
     model = model.to(device)
     if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=cpu_memory_format(model_cfg))
     train_model = model
     if distributed:
         # Parameters stay identical on every rank (gradients are averaged). BatchNorm running
@@ -454,7 +484,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         if ema is not None:
             eval_model = PneumoniaNet(model_cfg).to(device)
             if device.type == "cpu":
-                eval_model = eval_model.to(memory_format=torch.channels_last)
+                eval_model = eval_model.to(memory_format=cpu_memory_format(model_cfg))
             eval_model.load_state_dict(ema.shadow)
         # each rank scores its share of the validation images; all ranks then hold all logits, so
         # metrics, the best epoch and early stopping agree everywhere
@@ -516,8 +546,8 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     images = torch.from_numpy(splits.images)
     y_val = splits.labels[splits.val]
     val_logits = tta_logits(net, images, splits.val, device, cfg.tta)
-    temperature = fit_temperature(val_logits, y_val)
-    p_val = 1 / (1 + np.exp(-val_logits / temperature))
+    scale, bias = fit_platt(val_logits, y_val)
+    p_val = calibrated(val_logits, scale, bias)
     threshold = M.choose_threshold(y_val, p_val, cfg.threshold_rule)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
@@ -541,7 +571,8 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
                           "normalisation": net.config.normalisation},
         "threshold": threshold,
         "threshold_rule": cfg.threshold_rule,
-        "calibration": {"method": "temperature scaling on validation", "temperature": temperature},
+        "calibration": {"method": "Platt scaling fitted on validation", "scale": scale, "bias": bias,
+                        "ece_crossfit": crossfit_ece(val_logits, y_val, cfg.seed)},
         "validation": {"split": splits.description, **_eval_block(y_val, p_val, threshold),
                        "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
                                        "label": [int(v) for v in y_val]}},
@@ -559,7 +590,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     }
     if len(splits.test):
         y_test = splits.labels[splits.test]
-        p_test = 1 / (1 + np.exp(-tta_logits(net, images, splits.test, device, cfg.tta) / temperature))
+        p_test = calibrated(tta_logits(net, images, splits.test, device, cfg.tta), scale, bias)
         card["test"] = {"note": "the folder's test/ part; reported only, nothing was chosen on it",
                         **_eval_block(y_test, p_test, threshold)}
     version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
