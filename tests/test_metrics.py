@@ -44,8 +44,10 @@ def test_sensitivity_rule_reaches_target():
     t = M.choose_threshold(y, p, "sensitivity>=0.95")
     m = M.metrics_at(y, p, t)
     assert m["sensitivity"] >= 0.95
-    # the highest such threshold: a hair higher loses the target
-    assert M.metrics_at(y, p, t + 1e-9)["sensitivity"] < 0.95
+    # the highest such threshold: just above the lowest score it still calls positive, the target is lost
+    lowest_positive_call = p[p >= t].min()
+    assert M.metrics_at(y, p, lowest_positive_call + 1e-9)["sensitivity"] < 0.95
+    assert t < lowest_positive_call  # placed below that score, not on it
 
 
 def test_unknown_rule_rejected():

@@ -43,7 +43,7 @@ def test_trained_version_has_a_complete_card(tiny_registry):
     validation = card["validation"]
     assert "patient-level split" in validation["split"]
     assert validation["threshold"] == card["threshold"]
-    assert card["threshold_rule"] == "youden"
+    assert card["threshold_rule"] == TrainConfig().threshold_rule
     for key in ("n", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc",
                 "confusion_matrix"):
         assert key in validation

@@ -94,7 +94,8 @@ def choose_threshold(y_true, p, rule: str = "youden") -> float:
 
     youden: maximise sensitivity + specificity - 1 (ties: the highest such threshold), placed
         midway to the next lower validation score.
-    sensitivity>=0.95: the highest threshold whose sensitivity is at least 0.95.
+    sensitivity>=0.95: the highest threshold whose sensitivity is at least 0.95 (maximum
+        specificity under that floor), placed midway to the next lower validation score.
     balanced-accuracy: same optimum as youden (kept as an alias people search for).
     """
     y, s = _as_arrays(y_true, p)
@@ -103,7 +104,9 @@ def choose_threshold(y_true, p, rule: str = "youden") -> float:
     if rule.startswith("sensitivity>="):
         target = float(rule.split(">=")[1])
         ok = np.nonzero((tpr >= target) & finite)[0]
-        return float(thresholds[ok[0]]) if len(ok) else float(s.min())
+        chosen = thresholds[ok[0]] if len(ok) else s.min()
+        lower = s[s < chosen]  # midway to the next lower score: float noise cannot flip that image
+        return float((chosen + lower.max()) / 2) if lower.size else float(chosen)
     if rule not in ("youden", "balanced-accuracy"):
         raise ValueError(f"unknown threshold rule {rule!r}; one of {THRESHOLD_RULES}")
     j = np.where(finite, tpr - fpr, -np.inf)

@@ -55,13 +55,13 @@ class TrainConfig:
     seed: int = 0
     patience: int = 8  # epochs without validation improvement before stopping
     label_smoothing: float = 0.05
-    augment: str = "standard"  # none | standard | strong
+    augment: str = "strong"  # none | standard | strong (docs/experiments.md: strong generalises best)
     mixup: float = 0.0  # Beta(a, a) mixup strength; 0 = off
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
     normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
     widths: tuple[int, ...] = (32, 64, 128, 256)
-    threshold_rule: str = "youden"  # how the operating threshold is chosen on validation
+    threshold_rule: str = "sensitivity>=0.97"  # max specificity with validation sensitivity >= 0.97
     tta: str = "none"  # none | shift: test-time augmentation stored in the card
     init_from: str = ""  # "" = from scratch; "active" or a version id = fine-tune from it
     registry: str = ""  # registry folder; "" = weights/ or $XRAY_WEIGHTS
