@@ -11,7 +11,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DATASET = FIXTURES / "dataset"
 FULLRES = FIXTURES / "fullres"
 GENERATED = FIXTURES / "generated"
-SHARED_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
 
 
 @pytest.fixture(scope="session", autouse=True)
