@@ -5,6 +5,7 @@ import os
 
 import streamlit as st
 
+from xray.gradcam import preload_gradcam
 from xray.registry import LoadedModel, ModelFileError, Registry
 
 THRESHOLD_KEY = "threshold"  # the session's operating threshold, shared by every page
@@ -46,6 +47,7 @@ def model_cache_key() -> tuple[str, str | None, int]:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
 def _load(root: str, version: str | None, card_mtime_ns: int) -> tuple[LoadedModel, list[str]]:
     # The arguments are the cache key only; load_with_fallback reads the registry itself.
+    preload_gradcam()  # its import takes seconds: start it now, not when the first heatmap is asked for
     return Registry(root).load_with_fallback()
 
 

@@ -2,6 +2,7 @@
 as a context manager so hooks are always released), the target, and a pure numpy ``overlay``."""
 from __future__ import annotations
 
+import importlib
 import threading
 
 import numpy as np
@@ -14,6 +15,13 @@ from .registry import LoadedModel
 
 # Hooks live on the shared module: two threads (two browser sessions) must not interleave.
 _CAM_LOCK = threading.Lock()
+
+
+def preload_gradcam() -> threading.Thread:
+    """Import pytorch-grad-cam in the background (it pulls in torchvision, OpenCV and more: seconds)."""
+    thread = threading.Thread(target=importlib.import_module, args=("pytorch_grad_cam",), daemon=True)
+    thread.start()
+    return thread
 
 
 class PneumoniaTarget:
