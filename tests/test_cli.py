@@ -256,3 +256,18 @@ def test_default_registry_resolves_next_to_the_package(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(REPO / "weights")] * 2
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tiny_registry, tmp_path, capsys):
+    from xray.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(FULLRES), "--csv", str(tmp_path / "no" / "such" / "folder.csv")])
+    assert str(exc.value).startswith("error: cannot write")
+    broken = tmp_path / "broken"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (broken / cls).mkdir(parents=True)
+        (broken / cls / "x.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(broken)])
+    assert "could be read" in str(exc.value)

@@ -153,7 +153,10 @@ def cmd_predict(args) -> int:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"error: {exc}")
     model = _load_model(args)
-    out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
+    try:
+        out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write {args.csv}: {exc.strerror or exc}")
     writer = csv.writer(out)
     if not done:
         writer.writerow(CSV_HEADER)
@@ -213,6 +216,8 @@ def evaluate_folder(model, data_dir: str, threshold: float | None) -> dict:
         else:
             labels.append(by_path[path])
             scores.append(prediction.p_pneumonia)
+    if not labels:
+        raise ValueError(f"no image under {scan.root} could be read ({len(errors)} unreadable)")
     threshold = model.threshold if threshold is None else threshold
     result = M.metrics_at(np.array(labels), np.array(scores), threshold)
     result.update({"ece": M.expected_calibration_error(labels, scores), "model_version": model.version,
