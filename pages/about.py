@@ -81,3 +81,5 @@ training = card.get("training", {})
 if training:
     st.caption(f"Trained for {training.get('epochs_run', '?')} epochs (best {training.get('best_epoch', '?')}) "
                f"in {training.get('seconds', '?')} s; command: `{training.get('command', '')}`")
+if card.get("experiment"):
+    st.caption(f"Why this recipe: {card['experiment']}")
