@@ -4,7 +4,6 @@ Run: python tests/make_fixtures.py   (deterministic; the outputs are committed)
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

@@ -13,6 +13,11 @@ from conftest import FULLRES
 SAMPLE = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
 
 
+def settled(page) -> None:
+    """Wait until Streamlit reports no script run in progress."""
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=120_000)
+
+
 @pytest.fixture
 def app_url(tiny_registry, tmp_path):
     """A real `streamlit run app.py` on a free port, serving the tiny registry; always terminated."""
@@ -48,14 +53,17 @@ def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
             decision = main.locator(".st-key-diagnose_decision")
             slider.focus()
             slider.press("Home")  # threshold 0: every image is called PNEUMONIA
-            expect(decision).to_contain_text("PNEUMONIA", timeout=120_000)
+            expect(decision).to_contain_text("at threshold 0.000", timeout=120_000)
+            expect(decision).to_contain_text("PNEUMONIA")
+            settled(page)  # the rerun has finished: the next key press is not raced by it
             assert float(slider.input_value()) == 0.0
             slider.press("End")  # threshold 1: nothing reaches it
-            expect(decision).to_contain_text("NORMAL", timeout=120_000)
+            expect(decision).to_contain_text("at threshold 1.000", timeout=120_000)
+            expect(decision).to_contain_text("NORMAL")
+            settled(page)
             assert float(slider.input_value()) == 1.0
-            expect(decision).to_contain_text("at threshold 1.000")
             page.set_viewport_size({"width": 1440, "height": 1700})  # the page scrolls inside stMain
-            page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=120_000)
+            settled(page)
             shot = tmp_path / "diagnose.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000

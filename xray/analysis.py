@@ -55,9 +55,10 @@ def analyse(model: LoadedModel, data: bytes, name: str, threshold: float | None 
     Returns:
         An ``Analysis``; a file that cannot be read has ``error`` set to a one-line reason.
     """
-    digest = sha256_bytes(bytes(data))
+    data = bytes(data)
+    digest = sha256_bytes(data)
     try:
-        image = load_image(bytes(data), name=name)
+        image = load_image(data, name=name)
     except ValueError as exc:
         return Analysis(name, digest, None, None, " ".join(str(exc).split()))
     prediction = predict(model, [image], threshold)[0]  # includes the OOD check (xray/ood.py)

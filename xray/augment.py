@@ -27,6 +27,13 @@ PRESETS = {"none": None, "standard": AugmentConfig(),
                                    gamma=(0.6, 1.7), blur_p=0.5, noise_p=0.5, noise_std=12.0)}
 
 
+def resolution_blur(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Down to ``factor`` of the size and up again: a softer, lower-resolution detector."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, scale_factor=factor, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=g)
 
@@ -49,9 +56,7 @@ def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torc
     x = 255.0 * (x.clamp(0, 255) / 255.0) ** gamma
     blur = torch.rand(b, generator=g) < cfg.blur_p
     if blur.any():
-        factor = float(_uniform(1, 0.4, 0.8, g))  # down and up again: a softer, lower-resolution detector
-        small = F.interpolate(x[blur], scale_factor=factor, mode="bilinear", antialias=True, align_corners=False)
-        x[blur] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        x[blur] = resolution_blur(x[blur], float(_uniform(1, 0.4, 0.8, g)))
     noisy = (torch.rand(b, generator=g) < cfg.noise_p).view(b, 1, 1, 1)
     sigma = _uniform(b, 0, cfg.noise_std, g).view(b, 1, 1, 1)
     x = x + noisy * sigma * torch.randn(x.shape, generator=g)

@@ -10,13 +10,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
 from .atomic import atomic_write_json
 from .data import IMAGE_EXTENSIONS, scan_dataset
-from .registry import ModelFileError, Registry
+from .registry import LoadedModel, ModelFileError, Registry
+
+if TYPE_CHECKING:  # for annotations only; predict imports it when a command scores images
+    from .inference import Prediction
 
 CSV_HEADER = ["path", "p_pneumonia", "label", "threshold", "error"]
 
@@ -80,7 +83,7 @@ def _progress(total: int | None, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), unit="img")
 
 
-def _load_model(args) -> "LoadedModel":  # noqa: F821
+def _load_model(args) -> LoadedModel:
     registry = Registry(args.registry or None)
     try:
         if args.model:
@@ -105,7 +108,7 @@ def _decode(path: Path):
 
 
 def score_paths(model, paths: Iterable[Path], threshold: float | None, batch_size: int = 32,
-                workers: int = 0) -> Iterator[tuple[Path, "Prediction | None", str]]:  # noqa: F821
+                workers: int = 0) -> Iterator[tuple[Path, Prediction | None, str]]:
     """Yield (path, Prediction or None, error) for each file, in the files' order (unreadable ones
     included). Threads decode ahead (Pillow's decoders release the GIL), but never more than
     ``batch_size + 2 * workers`` files are in flight, so memory stays flat over any number of files."""

@@ -11,7 +11,8 @@ import torch
 from . import ood as O
 from .imageio import XrayImage
 from .preprocess import resize_to_input
-from .model import cpu_memory_format
+from .model import to_input
+from .preprocess import TTA_SHIFTS
 from .registry import LoadedModel
 
 PNEUMONIA, NORMAL = "PNEUMONIA", "NORMAL"
@@ -58,17 +59,15 @@ def logits_of(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
 
 def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and (B, C) pooled features, one pass."""
-    x = inputs.to(model.device).float()  # (B, 1, S, S) grey levels; the net normalises
-    if model.device.type == "cpu":
-        x = x.contiguous(memory_format=cpu_memory_format(model.net.config))
+    x = to_input(inputs, model.device, model.net.config)  # (B, 1, S, S) grey levels
     with torch.inference_mode(), autocast_for(model.device):
         features = model.net.features(x)  # (B, C): also what the OOD check measures
         logits = model.net.classify(features)  # identical to model.net(x)
         if model.card.get("preprocessing", {}).get("tta") == "shift":
             # mean logit over small shifts: cheap robustness to framing differences
-            for dx, dy in ((4, 0), (-4, 0), (0, 4), (0, -4)):
+            for dx, dy in TTA_SHIFTS:
                 logits = logits + model.net(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
-            logits = logits / 5
+            logits = logits / (len(TTA_SHIFTS) + 1)
     return logits.float().cpu(), features.double().cpu().numpy()
 
 

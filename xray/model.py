@@ -35,6 +35,12 @@ def cpu_memory_format(config: ModelConfig) -> torch.memory_format:
     return torch.channels_last if config.widths[0] // 2 >= 16 else torch.contiguous_format
 
 
+def to_input(batch: torch.Tensor, device: torch.device, config: ModelConfig) -> torch.Tensor:
+    """(B, 1, S, S) grey levels -> float on ``device`` in the memory format the net runs fastest in."""
+    x = batch.to(device).float()  # the net normalises (its config says how)
+    return x.contiguous(memory_format=cpu_memory_format(config)) if device.type == "cpu" else x
+
+
 def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))

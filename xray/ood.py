@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .model import cpu_memory_format
+from .model import to_input
 
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
@@ -111,10 +111,8 @@ def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].unsqueeze(1).to(device).float()  # the net normalises
-        if device.type == "cpu":
-            x = x.contiguous(memory_format=cpu_memory_format(net.config))
-        out.append(net.features(x).float().cpu())
+        out.append(net.features(to_input(images[start:start + batch_size].unsqueeze(1), device, net.config))
+                   .float().cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
 
 

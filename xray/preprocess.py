@@ -19,6 +19,7 @@ def resize_to_input(pixels: np.ndarray, image_size: int) -> np.ndarray:
 
 
 NORMALISATIONS = ("standardise", "equalise")
+TTA_SHIFTS = ((4, 0), (-4, 0), (0, 4), (0, -4))  # (dx, dy) pixels of the "shift" test-time augmentation
 
 
 def normalise(batch: torch.Tensor, method: str = "standardise") -> torch.Tensor:

@@ -106,8 +106,7 @@ class Registry:
         """Complete versions (those with a card), oldest first."""
         if not self.versions_dir.is_dir():
             return []
-        found = [p.name for p in self.versions_dir.iterdir()
-                 if p.is_dir() and VERSION_PATTERN.match(p.name) and (p / "card.json").is_file()]
+        found = [p.name for p in self.versions_dir.iterdir() if self._complete(p.name)]
 
         def created(version: str) -> str:
             # One damaged card must not hide every other version (load() reports it when asked for it).
@@ -118,6 +117,10 @@ class Registry:
             return str(card.get("created", ""))
 
         return sorted(found, key=lambda v: (created(v), v))
+
+    def _complete(self, version: str) -> bool:
+        """A version folder that was renamed into place whole (it has its card)."""
+        return bool(VERSION_PATTERN.match(version)) and (self.versions_dir / version / "card.json").is_file()
 
     def card(self, version: str) -> dict:
         path = self.version_dir(version) / "card.json"
@@ -140,7 +143,7 @@ class Registry:
 
     def active_version(self) -> str | None:
         version = self._marker_state().get("version")
-        return version if version in self.versions() else None
+        return version if isinstance(version, str) and self._complete(version) else None
 
     def history(self) -> list[str]:
         return [v for v in self._marker_state().get("history", []) if isinstance(v, str)]
@@ -270,7 +273,7 @@ class Registry:
     def rollback(self) -> str:
         """Re-activate the previously active version; returns it."""
         state = self._marker_state()
-        history = [v for v in state.get("history", []) if v in self.versions()]
+        history = [v for v in state.get("history", []) if isinstance(v, str) and self._complete(v)]
         if not history:
             raise ValueError("no earlier model version to roll back to")
         previous = history.pop()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
+from .augment import resolution_blur
 from .imageio import load_image
 from .inference import logits_of, predict, probabilities
 from .registry import LoadedModel, Registry
@@ -31,17 +32,11 @@ def _affine(x: torch.Tensor, zoom: float = 1.0, angle_deg: float = 0.0) -> torch
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _blur(x: torch.Tensor, factor: float) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    small = F.interpolate(x, scale_factor=factor, mode="bilinear", antialias=True, align_corners=False)
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-
-
 PERTURBATIONS = {
     "contrast x0.6": lambda x: 0.6 * x + 0.2 * 255,
     "gamma 0.7": lambda x: 255 * (x / 255) ** 0.7,
     "gamma 1.4": lambda x: 255 * (x / 255) ** 1.4,
-    "blur (half resolution)": lambda x: _blur(x, 0.5),
+    "blur (half resolution)": lambda x: resolution_blur(x, 0.5),
     "noise sd 8": lambda x: x + 8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
     "crop 85% (zoom in)": lambda x: _affine(x, zoom=1 / 0.85),
     "zoom out 90%": lambda x: _affine(x, zoom=0.9),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -21,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write
 from .augment import PRESETS, augment
 from .data import CLASSES, SMALL_VAL, DatasetScan, decoded_dataset, patient_split, scan_dataset
 from .inference import autocast_for
-from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters, cpu_memory_format
-from .preprocess import NORMALISATIONS
+from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters, cpu_memory_format, to_input
+from .preprocess import NORMALISATIONS, TTA_SHIFTS
 from .registry import Registry, pick_device
 
 INTENDED_USE = ("Decision support for pediatric (ages 1-5) anterior-posterior chest radiographs: "
@@ -168,11 +167,6 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float, smoo
     soft = targets * (1 - smoothing) + 0.5 * smoothing
     weights = torch.where(targets > 0.5, torch.full_like(targets, pos_weight), torch.ones_like(targets))
     return (F.binary_cross_entropy_with_logits(logits, soft, reduction="none") * weights).sum() / weights.sum()
-
-
-def to_input(batch_uint8: torch.Tensor, device: torch.device, config: ModelConfig) -> torch.Tensor:
-    x = batch_uint8.to(device).float()  # grey levels; the net normalises (its config says how)
-    return x.contiguous(memory_format=cpu_memory_format(config)) if device.type == "cpu" else x
 
 
 def _config_of(model: torch.nn.Module) -> ModelConfig:
@@ -604,10 +598,10 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
 def tta_logits(net, images, indices, device, tta: str) -> np.ndarray:
     logits = predict_logits(net, images, indices, device)
     if tta == "shift":
-        for dx, dy in ((4, 0), (-4, 0), (0, 4), (0, -4)):
+        for dx, dy in TTA_SHIFTS:
             shifted = torch.roll(images, shifts=(dy, dx), dims=(1, 2))
             logits = logits + predict_logits(net, shifted, indices, device)
-        logits = logits / 5
+        logits = logits / (len(TTA_SHIFTS) + 1)
     return logits
 
 
