@@ -10,6 +10,7 @@ from plotly.subplots import make_subplots
 
 from pages.common import ensure_app_navigation
 from xray import jobs
+from xray.model import STEMS
 from xray.registry import Registry
 from xray.train import TrainConfig
 
@@ -17,6 +18,8 @@ DEFAULTS = TrainConfig()  # the same defaults as `python -m xray train`
 FOLDER_KEY = "retrain_folder"
 RECENT_KEY = "retrain_recent"
 SEEN_KEY = "retrain_seen_job"  # (job id, state) last drawn, to redraw the whole page when it changes
+STEM_LABELS = {"patch4": "patch4: one 4x4 patch convolution (fast)",
+               "conv": "conv: two 3x3 convolutions (about 4x the compute)"}
 FROM_ACTIVE, FROM_SCRATCH = "The active model (fine-tune)", "Scratch (a new model)"
 
 
@@ -212,6 +215,9 @@ with st.form("retrain_settings"):
     with st.expander("Advanced"):
         widths = st.text_input("Model widths", ",".join(map(str, DEFAULTS.widths)), key="retrain_widths",
                                help="Channels per stage, comma-separated; ignored when fine-tuning.")
+        stem = st.selectbox("Stem", sorted(STEMS), index=sorted(STEMS).index(DEFAULTS.stem), key="retrain_stem",
+                            format_func=STEM_LABELS.get,
+                            help="The network's first layer; ignored when fine-tuning (docs/scaling.md compares them).")
     start = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
                                   disabled=running is not None)
 if running is not None:
@@ -223,7 +229,8 @@ if start:
             raise ValueError("choose a usable dataset folder first")
         cfg = TrainConfig(data_dir=report.root, epochs=int(epochs), image_size=int(image_size),
                           batch_size=int(batch_size), lr=float(lr), val_fraction=float(val_fraction), seed=int(seed),
-                          init_from="active" if start_from == FROM_ACTIVE else "", widths=parse_widths(widths))
+                          init_from="active" if start_from == FROM_ACTIVE else "", widths=parse_widths(widths),
+                          stem=stem)
         job = jobs.start_job(registry_root, cfg)
     except ValueError as exc:  # JobRefused included: another job runs, or a setting is unusable
         st.error(f"Training did not start: {exc}.", icon=":material/block:")

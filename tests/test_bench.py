@@ -15,7 +15,7 @@ def _numbers_positive(d: dict, keys: list[str]) -> None:
 def test_bench_reports_every_section(tiny_registry, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--train-data", str(DATASET), "--train-steps", "1", "--train-epochs", "2",
-                 "--images", str(FULLRES), "--n-images", "3", "--batch", "2", "--repeats", "1",
+                 "--images", str(DATASET), str(FULLRES), "--n-images", "3", "--batch", "2", "--repeats", "1",
                  "--matmul-size", "64", "--threads", "1", "--workers", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -32,10 +32,13 @@ def test_bench_reports_every_section(tiny_registry, tmp_path, capsys):
     assert 0 < forward["fraction_of_matmul_peak"]
     assert "mobilenet_v3_small" in forward["reference"] and "64x64" in forward["reference"]
 
-    e2e = result["end_to_end"]
-    for name in ("decode_only", "batch_1", "batch_32", "batch_1_gradcam", "cli_streaming_batch_32"):
-        assert e2e[name]["images_per_s"] > 0 and e2e[name]["peak_rss_mib"] > 0
-    assert e2e["batch_32_vs_reference_forward"] > 0
+    assert [e["folder"] for e in result["end_to_end"]] == [str(DATASET), str(FULLRES)]
+    for e2e in result["end_to_end"]:
+        for name in ("decode_only", "decode_and_resize_all_cores", "batch_1", "batch_32", "batch_1_gradcam",
+                     "cli_streaming_batch_32"):
+            assert e2e[name]["images_per_s"] > 0 and e2e[name]["peak_rss_mib"] > 0
+        assert e2e["cli_streaming_batch_32"]["decode_processes"] == 1
+        assert e2e["batch_32_vs_reference_forward"] > 0 and e2e["cli_streaming_batch_32_vs_reference_forward"] > 0
 
     training = result["training"]
     assert training["decode_cold"]["images"] == 16 and training["decode_cached_seconds"] >= 0

@@ -19,7 +19,7 @@ MAX_PIXELS = 60_000_000
 MIN_SIDE = 32
 MAX_ASPECT = 4.0
 MAX_MESSAGE = 240  # characters of a reason; decoders can be verbose
-COLOUR_SAMPLE_PIXELS = 1_000_000  # colourfulness is measured on a regular subsample of this size
+COLOUR_SAMPLE_PIXELS = 4_096  # colourfulness is measured on a regular subsample of about this size
 
 Source = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 
@@ -61,10 +61,11 @@ def _one_line(message: str) -> str:
 def colourfulness(rgb: np.ndarray) -> float:
     """Hasler & Suesstrunk (2003) colourfulness of (H, W, 3) values on the 0-255 scale."""
     step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / COLOUR_SAMPLE_PIXELS))))
-    sample = np.asarray(rgb[::step, ::step, :3], dtype=np.float64)
+    sample = np.asarray(rgb[::step, ::step, :3], dtype=np.float32)
     r, g, b = sample[..., 0], sample[..., 1], sample[..., 2]
     rg, yb = r - g, 0.5 * (r + g) - b
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    return float(np.hypot(rg.std(dtype=np.float64), yb.std(dtype=np.float64))
+                 + 0.3 * np.hypot(rg.mean(dtype=np.float64), yb.mean(dtype=np.float64)))
 
 
 def _read_bytes(source: Source) -> tuple[bytes, str]:
@@ -84,7 +85,9 @@ def _read_bytes(source: Source) -> tuple[bytes, str]:
             if size > MAX_FILE_BYTES:
                 raise ValueError(f"file too large ({size / 2**20:.0f} MB; limit {MAX_FILE_BYTES // 2**20} MB)")
             with open(path, "rb") as f:  # bounded read: the file may grow after stat()
-                data = f.read(MAX_FILE_BYTES + 1)
+                data = f.read(size + 1)  # asking for the limit would allocate 128 MB per file
+                if len(data) > size:
+                    data += f.read(MAX_FILE_BYTES + 1 - len(data))
         except OSError as exc:
             raise ValueError(f"cannot read file: {exc.strerror or exc}") from None
         if len(data) > MAX_FILE_BYTES:
@@ -139,6 +142,10 @@ def _check_shape(width: int, height: int) -> None:
 
 def _finish(array: np.ndarray, fixed_range: float | None) -> np.ndarray:
     """Scale to [0, 1]: by the format's range for 8-bit data, else by the image's own min/max."""
+    if array.dtype == np.uint8 and fixed_range == 255.0:  # the common case, without float passes
+        if array.min() == array.max():
+            raise ValueError("blank image: every pixel has the same value")
+        return array.astype(np.float32) / np.float32(255.0)
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ValueError("pixel data contains NaN or infinite values")
@@ -196,7 +203,7 @@ def _load_pillow(data: bytes) -> XrayImage:
     except (ValueError, OSError) as exc:
         raise ValueError(f"unsupported colour mode {mode} in {fmt} file: {exc}") from None
     colour = colourfulness(np.asarray(image)) if image.mode == "RGB" else 0.0
-    array = np.asarray(image.convert("L"), dtype=np.float32)
+    array = np.asarray(image.convert("L"))  # uint8
     return XrayImage(_finish(array, 255.0), fmt, colourfulness=colour)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import ood as O
-from .imageio import XrayImage
+from .imageio import XrayImage, load_image
 from .preprocess import resize_to_input
 from .model import to_input
 from .preprocess import TTA_SHIFTS
@@ -36,10 +36,35 @@ class Prediction:
         return Prediction(self.p_pneumonia, float(threshold), self.model_version, self.ood, self.ood_reason)
 
 
-def model_inputs(images: Sequence[ImageLike], image_size: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class ModelInput:
+    """One image as the network and the OOD input checks see it: 16 KB at 128 px, so worker processes
+    can decode full-resolution files and hand over only this."""
+
+    pixels: np.ndarray  # (S, S) uint8, squashed to the model's input like the training set
+    shape: tuple[int, int]  # (H, W) of the decoded image
+    colourfulness: float = 0.0  # XrayImage.colourfulness
+
+
+def model_input(image: "ImageLike | ModelInput", image_size: int) -> ModelInput:
+    """A decoded image (or an already prepared one) -> its ModelInput at ``image_size``."""
+    if isinstance(image, ModelInput):
+        if image.pixels.shape != (image_size, image_size):
+            raise ValueError(f"prepared for {image.pixels.shape[0]} px, the model takes {image_size} px")
+        return image
+    array = image.pixels if isinstance(image, XrayImage) else np.asarray(image)
+    colour = image.colourfulness if isinstance(image, XrayImage) else 0.0
+    return ModelInput(resize_to_input(array, image_size), tuple(array.shape[:2]), colour)
+
+
+def read_model_input(source, image_size: int) -> ModelInput:
+    """File -> ModelInput (``load_image`` + ``model_input``); ValueError for an unusable file."""
+    return model_input(load_image(source), image_size)
+
+
+def model_inputs(images: "Sequence[ImageLike | ModelInput]", image_size: int) -> torch.Tensor:
     """Decoded images -> (B, 1, S, S) uint8 tensor, exactly as training sees them."""
-    arrays = [resize_to_input(im.pixels if isinstance(im, XrayImage) else im, image_size) for im in images]
-    return torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+    return torch.from_numpy(np.stack([model_input(im, image_size).pixels for im in images])).unsqueeze(1)
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -77,13 +102,13 @@ def probabilities(model: LoadedModel, logits: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(logits.double() * scale + bias).numpy()
 
 
-def predict(model: LoadedModel, images: Sequence[ImageLike], threshold: float | None = None,
+def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", threshold: float | None = None,
             batch_size: int = 32) -> list[Prediction]:
     """Score decoded radiographs.
 
     Args:
         model: from ``Registry.load``.
-        images: ``XrayImage`` objects or (H, W) float arrays in [0, 1], any size.
+        images: ``XrayImage`` objects, (H, W) float arrays in [0, 1] of any size, or ``ModelInput``.
         threshold: operating threshold; the model card's own when None.
         batch_size: images per forward pass.
     Returns:
@@ -93,21 +118,18 @@ def predict(model: LoadedModel, images: Sequence[ImageLike], threshold: float | 
     stats = getattr(model, "ood_stats", None)
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        inputs = model_inputs(batch, model.image_size)
-        logits, features = logits_and_features(model, inputs)
+        batch = [model_input(im, model.image_size) for im in images[start:start + batch_size]]
+        logits, features = logits_and_features(model, model_inputs(batch, model.image_size))
         distances = stats.distances(features) if stats is not None else [None] * len(batch)
-        for image, pixels, p, distance in zip(batch, inputs[:, 0].numpy(), probabilities(model, logits), distances):
-            reason = ood_reason(image, pixels, distance, stats)
+        for prepared, p, distance in zip(batch, probabilities(model, logits), distances):
+            reason = ood_reason(prepared, distance, stats)
             out.append(Prediction(float(p), threshold, model.version, bool(reason), reason))
     return out
 
 
-def ood_reason(image: ImageLike, inputs: np.ndarray, distance: float | None, stats: "O.OodStats | None") -> str:
+def ood_reason(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None") -> str:
     """Why this image does not look like a chest X-ray, or '' (cheap checks first, then features)."""
-    array = image.pixels if isinstance(image, XrayImage) else np.asarray(image)
-    colour = image.colourfulness if isinstance(image, XrayImage) else 0.0
-    reason = O.input_reason(inputs, array.shape[:2], colour)
+    reason = O.input_reason(prepared.pixels, prepared.shape, prepared.colourfulness)
     if not reason and stats is not None and distance is not None:
         reason = O.feature_reason(float(distance), stats)
     return reason

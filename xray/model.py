@@ -17,6 +17,7 @@ class ModelConfig:
     strides: tuple[int, ...] = (2, 2, 2, 1)  # last stage keeps resolution so Grad-CAM is not 4x4
     dropout: float = 0.3  # before the classifier
     normalisation: str = "standardise"  # per-image intensity normalisation (xray.preprocess.normalise)
+    stem: str = "conv"  # conv: 3x3 stride 2 + 3x3 (S/2); patch4: one 4x4 stride-4 patch convolution (S/4)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -27,6 +28,19 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+STEMS = {"conv": 2, "patch4": 4}  # stem -> how much it reduces the resolution
+
+
+def stage_strides(stem: str, stages: int) -> tuple[int, ...]:
+    """Strides that bring the last stages to 1/16 of the input (8x8 at 128 px, Grad-CAM's grid) and
+    keep that resolution after: (2, 2, 2, 1) for the conv stem with 4 stages, (2, 2, 1) for patch4 with 3."""
+    reduction, strides = STEMS[stem], []
+    for _ in range(stages):
+        strides.append(2 if reduction < 16 else 1)
+        reduction *= strides[-1]
+    return tuple(strides)
 
 
 def cpu_memory_format(config: ModelConfig) -> torch.memory_format:
@@ -41,8 +55,9 @@ def to_input(batch: torch.Tensor, device: torch.device, config: ModelConfig) -> 
     return x.contiguous(memory_format=cpu_memory_format(config)) if device.type == "cpu" else x
 
 
-def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
+def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3, padding: int | None = None) -> nn.Sequential:
+    padding = k // 2 if padding is None else padding
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, padding, bias=False),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
@@ -69,7 +84,12 @@ class PneumoniaNet(nn.Module):
         super().__init__()
         self.config = config
         stem_width = config.widths[0] // 2
-        self.stem = nn.Sequential(conv_bn(1, stem_width, stride=2), conv_bn(stem_width, stem_width))
+        if config.stem == "conv":
+            self.stem = nn.Sequential(conv_bn(1, stem_width, stride=2), conv_bn(stem_width, stem_width))
+        elif config.stem == "patch4":  # lossless-capable: 16 pixels -> 16 channels, 16x fewer positions after
+            self.stem = conv_bn(1, stem_width, stride=4, k=4, padding=0)
+        else:
+            raise ValueError(f"unknown stem {config.stem!r}; one of {sorted(STEMS)}")
         stages, c_in = [], stem_width
         for width, stride in zip(config.widths, config.strides):
             stages.append(ResidualBlock(c_in, width, stride))
@@ -81,13 +101,13 @@ class PneumoniaNet(nn.Module):
 
     @property
     def target_layer(self) -> nn.Module:
-        """The layer Grad-CAM explains: the last stage, at 1/8 of the input resolution."""
+        """The layer Grad-CAM explains: the last stage, at 1/16 of the input resolution."""
         return self.stages[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, C) pooled features of the last stage (also used for the OOD check)."""
         x = normalise(x, self.config.normalisation)  # preprocessing travels with the weights
-        return self.pool(self.stages(self.stem(x))).flatten(1)  # stages: (B, C, S/8, S/8)
+        return self.pool(self.stages(self.stem(x))).flatten(1)  # stages: (B, C, S/16, S/16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))

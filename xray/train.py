@@ -24,7 +24,8 @@ from .atomic import atomic_write
 from .augment import PRESETS, augment
 from .data import CLASSES, SMALL_VAL, DatasetScan, decoded_dataset, patient_split, scan_dataset
 from .inference import autocast_for
-from .model import ModelConfig, PneumoniaNet, count_macs, count_parameters, cpu_memory_format, to_input
+from .model import (STEMS, ModelConfig, PneumoniaNet, count_macs, count_parameters, cpu_memory_format, stage_strides,
+                    to_input)
 from .preprocess import NORMALISATIONS, TTA_SHIFTS
 from .registry import Registry, pick_device
 
@@ -45,7 +46,7 @@ class TrainConfig:
     """Every training setting; shared by the CLI and the Retrain page form."""
 
     data_dir: str = ""  # folder with NORMAL/ and PNEUMONIA/ at any depth
-    epochs: int = 24  # upper bound; early stopping may end sooner
+    epochs: int = 40  # upper bound; early stopping may end sooner
     image_size: int = 128  # square model input in pixels
     batch_size: int = 64
     lr: float = 3e-3  # peak learning rate of the one-cycle schedule
@@ -59,7 +60,8 @@ class TrainConfig:
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
     normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
-    widths: tuple[int, ...] = (32, 64, 128, 256)
+    widths: tuple[int, ...] = (32, 64, 128)
+    stem: str = "patch4"  # patch4 | conv (xray.model.STEMS); stage strides follow from it (docs/experiments.md: p4e40)
     threshold_rule: str = "sensitivity>=0.97"  # max specificity with validation sensitivity >= 0.97
     tta: str = "none"  # none | shift: test-time augmentation stored in the card
     init_from: str = ""  # "" = from scratch; "active" or a version id = fine-tune from it
@@ -84,6 +86,12 @@ class TrainConfig:
         d = asdict(self)
         d["widths"] = list(self.widths)
         return d
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The architecture a from-scratch run of ``cfg`` builds."""
+    return ModelConfig(widths=tuple(cfg.widths), strides=stage_strides(cfg.stem, len(cfg.widths)),
+                       dropout=cfg.dropout, normalisation=cfg.normalisation, stem=cfg.stem)
 
 
 Callback = Callable[[dict], None]
@@ -265,7 +273,8 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def calibrated(logits: np.ndarray, scale: float, bias: float) -> np.ndarray:
-    return 1 / (1 + np.exp(-(scale * logits + bias)))
+    z = scale * np.asarray(logits, dtype=np.float64) + bias
+    return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + exp(-z)) without overflow for very negative z
 
 
 def crossfit_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
@@ -416,7 +425,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     emit({"event": "data", "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
           "validation": splits.description, "pos_weight": pos_weight})
 
-    model_cfg = ModelConfig(widths=tuple(cfg.widths), dropout=cfg.dropout, normalisation=cfg.normalisation)
+    model_cfg = model_config(cfg)
     model = PneumoniaNet(model_cfg)
     parent = None
     if source is not None:
@@ -627,6 +636,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=d.dropout, help=f"(default {d.dropout})")
     parser.add_argument("--widths", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.widths,
                         help=f"channels per stage, comma-separated (default {','.join(map(str, d.widths))})")
+    parser.add_argument("--stem", choices=sorted(STEMS), default=d.stem,
+                        help=f"conv: two 3x3 convolutions; patch4: one 4x4 stride-4 patch convolution, about 4x "
+                             f"cheaper (default {d.stem})")
     parser.add_argument("--threshold-rule", default=d.threshold_rule,
                         help=f"youden | sensitivity>=X (default {d.threshold_rule})")
     parser.add_argument("--tta", choices=["none", "shift"], default=d.tta, help=f"test-time augmentation (default {d.tta})")
