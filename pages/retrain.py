@@ -152,7 +152,7 @@ def parse_widths(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"model widths must be whole numbers separated by commas, not {text!r}") from None
     if not widths:
-        raise ValueError("enter the model widths, e.g. 32,64,128,256")
+        raise ValueError("enter the model widths, e.g. 32,48,64")
     return widths
 
 

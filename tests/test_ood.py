@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -70,12 +71,34 @@ def test_threshold_is_the_chosen_percentile_of_validation_distances():
 
 def test_stats_survive_a_round_trip_and_reject_damage():
     rng = np.random.default_rng(0)
-    stats = O.fit_stats(rng.normal(size=(50, 3)), rng.normal(size=(20, 3)))
+    stats = O.fit_stats(rng.normal(size=(50, 8)), rng.normal(size=(20, 8)))
     again = O.OodStats.from_bytes(stats.to_bytes())
     np.testing.assert_array_equal(again.precision, stats.precision)
-    assert again.threshold == stats.threshold and again.n_train == 50
+    assert again.threshold == stats.threshold and again.n_train == 50 and again.grid == O.DEFAULT_GRID == 2
     with pytest.raises(ValueError, match="damaged"):
         O.OodStats.from_bytes(stats.to_bytes()[:-40])
+    with pytest.raises(ValueError, match="inconsistent"):  # 3 features cannot come from a 2x2 grid
+        O.OodStats.from_bytes(O.fit_stats(rng.normal(size=(50, 3)), rng.normal(size=(20, 3))).to_bytes())
+
+
+def test_statistics_written_before_the_grid_existed_mean_global_pooling():
+    rng = np.random.default_rng(0)
+    stats = O.fit_stats(rng.normal(size=(50, 3)), rng.normal(size=(20, 3)), grid=1)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: getattr(stats, k) for k in ("mean", "precision", "threshold", "percentile",
+                                                                  "shrinkage", "n_train")})  # no "grid" key
+    old = O.OodStats.from_bytes(buffer.getvalue())
+    assert old.grid == 1 and old.threshold == stats.threshold
+
+
+def test_grid_features_see_the_layout_that_global_pooling_loses():
+    top_bright = torch.zeros(1, 4, 8, 8)
+    top_bright[:, :, :4] = 1.0
+    upside_down = torch.flip(top_bright, dims=(2,))
+    assert torch.equal(O.grid_features(top_bright, 1), O.grid_features(upside_down, 1))  # same textures
+    assert not torch.equal(O.grid_features(top_bright, 2), O.grid_features(upside_down, 2))
+    assert O.grid_features(top_bright, 2).shape == (1, 16)
+    np.testing.assert_allclose(O.grid_features(top_bright, 2).reshape(4, 4).mean(1), O.grid_features(top_bright, 1)[0])
 
 
 # -- cheap input checks -----------------------------------------------------------------------------
@@ -106,7 +129,8 @@ def test_training_saves_checksummed_ood_stats_with_the_version(tiny_registry):
     assert card["ood"]["threshold"] > 0 and 0.0 <= card["ood"]["val_flagged"] <= 1.0
     model = registry.load()
     assert model.ood_stats is not None and model.ood_stats.threshold == pytest.approx(card["ood"]["threshold"], abs=1e-4)
-    assert model.ood_stats.mean.shape == (model.net.classifier.in_features,)
+    # the last stage's channels on a 2x2 grid: layout counts (an upside-down chest is caught)
+    assert model.ood_stats.grid == 2 and model.ood_stats.mean.shape == (4 * model.net.classifier.in_features,)
 
 
 def test_damaged_or_missing_ood_file_refuses_the_version(tiny_registry):

@@ -136,3 +136,27 @@ def test_memory_stays_flat_over_two_thousand_files(tmp_path, tiny_model):
     assert max(traced) < 8_000_000, traced
     assert traced[-1] - traced[0] < 1_000_000, traced
     assert rss[-1] - rss[0] < 40_000_000, rss  # the process as a whole (torch included) stays flat too
+
+
+def test_a_decoder_crash_costs_only_the_file_that_caused_it(archive, tiny_model, monkeypatch):
+    import os
+
+    import xray.inference
+
+    real = xray.inference.read_model_input
+    crash = archive / "ward0" / "crash.jpeg"
+    shutil.copy(next(DATASET.rglob("*.jpeg")), crash)
+
+    def dies_on_one_file(source, image_size):
+        if Path(source).name == "crash.jpeg":
+            os._exit(139)  # what a segfault in a C decoder does to its worker process
+        return real(source, image_size)
+
+    monkeypatch.setattr(xray.inference, "read_model_input", dies_on_one_file)  # workers are forked: they see it
+    paths = list(iter_shard([str(archive)]))
+    results = list(score_paths(tiny_model, iter(paths), None, batch_size=4, workers=2, chunk=3))
+    assert [path for path, _, _ in results] == paths
+    failed = {path.name: error for path, prediction, error in results if prediction is None}
+    assert set(failed) == {"crash.jpeg", "broken.jpeg", "notes.png"}
+    assert "decoder crashed" in failed["crash.jpeg"]
+    assert sum(prediction is not None for _, prediction, _ in results) == len(paths) - 3

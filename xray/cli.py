@@ -131,9 +131,8 @@ def score_paths(model, paths: Iterable[Path], threshold: float | None, batch_siz
     The cores are shared: the network gets half of them (its OpenMP threads would otherwise spin on
     cores the decoders need), the decoders the rest plus one. On 2 cores that is 1 thread + 2 workers:
     987 images/s vs 568 with 2 threads + 2 workers (docs/scaling.md)."""
-    import multiprocessing
     from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
@@ -144,9 +143,7 @@ def score_paths(model, paths: Iterable[Path], threshold: float | None, batch_siz
     if model.device.type == "cpu":
         torch.set_num_threads(net_threads)
     source, pending, batch = iter(paths), deque(), []
-    # fork: workers start in milliseconds and only run Pillow and NumPy (no torch threads)
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool = _decoding_pool(workers)
 
     def flush():
         predictions = predict(model, [prepared for _, prepared in batch], threshold, batch_size)
@@ -164,7 +161,14 @@ def score_paths(model, paths: Iterable[Path], threshold: float | None, batch_siz
             if not pending:
                 break
             paths_chunk, future = pending.popleft()
-            for path, (prepared, error) in zip(paths_chunk, future.result()):
+            try:
+                results = future.result()
+            except BrokenProcessPool:  # a worker died (a decoder crashed on some file): lose only that file
+                pool.shutdown(wait=True, cancel_futures=True)
+                results = _isolated(paths_chunk, model.image_size)
+                pool = _decoding_pool(workers)
+                pending = deque((c, pool.submit(_prepare_chunk, c, model.image_size)) for c, _ in pending)
+            for path, (prepared, error) in zip(paths_chunk, results):
                 if prepared is None:
                     yield from flush()  # an unreadable file comes out in its place
                     yield path, None, error
@@ -177,6 +181,31 @@ def score_paths(model, paths: Iterable[Path], threshold: float | None, batch_siz
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
+
+
+def _decoding_pool(workers: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: workers start in milliseconds and only run Pillow and NumPy (no torch threads)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    return ProcessPoolExecutor(workers, mp_context=context)
+
+
+def _isolated(paths: list[Path], image_size: int) -> list[tuple["ModelInput | None", str]]:
+    """Each file in a process of its own, after a worker died: which file kills the decoder?"""
+    from concurrent.futures.process import BrokenProcessPool
+
+    out = []
+    for path in paths:
+        pool = _decoding_pool(1)
+        try:
+            out.extend(pool.submit(_prepare_chunk, [path], image_size).result())
+        except BrokenProcessPool:
+            out.append((None, "the image decoder crashed on this file (damaged or hostile data)"))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return out
 
 
 def cmd_predict(args) -> int:

@@ -83,11 +83,14 @@ def logits_of(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and (B, C) pooled features, one pass."""
+    """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and the (B, F) features the OOD check
+    measures (the last stage pooled on the grid of the version's OOD statistics), one pass."""
+    stats = getattr(model, "ood_stats", None)
     x = to_input(inputs, model.device, model.net.config)  # (B, 1, S, S) grey levels
     with torch.inference_mode(), autocast_for(model.device):
-        features = model.net.features(x)  # (B, C): also what the OOD check measures
-        logits = model.net.classify(features)  # identical to model.net(x)
+        feature_map = model.net.feature_map(x)  # (B, C, h, w)
+        logits = model.net.classify(model.net.pool(feature_map).flatten(1))  # identical to model.net(x)
+        features = O.grid_features(feature_map, stats.grid if stats is not None else 1)
         if model.card.get("preprocessing", {}).get("tta") == "shift":
             # mean logit over small shifts: cheap robustness to framing differences
             for dx, dy in TTA_SHIFTS:

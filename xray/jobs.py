@@ -317,7 +317,7 @@ def validate_config(registry_root: str | os.PathLike, cfg: TrainConfig) -> None:
     if not 0 < cfg.val_fraction < 1:
         raise JobRefused("the validation fraction must be between 0 and 1")
     if not cfg.widths or any(int(w) < 1 for w in cfg.widths):
-        raise JobRefused("model widths must be positive integers, e.g. 32,64,128,256")
+        raise JobRefused("model widths must be positive integers, e.g. 32,48,64")
     if cfg.init_from:
         registry = Registry(registry_root)
         source = registry.active_version() if cfg.init_from == "active" else cfg.init_from

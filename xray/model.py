@@ -104,10 +104,14 @@ class PneumoniaNet(nn.Module):
         """The layer Grad-CAM explains: the last stage, at 1/16 of the input resolution."""
         return self.stages[-1]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) -> (B, C) pooled features of the last stage (also used for the OOD check)."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> (B, C, S/16, S/16): the last stage (Grad-CAM's layer; the OOD check pools it)."""
         x = normalise(x, self.config.normalisation)  # preprocessing travels with the weights
-        return self.pool(self.stages(self.stem(x))).flatten(1)  # stages: (B, C, S/16, S/16)
+        return self.stages(self.stem(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> (B, C) pooled features of the last stage: what the classifier sees."""
+        return self.pool(self.feature_map(x)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))

@@ -2,9 +2,10 @@
 
 Two parts, both run inside ``inference.predict`` (see docs/ood.md for the measurements):
 1. cheap input checks on the decoded image: colour, extreme shape, almost no mid-tones;
-2. a feature-space check: the Mahalanobis distance of the CNN's pooled features to the training
-   X-rays' features (Ledoit-Wolf shrunk covariance), flagged above a high percentile of the
-   validation X-rays' distances. Its statistics travel with the weights as ``ood.npz``.
+2. a feature-space check: the Mahalanobis distance of the CNN's last-stage features, average-pooled
+   on a 2x2 grid so that the layout counts (an upside-down chest has the right textures in the wrong
+   places), to the training X-rays' features (Ledoit-Wolf shrunk covariance), flagged above a high
+   percentile of the validation X-rays' distances. Its statistics travel with the weights as ``ood.npz``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .model import to_input
 
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
+DEFAULT_GRID = 2  # last-stage features pooled on a GRID x GRID grid; 1 = global pooling (versions before it)
 # Input-check limits, chosen with margin from the training X-rays (docs/ood.md, scripts/measure_ood.py).
 MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, photos 20-100
 MAX_ASPECT = 2.5  # radiographs in the data set are 1.0-1.8 : 1; the loader refuses beyond 4
@@ -37,6 +39,7 @@ class OodStats:
     percentile: float  # of validation distances the threshold was set at
     shrinkage: float  # Ledoit-Wolf weight of the scaled identity
     n_train: int  # training images the statistics come from
+    grid: int = 1  # features pooled on a grid x grid grid (``grid_features``); 1 = global average
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(B, C) features -> (B,) Mahalanobis distances."""
@@ -47,7 +50,8 @@ class OodStats:
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, mean=self.mean, precision=self.precision, threshold=self.threshold,
-                            percentile=self.percentile, shrinkage=self.shrinkage, n_train=self.n_train)
+                            percentile=self.percentile, shrinkage=self.shrinkage, n_train=self.n_train,
+                            grid=self.grid)
         return buffer.getvalue()
 
     @classmethod
@@ -57,17 +61,19 @@ class OodStats:
             with np.load(io.BytesIO(data), allow_pickle=False) as f:
                 stats = cls(np.asarray(f["mean"], np.float64), np.asarray(f["precision"], np.float64),
                             float(f["threshold"]), float(f["percentile"]), float(f["shrinkage"]),
-                            int(f["n_train"]))
+                            int(f["n_train"]), int(f["grid"]) if "grid" in f.files else 1)
         except Exception as exc:  # zip, key and dtype errors all mean a damaged file
             raise ValueError(f"OOD statistics file is damaged: {exc}") from None
         c = stats.mean.shape[0]
-        if stats.mean.ndim != 1 or stats.precision.shape != (c, c) or not np.isfinite(stats.precision).all():
+        if (stats.mean.ndim != 1 or stats.precision.shape != (c, c) or not np.isfinite(stats.precision).all()
+                or stats.grid < 1 or c % (stats.grid * stats.grid)):
             raise ValueError("OOD statistics file has inconsistent shapes or values")
         return stats
 
     def summary(self) -> dict:
         """For the model card."""
-        return {"method": "Mahalanobis distance of pooled last-stage features, Ledoit-Wolf shrinkage",
+        pooling = "pooled" if self.grid == 1 else f"{self.grid}x{self.grid}-grid pooled"
+        return {"method": f"Mahalanobis distance of {pooling} last-stage features, Ledoit-Wolf shrinkage",
                 "threshold": round(self.threshold, 4), "percentile": self.percentile,
                 "shrinkage": round(self.shrinkage, 4), "n_train": self.n_train, "features": int(self.mean.shape[0])}
 
@@ -91,7 +97,7 @@ def ledoit_wolf(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def fit_stats(train_features: np.ndarray, val_features: np.ndarray,
-              percentile: float = DEFAULT_PERCENTILE) -> OodStats:
+              percentile: float = DEFAULT_PERCENTILE, grid: int = DEFAULT_GRID) -> OodStats:
     """Mean/precision from training features; threshold at a percentile of validation distances."""
     if len(train_features) < 2 or len(val_features) < 1:
         raise ValueError("too few images to fit OOD statistics")
@@ -99,20 +105,26 @@ def fit_stats(train_features: np.ndarray, val_features: np.ndarray,
     # A small ridge keeps the inverse finite when features are exactly collinear (dead channels).
     ridge = 1e-6 * max(float(np.trace(cov)) / cov.shape[0], 1e-12)
     precision = np.linalg.inv(cov + ridge * np.eye(cov.shape[0]))
-    stats = OodStats(mean, precision, 0.0, float(percentile), shrinkage, int(len(train_features)))
+    stats = OodStats(mean, precision, 0.0, float(percentile), shrinkage, int(len(train_features)), grid)
     threshold = float(np.percentile(stats.distances(val_features), percentile))
-    return OodStats(mean, precision, threshold, float(percentile), shrinkage, int(len(train_features)))
+    return OodStats(mean, precision, threshold, float(percentile), shrinkage, int(len(train_features)), grid)
+
+
+def grid_features(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, h, w) last-stage map -> (B, C * grid * grid) averages over a grid x grid layout
+    (grid 1: the classifier's own global average)."""
+    return torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(1)
 
 
 @torch.no_grad()
-def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device,
+def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device, grid: int = DEFAULT_GRID,
                 batch_size: int = 128) -> np.ndarray:
-    """(N, S, S) uint8 model inputs -> (N, C) pooled features, preprocessed exactly as ``predict``."""
+    """(N, S, S) uint8 model inputs -> (N, C * grid^2) features, preprocessed exactly as ``predict``."""
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(net.features(to_input(images[start:start + batch_size].unsqueeze(1), device, net.config))
-                   .float().cpu())
+        x = to_input(images[start:start + batch_size].unsqueeze(1), device, net.config)
+        out.append(grid_features(net.feature_map(x), grid).float().cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
 
 

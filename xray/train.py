@@ -60,8 +60,8 @@ class TrainConfig:
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
     normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
-    widths: tuple[int, ...] = (32, 64, 128)
-    stem: str = "patch4"  # patch4 | conv (xray.model.STEMS); stage strides follow from it (docs/experiments.md: p4e40)
+    widths: tuple[int, ...] = (32, 48, 64)
+    stem: str = "patch4"  # patch4 | conv (xray.model.STEMS); stage strides follow from it (docs/experiments.md: p4s)
     threshold_rule: str = "sensitivity>=0.97"  # max specificity with validation sensitivity >= 0.97
     tta: str = "none"  # none | shift: test-time augmentation stored in the card
     init_from: str = ""  # "" = from scratch; "active" or a version id = fine-tune from it
