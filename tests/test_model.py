@@ -71,3 +71,15 @@ def test_the_pipeline_gives_the_network_half_the_cores_and_gives_them_back(tiny_
         assert pipeline_split() == (3, 6)  # never more threads than the caller allowed
     finally:
         torch.set_num_threads(threads)
+
+
+def test_predict_runs_a_batchnorm_folded_copy_that_scores_like_the_trained_net(tiny_model):
+    folded = tiny_model.inference_net
+    assert folded is tiny_model.inference_net  # made once
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_model.net.modules())  # fine-tuning needs them
+    x = torch.from_numpy(np.stack([read_model_input(p, tiny_model.image_size).pixels
+                                   for p in sorted(DATASET.rglob("*.jpeg"))])).unsqueeze(1).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), tiny_model.net(x), rtol=1e-4, atol=1e-4)
+        assert not torch.equal(folded.stem[0].weight, tiny_model.net.stem[0].weight)  # really folded

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
-from .model import PneumoniaNet, count_macs, count_parameters, cpu_memory_format
+from .model import PneumoniaNet, count_macs, count_parameters, cpu_memory_format, fold_batchnorm
 from .registry import LoadedModel, ModelFileError, Registry, pick_device
 from .train import TrainConfig, model_config
 
@@ -106,22 +106,6 @@ def bench_model(registry: str, version: str, device: torch.device) -> tuple[Load
     return LoadedModel(net, card, device), "untrained PneumoniaNet at TrainConfig defaults (no active model)"
 
 
-def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
-    """A copy with every Conv2d+BatchNorm2d pair folded into one conv (inference only)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    net = copy.deepcopy(net).eval()
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Sequential):
-                items = list(child)
-                for i in range(len(items) - 1):
-                    if isinstance(items[i], torch.nn.Conv2d) and isinstance(items[i + 1], torch.nn.BatchNorm2d):
-                        items[i], items[i + 1] = fuse_conv_bn_eval(items[i], items[i + 1]), torch.nn.Identity()
-                setattr(module, name, torch.nn.Sequential(*items))
-    return net
-
-
 def forward_rates(model: LoadedModel, batch: int, repeats: int, compile_: bool) -> dict:
     """Forward-only images/s of our network in several forms, and the reference network's."""
     import torchvision
@@ -144,8 +128,8 @@ def forward_rates(model: LoadedModel, batch: int, repeats: int, compile_: bool) 
 
     plain = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)
     out["ours_contiguous"] = rate(plain, x1)
-    out["ours_channels_last"] = rate(model.net, cl(x1))  # what inference.predict uses
-    out["ours_channels_last_bn_folded"] = rate(fold_batchnorm(model.net), cl(x1))
+    out["ours_channels_last"] = rate(model.net, cl(x1))
+    out["ours_channels_last_bn_folded"] = rate(fold_batchnorm(model.net), cl(x1))  # what inference.predict uses
     if device.type == "cpu":
         out["ours_channels_last_bf16_autocast"] = rate(model.net, cl(x1), torch.bfloat16)
     else:

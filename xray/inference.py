@@ -86,15 +86,16 @@ def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch
     """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and the (B, F) features the OOD check
     measures (the last stage pooled on the grid of the version's OOD statistics), one pass."""
     stats = getattr(model, "ood_stats", None)
-    x = to_input(inputs, model.device, model.net.config)  # (B, 1, S, S) grey levels
+    net = model.inference_net  # BatchNorm folded: model.net's outputs to float rounding
+    x = to_input(inputs, model.device, net.config)  # (B, 1, S, S) grey levels
     with torch.inference_mode(), autocast_for(model.device):
-        feature_map = model.net.feature_map(x)  # (B, C, h, w)
-        logits = model.net.classify(model.net.pool(feature_map).flatten(1))  # identical to model.net(x)
+        feature_map = net.feature_map(x)  # (B, C, h, w)
+        logits = net.classify(net.pool(feature_map).flatten(1))  # identical to net(x)
         features = O.grid_features(feature_map, stats.grid if stats is not None else 1)
         if model.card.get("preprocessing", {}).get("tta") == "shift":
             # mean logit over small shifts: cheap robustness to framing differences
             for dx, dy in TTA_SHIFTS:
-                logits = logits + model.net(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
+                logits = logits + net(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
             logits = logits / (len(TTA_SHIFTS) + 1)
     return logits.float().cpu(), features.double().cpu().numpy()
 

@@ -43,8 +43,10 @@ class OodStats:
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(B, C) features -> (B,) Mahalanobis distances."""
-        centred = np.asarray(features, dtype=np.float64) - self.mean
-        squared = np.einsum("bi,ij,bj->b", centred, self.precision, centred)
+        centred = torch.from_numpy(np.asarray(features, dtype=np.float64) - self.mean)
+        # a matrix product in torch: its thread setting holds (NumPy's BLAS would start threads that
+        # spin on the cores the decoding processes use); numpy.einsum was 10% of predict
+        squared = ((centred @ torch.from_numpy(self.precision)) * centred).sum(dim=1).numpy()
         return np.sqrt(np.clip(squared, 0.0, None))
 
     def to_bytes(self) -> bytes:

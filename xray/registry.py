@@ -16,14 +16,14 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_json
-from .model import ModelConfig, PneumoniaNet, cpu_memory_format
+from .model import ModelConfig, PneumoniaNet, cpu_memory_format, fold_batchnorm
 
 if TYPE_CHECKING:
     from .ood import OodStats
@@ -53,6 +53,18 @@ class LoadedModel:
     card: dict
     device: torch.device
     ood_stats: "OodStats | None" = None  # training-feature statistics; None = no feature OOD check
+    _folded: "PneumoniaNet | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def inference_net(self) -> PneumoniaNet:
+        """``net`` with BatchNorm folded into the convolutions, made on first use: what ``predict``
+        runs (Grad-CAM and fine-tuning use ``net`` itself)."""
+        if self._folded is None:
+            folded = fold_batchnorm(self.net).to(self.device)
+            if self.device.type == "cpu":
+                folded = folded.to(memory_format=cpu_memory_format(folded.config))
+            self._folded = folded
+        return self._folded
 
     @property
     def version(self) -> str:
