@@ -112,9 +112,12 @@ def test_start_tiny_training_from_the_form_and_see_it_finish(page_env):
     active, before = registry.active_version(), registry.versions()
     at = enter_folder(open_page(), DATASET)
     tiny_settings(at, epochs=2)
+    assert at.selectbox(key="retrain_stem").value == "patch4"  # the CLI's default
+    at.selectbox(key="retrain_stem").set_value("conv")
     at = click(at, "Start training")
     job = jobs.current_job(page_env)
     assert job is not None and job.config.epochs == 2 and job.config.widths == (8, 16, 32, 64)
+    assert job.config.stem == "conv" and job.record["argv"][job.record["argv"].index("--stem") + 1] == "conv"
     assert job.config.image_size == 64 and job.config.init_from == ""
     job = jobs.wait_for_job(page_env, job.id, TIMEOUT_S)
     assert job.state == jobs.SUCCEEDED, job.reason
