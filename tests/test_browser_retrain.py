@@ -43,11 +43,18 @@ def test_retrain_from_the_page_and_see_the_new_version(app_url, tiny_registry):
             folder.press("Enter")
             expect(page.get_by_text("Ready to train: 16 readable images from 14 patients")).to_be_visible(timeout=120_000)
 
-            for label, value in (("Epochs", "2"), ("Image size (pixels)", "64"), ("Batch size", "8"),
-                                 ("Validation fraction", "0.30")):
-                page.get_by_role("spinbutton", name=label, exact=True).fill(value)
+            settings = (("Epochs", "2"), ("Image size (pixels)", "64"), ("Batch size", "8"),
+                        ("Validation fraction", "0.30"))
             page.get_by_text("Advanced", exact=True).click()
-            page.get_by_role("textbox", name="Model widths").fill("8,16,32,64")
+            for _ in range(5):  # a rerun of the page while typing (the folder scan settling) resets the form
+                for label, value in settings:
+                    page.get_by_role("spinbutton", name=label, exact=True).fill(value)
+                page.get_by_role("textbox", name="Model widths").fill("8,16,32,64")
+                page.wait_for_timeout(500)
+                if all(page.get_by_role("spinbutton", name=label, exact=True).input_value() == value
+                       for label, value in settings) and \
+                        page.get_by_role("textbox", name="Model widths").input_value() == "8,16,32,64":
+                    break
             page.get_by_role("button", name=re.compile("Start training")).click()
 
             done = page.get_by_text(re.compile(r"Training finished: new version"))

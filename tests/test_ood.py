@@ -88,7 +88,7 @@ def test_statistics_written_before_the_grid_existed_mean_global_pooling():
     np.savez_compressed(buffer, **{k: getattr(stats, k) for k in ("mean", "precision", "threshold", "percentile",
                                                                   "shrinkage", "n_train")})  # no "grid" key
     old = O.OodStats.from_bytes(buffer.getvalue())
-    assert old.grid == 1 and old.threshold == stats.threshold
+    assert old.grid == 1 and old.threshold == stats.threshold and old.upside_down is None
 
 
 def test_grid_features_see_the_layout_that_global_pooling_loses():
@@ -157,10 +157,32 @@ def test_predict_keeps_logits_identical_and_flags_from_the_same_pass(tiny_model)
     scale, bias = tiny_model.calibration
     expected = 1 / (1 + np.exp(-(scale * logits.double().numpy() + bias)))
     np.testing.assert_allclose([p.p_pneumonia for p in predictions], expected, rtol=1e-6)
-    distances = tiny_model.ood_stats.distances(features)
-    for p, d in zip(predictions, distances):
-        assert p.ood == (d > tiny_model.ood_stats.threshold)
+    stats = tiny_model.ood_stats
+    for p, d, u in zip(predictions, stats.distances(features), stats.upside_down_scores(features)):
+        assert p.ood == (d > stats.threshold or u > stats.upside_down_threshold)
         assert ("features" in p.ood_reason) == p.ood
+
+
+def test_upside_down_check_fires_on_its_own_threshold(tiny_model):
+    images = [load_image(p) for p in XRAYS[:4]]
+    assert tiny_model.ood_stats.upside_down is not None  # fitted at the end of training
+    strict = dataclasses.replace(tiny_model.ood_stats, threshold=np.inf, upside_down_threshold=-np.inf)
+    flagged = predict(dataclasses.replace(tiny_model, ood_stats=strict), images)
+    assert all(p.ood and "upside-down chest X-ray" in p.ood_reason for p in flagged)
+
+
+def test_upside_down_direction_separates_turned_features_at_the_chosen_percentile():
+    rng = np.random.default_rng(0)
+    shift = np.zeros(8)
+    shift[[0, 5]] = (5.0, -4.0)  # what turning the images does to the features, in this toy (6.4 sd)
+    train, val = rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8))
+    stats = O.fit_upside_down(O.fit_stats(train, val), train, train + shift, val, percentile=99.0)
+    assert np.mean(stats.upside_down_scores(val) > stats.upside_down_threshold) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(stats.upside_down_scores(rng.normal(size=(500, 8)) + shift) > stats.upside_down_threshold) > 0.95
+    again = O.OodStats.from_bytes(stats.to_bytes())
+    np.testing.assert_array_equal(again.upside_down, stats.upside_down)
+    assert again.upside_down_threshold == stats.upside_down_threshold
+    assert O.fit_stats(train, val).upside_down_scores(val[:3]).tolist() == [-np.inf] * 3  # no direction: no check
 
 
 def test_feature_check_fires_and_a_model_without_stats_skips_it(tiny_model):

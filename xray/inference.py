@@ -125,15 +125,17 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", thre
         batch = [model_input(im, model.image_size) for im in images[start:start + batch_size]]
         logits, features = logits_and_features(model, model_inputs(batch, model.image_size))
         distances = stats.distances(features) if stats is not None else [None] * len(batch)
-        for prepared, p, distance in zip(batch, probabilities(model, logits), distances):
-            reason = ood_reason(prepared, distance, stats)
+        turned = stats.upside_down_scores(features) if stats is not None else [None] * len(batch)
+        for prepared, p, distance, upside_down in zip(batch, probabilities(model, logits), distances, turned):
+            reason = ood_reason(prepared, distance, stats, upside_down)
             out.append(Prediction(float(p), threshold, model.version, bool(reason), reason))
     return out
 
 
-def ood_reason(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None") -> str:
+def ood_reason(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None",
+               upside_down: float | None = None) -> str:
     """Why this image does not look like a chest X-ray, or '' (cheap checks first, then features)."""
     reason = O.input_reason(prepared.pixels, prepared.shape, prepared.colourfulness)
     if not reason and stats is not None and distance is not None:
-        reason = O.feature_reason(float(distance), stats)
+        reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf), stats)
     return reason

@@ -5,10 +5,14 @@ Two parts, both run inside ``inference.predict`` (see docs/ood.md for the measur
 2. a feature-space check: the Mahalanobis distance of the CNN's last-stage features, average-pooled
    on a 2x2 grid so that the layout counts (an upside-down chest has the right textures in the wrong
    places), to the training X-rays' features (Ledoit-Wolf shrunk covariance), flagged above a high
-   percentile of the validation X-rays' distances. Its statistics travel with the weights as ``ood.npz``.
+   percentile of the validation X-rays' distances;
+3. an upside-down check on the same features: the Fisher direction from the training X-rays to the
+   same X-rays turned 180 degrees (the Mahalanobis check alone let about a third of those through).
+Its statistics travel with the weights as ``ood.npz``.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from .model import to_input
 
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
+UPSIDE_DOWN_PERCENTILE = 99.9  # of validation X-rays' upside-down scores; that check's threshold
 DEFAULT_GRID = 2  # last-stage features pooled on a GRID x GRID grid; 1 = global pooling (versions before it)
 # Input-check limits, chosen with margin from the training X-rays (docs/ood.md, scripts/measure_ood.py).
 MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, photos 20-100
@@ -40,6 +45,15 @@ class OodStats:
     shrinkage: float  # Ledoit-Wolf weight of the scaled identity
     n_train: int  # training images the statistics come from
     grid: int = 1  # features pooled on a grid x grid grid (``grid_features``); 1 = global average
+    upside_down: "np.ndarray | None" = None  # (C,) Fisher direction upright -> turned 180 degrees; None = no check
+    upside_down_threshold: float = float("inf")  # score along it above which an image is flagged
+
+    def upside_down_scores(self, features: np.ndarray) -> np.ndarray:
+        """(B, C) features -> (B,) projection on the upside-down direction (-inf without one)."""
+        features = np.asarray(features, dtype=np.float64)
+        if self.upside_down is None:
+            return np.full(len(features), -np.inf)
+        return (features - self.mean) @ self.upside_down
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(B, C) features -> (B,) Mahalanobis distances."""
@@ -53,7 +67,8 @@ class OodStats:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, mean=self.mean, precision=self.precision, threshold=self.threshold,
                             percentile=self.percentile, shrinkage=self.shrinkage, n_train=self.n_train,
-                            grid=self.grid)
+                            grid=self.grid, **({} if self.upside_down is None else {
+                                "upside_down": self.upside_down, "upside_down_threshold": self.upside_down_threshold}))
         return buffer.getvalue()
 
     @classmethod
@@ -63,21 +78,28 @@ class OodStats:
             with np.load(io.BytesIO(data), allow_pickle=False) as f:
                 stats = cls(np.asarray(f["mean"], np.float64), np.asarray(f["precision"], np.float64),
                             float(f["threshold"]), float(f["percentile"]), float(f["shrinkage"]),
-                            int(f["n_train"]), int(f["grid"]) if "grid" in f.files else 1)
+                            int(f["n_train"]), int(f["grid"]) if "grid" in f.files else 1,
+                            np.asarray(f["upside_down"], np.float64) if "upside_down" in f.files else None,
+                            float(f["upside_down_threshold"]) if "upside_down" in f.files else float("inf"))
         except Exception as exc:  # zip, key and dtype errors all mean a damaged file
             raise ValueError(f"OOD statistics file is damaged: {exc}") from None
         c = stats.mean.shape[0]
         if (stats.mean.ndim != 1 or stats.precision.shape != (c, c) or not np.isfinite(stats.precision).all()
-                or stats.grid < 1 or c % (stats.grid * stats.grid)):
+                or stats.grid < 1 or c % (stats.grid * stats.grid)
+                or (stats.upside_down is not None and (stats.upside_down.shape != (c,)
+                                                       or not np.isfinite(stats.upside_down).all()))):
             raise ValueError("OOD statistics file has inconsistent shapes or values")
         return stats
 
     def summary(self) -> dict:
         """For the model card."""
         pooling = "pooled" if self.grid == 1 else f"{self.grid}x{self.grid}-grid pooled"
-        return {"method": f"Mahalanobis distance of {pooling} last-stage features, Ledoit-Wolf shrinkage",
-                "threshold": round(self.threshold, 4), "percentile": self.percentile,
-                "shrinkage": round(self.shrinkage, 4), "n_train": self.n_train, "features": int(self.mean.shape[0])}
+        out = {"method": f"Mahalanobis distance of {pooling} last-stage features, Ledoit-Wolf shrinkage",
+               "threshold": round(self.threshold, 4), "percentile": self.percentile,
+               "shrinkage": round(self.shrinkage, 4), "n_train": self.n_train, "features": int(self.mean.shape[0])}
+        if self.upside_down is not None:
+            out["upside_down_threshold"] = round(self.upside_down_threshold, 4)
+        return out
 
 
 def ledoit_wolf(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -151,11 +173,40 @@ def input_reason(inputs: np.ndarray, shape: tuple[int, int], colour: float) -> s
     return ""
 
 
-def feature_reason(distance: float, stats: OodStats) -> str:
+def feature_reason(distance: float, upside_down: float, stats: OodStats) -> str:
+    """The feature checks' reason for one image ('' when it passes)."""
     if distance > stats.threshold:
         return (f"its image features are unlike the training X-rays (distance {distance:.1f}; "
                 f"limit {stats.threshold:.1f})")
+    if upside_down > stats.upside_down_threshold:
+        return (f"its image features look like an upside-down chest X-ray (score {upside_down:.1f}; "
+                f"limit {stats.upside_down_threshold:.1f})")
     return ""
+
+
+def fit_upside_down(stats: OodStats, train_features: np.ndarray, turned_features: np.ndarray,
+                    val_features: np.ndarray, percentile: float = UPSIDE_DOWN_PERCENTILE) -> OodStats:
+    """``stats`` with the upside-down check: Fisher's direction (shared precision) from the training
+    features to those of the same images turned 180 degrees; threshold at a percentile of the
+    validation X-rays' scores."""
+    direction = stats.precision @ (np.mean(turned_features, axis=0) - np.mean(train_features, axis=0))
+    scores = (np.asarray(val_features, dtype=np.float64) - stats.mean) @ direction
+    return dataclasses.replace(stats, upside_down=direction,
+                               upside_down_threshold=float(np.percentile(scores, percentile)))
+
+
+def fit_for_images(net: torch.nn.Module, images: torch.Tensor, train: np.ndarray, val: np.ndarray,
+                   device: torch.device, percentile: float = DEFAULT_PERCENTILE) -> tuple[OodStats, dict]:
+    """All OOD statistics of a trained net from its (N, S, S) uint8 training set and split; with the
+    card's summary (including the share of validation X-rays the feature checks flag)."""
+    train_features = features_of(net, images[train], device)
+    val_features = features_of(net, images[val], device)
+    turned = features_of(net, torch.flip(images[train], dims=(1, 2)), device)  # 180 degrees
+    stats = fit_upside_down(fit_stats(train_features, val_features, percentile), train_features, turned,
+                            val_features)
+    flagged = ((stats.distances(val_features) > stats.threshold)
+               | (stats.upside_down_scores(val_features) > stats.upside_down_threshold))
+    return stats, {**stats.summary(), "val_flagged": float(np.mean(flagged))}
 
 
 def fit_for_version(registry, version: str | None, data_dir: str, workers: int = 1,
@@ -175,14 +226,12 @@ def fit_for_version(registry, version: str | None, data_dir: str, workers: int =
     if splits.scan.fingerprint() != card.get("data", {}).get("fingerprint"):
         raise ValueError("this folder differs from the data the model was trained on: the validation split "
                          "could not be reproduced")
-    images = torch.from_numpy(splits.images)
-    train_features = features_of(model.net, images[splits.train], model.device)
-    val_features = features_of(model.net, images[splits.val], model.device)
-    stats = fit_stats(train_features, val_features, percentile)
+    stats, summary = fit_for_images(model.net, torch.from_numpy(splits.images), splits.train, splits.val,
+                                    model.device, percentile)
     new_card = {k: v for k, v in card.items() if k not in ("version", "weights_sha256", "weights_bytes", "extra_files")}
     new_card["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     new_card["derived_from"] = {"version": model.version, "change": "added OOD statistics (same weights)"}
-    new_card["ood"] = {**stats.summary(), "val_flagged": float(np.mean(stats.distances(val_features) > stats.threshold))}
+    new_card["ood"] = summary
     new_version = registry.save_version(model.net, new_card, registry.new_version_id("ood"),
                                         extras={OOD_FILE: stats.to_bytes()})
     if activate:

@@ -554,12 +554,9 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     threshold = M.choose_threshold(y_val, p_val, cfg.threshold_rule)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
-        from .ood import OOD_FILE, features_of, fit_stats
-        val_features = features_of(net, images[splits.val], device)
-        ood_stats = fit_stats(features_of(net, images[splits.train], device), val_features)
+        from .ood import OOD_FILE, fit_for_images
+        ood_stats, ood_summary = fit_for_images(net, images, splits.train, splits.val, device)
         extras[OOD_FILE] = ood_stats.to_bytes()
-        ood_summary = {**ood_stats.summary(),
-                       "val_flagged": float(np.mean(ood_stats.distances(val_features) > ood_stats.threshold))}
     except (ValueError, np.linalg.LinAlgError) as exc:
         ood_summary = {"skipped": str(exc)}
     card = {
