@@ -53,7 +53,7 @@ class OodStats:
         features = np.asarray(features, dtype=np.float64)
         if self.upside_down is None:
             return np.full(len(features), -np.inf)
-        return (features - self.mean) @ self.upside_down
+        return (torch.from_numpy(features - self.mean) @ torch.from_numpy(self.upside_down)).numpy()  # see distances
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(B, C) features -> (B,) Mahalanobis distances."""
