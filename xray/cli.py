@@ -99,17 +99,9 @@ def _load_model(args) -> LoadedModel:
 
 def _prepare_chunk(paths: list[Path], image_size: int) -> list[tuple["ModelInput | None", str]]:
     """In a worker process: decode and squash each file; (ModelInput or None, error) per path."""
-    from .inference import read_model_input
+    from .inference import try_read_model_input
 
-    out = []
-    for path in paths:
-        try:
-            out.append((read_model_input(path, image_size), ""))
-        except ValueError as exc:
-            out.append((None, str(exc)))
-        except Exception as exc:  # a decoder bug costs one file, not a run over a whole archive
-            out.append((None, f"{type(exc).__name__}: {exc}"))
-    return out
+    return [try_read_model_input(path, image_size) for path in paths]
 
 
 def pipeline_split(workers: int = 0) -> tuple[int, int]:

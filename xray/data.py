@@ -15,8 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .atomic import atomic_write
-from .imageio import load_image
-from .preprocess import resize_to_input
+from .inference import try_read_model_input
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -167,13 +166,9 @@ def patient_split(samples: list[Sample], val_fraction: float, seed: int) -> tupl
 
 # -- decoding once ----------------------------------------------------------------------------------
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str]:
-    path, image_size = args
-    try:
-        return resize_to_input(load_image(path).pixels, image_size), ""
-    except ValueError as exc:
-        return None, str(exc)
-    except Exception as exc:  # a decoder bug must not kill a whole training run
-        return None, f"{type(exc).__name__}: {exc}"
+    """(path, size) -> ((S, S) uint8 model input or None, error): the same path as ``predict``'s."""
+    prepared, error = try_read_model_input(*args)
+    return (prepared.pixels if prepared is not None else None), error
 
 
 def cache_dir() -> Path:

@@ -10,9 +10,8 @@ import torch
 
 from . import ood as O
 from .imageio import XrayImage, load_image
-from .preprocess import resize_to_input
 from .model import to_input
-from .preprocess import TTA_SHIFTS
+from .preprocess import TTA_SHIFTS, resize_to_input
 from .registry import LoadedModel
 
 PNEUMONIA, NORMAL = "PNEUMONIA", "NORMAL"
@@ -60,6 +59,17 @@ def model_input(image: "ImageLike | ModelInput", image_size: int) -> ModelInput:
 def read_model_input(source, image_size: int) -> ModelInput:
     """File -> ModelInput (``load_image`` + ``model_input``); ValueError for an unusable file."""
     return model_input(load_image(source), image_size)
+
+
+def try_read_model_input(source, image_size: int) -> tuple[ModelInput | None, str]:
+    """``read_model_input`` for batch work: (ModelInput, '') or (None, one-line reason); a decoder bug
+    costs one file, not a run over a whole folder."""
+    try:
+        return read_model_input(source, image_size), ""
+    except ValueError as exc:
+        return None, str(exc)
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def model_inputs(images: "Sequence[ImageLike | ModelInput]", image_size: int) -> torch.Tensor:
