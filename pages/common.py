@@ -1,16 +1,21 @@
-"""UI helpers shared by the pages: the model (loaded once per process) and the session's threshold."""
+"""UI helpers shared by the pages: the model (loaded once per process), the session's operating
+threshold (one owner: ``THRESHOLD_KEY``) and the session's audit trail (what was shown is what is logged)."""
 from __future__ import annotations
 
 import os
 
 import streamlit as st
 
+from xray.audit import AuditTrail
 from xray.gradcam import preload_gradcam
 from xray.registry import LoadedModel, ModelFileError, Registry
 
-THRESHOLD_KEY = "threshold"  # the session's operating threshold, shared by every page
+# The one owner of the operating threshold in the app: a plain session value, set from the card and
+# changed only by the threshold widgets' callbacks. Everything shown, logged or exported reads it.
+THRESHOLD_KEY = "threshold"
 THRESHOLD_MODEL_KEY = "threshold_model"  # (version, card threshold) the session value was set against
 APP_NAVIGATION_KEY = "app_navigation"  # set by app.py: this session has its navigation
+AUDIT_KEY = "audit_trail"  # this session's xray.audit.AuditTrail
 
 
 def ensure_app_navigation() -> None:
@@ -89,12 +94,31 @@ def set_threshold(value: float) -> None:
 
 
 def validation_predictions(model: LoadedModel) -> tuple[list[int], list[float]] | None:
-    """(labels, p_pneumonia) stored in the card, or None when the card has none."""
-    stored = model.card.get("validation", {}).get("predictions") or {}
-    labels, scores = stored.get("label"), stored.get("p_pneumonia")
-    if not labels or not scores or len(labels) != len(scores):
+    """(labels, p_pneumonia) stored in the card (parsed once, ``xray.card.Validation``), or None."""
+    validation = model.card.validation
+    if validation.labels is None:
         return None
-    return [int(v) for v in labels], [float(v) for v in scores]
+    return list(validation.labels), list(validation.scores)
+
+
+def audit_trail() -> AuditTrail:
+    """This session's audit trail (one line per distinct result shown)."""
+    if AUDIT_KEY not in st.session_state:
+        st.session_state[AUDIT_KEY] = AuditTrail()
+    return st.session_state[AUDIT_KEY]
+
+
+def record_shown(sha256: str, prediction, threshold: float, shown_in: str = "screen") -> bool:
+    """Log a result about to be displayed at ``threshold``; False (with the reason on the page) when
+    the log cannot be written: an unaudited result is not shown."""
+    try:
+        audit_trail().shown(sha256, prediction, threshold, shown_in)
+    except OSError as exc:
+        st.error(f"Result withheld: the audit log cannot be written ({escape_markdown(str(exc))}). "
+                 "Ask your administrator to check the audit log folder ($XRAY_AUDIT_LOG).",
+                 icon=":material/error:")
+        return False
+    return True
 
 
 _MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:=\"'&")

@@ -9,15 +9,16 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import (current_threshold, escape_markdown, require_model, set_threshold,
+from pages.common import (current_threshold, escape_markdown, record_shown, require_model, set_threshold,
                           validation_predictions)
 from xray import analysis, metrics
+from xray.decision import PNEUMONIA
 from xray.imageio import DICOM_DISPLAY_FIELDS
-from xray.inference import PNEUMONIA
 from xray.registry import LoadedModel, Registry, sha256_bytes
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
-SLIDER_KEY = "diagnose_threshold"
+SLIDER_KEY = "diagnose_threshold"  # mirrors pages.common.THRESHOLD_KEY
+EXACT_KEY = "diagnose_threshold_exact"  # the same, typed to six decimals
 RESULTS_KEY = "diagnose_results"  # {(sha256, model version): {"analysis": Analysis, "thumbnail": str}}
 HEATMAPS_KEY = "diagnose_heatmaps"  # {(sha256, model version): (display pixels, display-size CAM)}
 SAMPLES_KEY = "diagnose_samples"  # bundled sample paths the clinician chose to try
@@ -69,7 +70,7 @@ def save_default(model: LoadedModel, threshold: float, validation) -> None:
         updates["threshold_rule"] += (f" (validation sensitivity {figures['sensitivity']:.3f}, "
                                       f"specificity {figures['specificity']:.3f})")
         # the card's validation block states its figures at the card's threshold: keep them true
-        updates["validation"] = {**model.card.get("validation", {}), **figures}
+        updates["validation"] = {**model.card["validation"], **figures}
     try:
         Registry().update_card(model.version, updates)
     except (OSError, ValueError) as exc:  # read-only registry, card damaged or removed meanwhile
@@ -79,12 +80,17 @@ def save_default(model: LoadedModel, threshold: float, validation) -> None:
 
 
 def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float:
-    """Slider, presets, save button and live validation metrics; returns the session's threshold."""
+    """Slider, exact number, presets, save button and live validation metrics; returns the session's
+    threshold (``pages.common.THRESHOLD_KEY``, never the slider's rounded copy)."""
     st.header("Operating threshold")
-    st.session_state[SLIDER_KEY] = threshold  # follows presets and a model change
-    threshold = st.slider("p(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.001,
-                          format="%.3f", key=SLIDER_KEY,
-                          on_change=lambda: set_threshold(st.session_state[SLIDER_KEY]))
+    # the widgets mirror the one owner; their callbacks write it back
+    st.session_state[SLIDER_KEY] = threshold
+    st.session_state[EXACT_KEY] = threshold
+    st.slider("p(pneumonia) at or above this is called PNEUMONIA", 0.0, 1.0, step=0.001,
+              format="%.3f", key=SLIDER_KEY, on_change=lambda: set_threshold(st.session_state[SLIDER_KEY]))
+    st.number_input("Exact threshold", 0.0, 1.0, step=0.000001, format="%.6f", key=EXACT_KEY,
+                    on_change=lambda: set_threshold(st.session_state[EXACT_KEY]),
+                    help="Type the exact value: the command line decides at the same number.")
     presets = {"Model default": model.threshold}
     if validation is not None:
         labels, scores = validation
@@ -158,6 +164,8 @@ def pr_figure(labels, scores, figures: dict) -> go.Figure:
 # -- one image: verdict panel and heatmap ---------------------------------------------------------
 def verdict_panel(result: analysis.Analysis, threshold: float) -> None:
     prediction = result.prediction
+    if not record_shown(result.sha256, prediction, threshold):  # logged before it is shown, or not shown
+        return
     if analysis.is_out_of_distribution(prediction):
         reason = getattr(prediction, "ood_reason", "")
         st.warning("This does not look like a chest X-ray" + (f": {escape_markdown(reason)}" if reason else ".")
@@ -167,11 +175,11 @@ def verdict_panel(result: analysis.Analysis, threshold: float) -> None:
         st.metric("p(pneumonia)", f"{prediction.p_pneumonia:.3f}")
         st.progress(prediction.p_pneumonia)
         with st.container(key="diagnose_decision"):  # colour, icon and word: readable without colour vision
-            if prediction.at(threshold).label == PNEUMONIA:
+            if prediction.decision(threshold) == PNEUMONIA:
                 st.markdown("#### :red-background[:material/warning: PNEUMONIA]")
             else:
                 st.markdown("#### :green-background[:material/check_circle: NORMAL]")
-            st.caption(f"Decision at threshold {threshold:.3f}.")
+            st.caption(f"Decision at threshold {threshold:.6f}.")
     st.caption(f"Model version {prediction.model_version}. Image {result.image.size[0]} x {result.image.size[1]} "
                f"pixels, {result.image.format}.")
     header = result.image.dicom_header
@@ -223,6 +231,9 @@ def image_detail(model: LoadedModel, result: analysis.Analysis, threshold: float
 def worklist(results: list[dict], threshold: float) -> None:
     """Every readable file, highest p(pneumonia) first, with a CSV like the command line's."""
     analyses = [r["analysis"] for r in results]
+    for a in analyses:  # every decision in the table is shown: each is logged first
+        if a.ok and not record_shown(a.sha256, a.prediction, threshold, "worklist"):
+            return
     thumbnails = {r["analysis"].sha256: r["thumbnail"] for r in results}
     rows = analysis.worklist_rows(analyses, threshold)
     st.dataframe(

@@ -9,6 +9,7 @@ import streamlit as st
 
 from pages.common import ensure_app_navigation
 from xray import metrics
+from xray.card import ModelCard
 from xray.registry import ModelFileError, Registry
 
 MESSAGE_KEY = "models_message"  # what the last button did, shown after the rerun it causes
@@ -22,32 +23,31 @@ def number(value, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def summary(card: dict) -> dict[str, str]:
+def summary(card: ModelCard) -> dict[str, str]:
     """One column of the comparison: what a version is, what it was trained on, how it validated."""
-    validation, data, training = card.get("validation", {}), card.get("data", {}), card.get("training", {})
-    row = {"Created": card.get("created", "-"),
-           "Threshold": number(card.get("threshold")),
-           **{label: number(validation.get(key)) for label, key in FIGURES},
-           "Validation images": str(validation.get("n", "-")),
-           "Validation split": validation.get("split", "-"),
-           "Trained on": data.get("root", "-"),
-           "Data fingerprint": (data.get("fingerprint") or "-")[:12],
-           "Training images": str(data.get("train_images", "-")),
-           "Image size": str(card.get("preprocessing", {}).get("image_size", "-")),
-           "Epochs run (best)": f"{training.get('epochs_run', '-')} ({training.get('best_epoch', '-')})",
-           "Started from": training.get("parent") or "scratch"}
+    validation, data, training = card.validation, card.data, card.training
+    row = {"Created": card.created or "-",
+           "Threshold": f"{card.threshold:.6f}",
+           **{label: number(validation.figure(key)) for label, key in FIGURES},
+           "Validation images": str(validation.n or "-"),
+           "Validation split": validation.split or "-",
+           "Trained on": data.root or "-",
+           "Data fingerprint": (data.fingerprint or "-")[:12],
+           "Training images": str(data.train_images if data.train_images is not None else "-"),
+           "Image size": str(card.image_size),
+           "Epochs run (best)": f"{training.epochs_run or '-'} ({training.best_epoch or '-'})",
+           "Started from": training.parent or "scratch"}
     return row
 
 
-def roc_figure(cards: dict[str, dict], active: str | None) -> go.Figure:
+def roc_figure(cards: dict[str, ModelCard], active: str | None) -> go.Figure:
     """Validation ROC curve of every version that stored its validation predictions."""
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"), name="chance",
                     hoverinfo="skip")
     for version, card in cards.items():
-        stored = card.get("validation", {}).get("predictions") or {}
-        labels, scores = stored.get("label"), stored.get("p_pneumonia")
-        if not labels or not scores or len(labels) != len(scores):
+        labels, scores = card.validation.labels, card.validation.scores
+        if labels is None:
             continue
         fpr, tpr, _ = metrics.roc_curve(labels, scores)
         name = f"{version}{' (active)' if version == active else ''}: AUC {number(metrics.roc_auc(labels, scores))}"
@@ -101,16 +101,17 @@ active = registry.active_version()
 if active is None:
     st.warning("No version is active: activate one below.", icon=":material/warning:")
 
-st.dataframe([{"active": v == active, "version": v, "created": c.get("created", ""),
-               "data fingerprint": (c.get("data", {}).get("fingerprint") or "")[:12],
-               "val AUC": c.get("validation", {}).get("roc_auc"),
-               "sensitivity": c.get("validation", {}).get("sensitivity"),
-               "specificity": c.get("validation", {}).get("specificity"),
-               "threshold": c.get("threshold")} for v, c in cards.items()],
+st.dataframe([{"active": v == active, "version": v, "created": c.created,
+               "data fingerprint": c.data.fingerprint[:12],
+               "validation images": c.validation.n,
+               "val AUC": c.validation.roc_auc,
+               "sensitivity": c.validation.sensitivity,
+               "specificity": c.validation.specificity,
+               "threshold": c.threshold} for v, c in cards.items()],
              hide_index=True, column_config={"val AUC": st.column_config.NumberColumn(format="%.3f"),
                                              "sensitivity": st.column_config.NumberColumn(format="%.3f"),
                                              "specificity": st.column_config.NumberColumn(format="%.3f"),
-                                             "threshold": st.column_config.NumberColumn(format="%.3f")})
+                                             "threshold": st.column_config.NumberColumn(format="%.6f")})
 
 st.subheader("Validation ROC curves")
 st.caption("Each curve is measured on its own version's validation split; versions trained on different data "

@@ -12,7 +12,7 @@ from pages.common import ensure_app_navigation
 from xray import jobs
 from xray.model import STEMS
 from xray.registry import Registry
-from xray.train import TrainConfig
+from xray.trainconfig import TrainConfig
 
 DEFAULTS = TrainConfig()  # the same defaults as `python -m xray train`
 FOLDER_KEY = "retrain_folder"
@@ -48,11 +48,14 @@ def show_outcome(job: jobs.Job) -> None:
     """How the last run ended, and what it means for the model the Diagnose page uses."""
     if job.state == jobs.SUCCEEDED:
         card = Registry(job.record["registry"]).card(job.version)
-        v = card.get("validation", {})
-        st.success(f"Training finished: new version **{job.version}** (validation AUC {v.get('roc_auc', float('nan')):.3f}, "
-                   f"sensitivity {v.get('sensitivity', float('nan')):.3f}, specificity {v.get('specificity', float('nan')):.3f}, "
-                   f"threshold {card.get('threshold', float('nan')):.3f}). It is not active yet: compare it with the "
-                   "active model and activate it on the Models page.", icon=":material/check_circle:")
+        v = card.validation
+        nan = float("nan")
+        st.success(f"Training finished: new version **{job.version}** (on {v.n} validation images: AUC "
+                   f"{v.roc_auc if v.roc_auc is not None else nan:.3f}, sensitivity "
+                   f"{v.sensitivity if v.sensitivity is not None else nan:.3f}, specificity "
+                   f"{v.specificity if v.specificity is not None else nan:.3f}; threshold {card.threshold:.6f}). "
+                   "It is not active yet: compare it with the active model and activate it on the Models page.",
+                   icon=":material/check_circle:")
     elif job.state == jobs.CANCELLED:
         st.warning(f"The last training run was cancelled ({job.reason}). The active model is unchanged.",
                    icon=":material/cancel:")

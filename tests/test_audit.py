@@ -29,22 +29,39 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_prediction_writes_exactly_one_line_with_the_audit_fields(tiny_model, log):
+def test_a_shown_result_writes_exactly_one_line_with_the_audit_fields(tiny_model, log):
     data = DICOM.read_bytes()
     result = analysis.analyse(tiny_model, data, "Doe_Jane chest 2024.dcm")
-    assert result.ok
-    [entry] = _lines(log)
-    assert tuple(entry) == audit.FIELDS
-    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-    assert entry["model_version"] == tiny_model.version
-    assert entry["p_pneumonia"] == pytest.approx(result.prediction.p_pneumonia, abs=1e-6)
-    assert entry["threshold"] == pytest.approx(tiny_model.threshold, abs=1e-6)
-    assert entry["ood"] is result.prediction.ood
-    assert entry["decision"] == (None if result.prediction.ood else result.prediction.label)
-    assert entry["time"].endswith("+00:00")
+    assert result.ok and not log.exists()  # analysing is not showing: nothing logged yet
+    trail = audit.AuditTrail()
+    threshold = 0.123456789
+    entry = trail.shown(result.sha256, result.prediction, threshold)
+    [line] = _lines(log)
+    assert line == entry and tuple(line) == audit.FIELDS
+    assert line["sha256"] == hashlib.sha256(data).hexdigest()
+    assert line["model_version"] == tiny_model.version
+    assert line["p_pneumonia"] == pytest.approx(result.prediction.p_pneumonia, abs=1e-6)
+    assert line["threshold"] == threshold  # exactly the value in force, not rounded
+    assert line["ood"] is result.prediction.ood
+    assert line["decision"] == result.prediction.decision(threshold)
+    assert line["outcome"] == ("withheld" if result.prediction.ood else "verdict")
+    assert line["time"].endswith("+00:00")
     raw = log.read_text()
     for secret in ("Doe_Jane", "chest 2024", ".dcm", "Doe^Jane", "PATIENT-12345", "CHEST", "003Y"):
         assert secret not in raw
+
+
+def test_each_distinct_threshold_and_decision_is_logged_once_per_session(tiny_model, log):
+    from xray.inference import Prediction
+
+    trail = audit.AuditTrail()
+    sha = "a" * 64
+    p = Prediction(0.5, tiny_model.version)
+    assert trail.shown(sha, p, 0.734)["decision"] == "NORMAL"
+    assert trail.shown(sha, p, 0.734) is None  # a rerun shows the same thing: no new line
+    assert trail.shown(sha, p, 0.30)["decision"] == "PNEUMONIA"  # moved threshold: its own line
+    assert trail.shown(sha, p, 0.734) is None
+    assert [(e["threshold"], e["decision"]) for e in _lines(log)] == [(0.734, "NORMAL"), (0.30, "PNEUMONIA")]
 
 
 def test_unreadable_files_are_not_predictions_and_write_nothing(tiny_model, log):
@@ -52,7 +69,7 @@ def test_unreadable_files_are_not_predictions_and_write_nothing(tiny_model, log)
     assert result.error and not log.exists()
 
 
-def test_out_of_distribution_images_are_logged_without_a_decision(tiny_model, log, tmp_path):
+def test_withheld_images_are_logged_without_a_decision_and_with_the_reason(tiny_model, log, tmp_path):
     from PIL import Image
     import numpy as np
 
@@ -61,34 +78,42 @@ def test_out_of_distribution_images_are_logged_without_a_decision(tiny_model, lo
     Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300)).save(path)
     result = analysis.analyse(tiny_model, path.read_bytes(), "photo.png")
     assert result.prediction.ood
+    audit.AuditTrail().shown(result.sha256, result.prediction, 0.5)
     [entry] = _lines(log)
-    assert entry["ood"] is True and entry["decision"] is None
+    assert entry["ood"] is True and entry["decision"] is None and entry["outcome"] == "withheld"
+    assert entry["reason"] == result.prediction.ood_reason
 
 
 def test_audit_can_be_switched_off(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("XRAY_AUDIT_LOG", "off")
     assert audit.audit_path() is None
-    assert analysis.analyse(tiny_model, XRAY.read_bytes(), XRAY.name).ok
+    result = analysis.analyse(tiny_model, XRAY.read_bytes(), XRAY.name)
+    assert audit.AuditTrail().shown(result.sha256, result.prediction, 0.5) is None
 
 
-def test_default_path_is_the_git_ignored_audit_folder(monkeypatch):
+def test_default_path_is_the_user_data_folder_outside_the_repository(monkeypatch, tmp_path):
     monkeypatch.delenv("XRAY_AUDIT_LOG", raising=False)
+    monkeypatch.delenv("XRAY_DATA", raising=False)
     root = Path(__file__).resolve().parent.parent
-    assert audit.audit_path() == root / "audit" / "audit.jsonl"
-    assert "/audit/" in (root / ".gitignore").read_text().split()
+    path = audit.audit_path()
+    assert path.name == "audit.jsonl" and not path.resolve().is_relative_to(root)
+    monkeypatch.setenv("XRAY_DATA", str(tmp_path))
+    assert audit.audit_path() == tmp_path / "audit.jsonl"
 
 
-def test_an_unwritable_log_withholds_the_result_with_a_reason(tiny_model, tmp_path, monkeypatch):
+def test_an_unwritable_log_raises_so_the_page_withholds_the_result(tiny_model, tmp_path, monkeypatch):
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("")
     monkeypatch.setenv("XRAY_AUDIT_LOG", str(blocker / "audit.jsonl"))
     result = analysis.analyse(tiny_model, XRAY.read_bytes(), XRAY.name)
-    assert result.prediction is None and result.image is not None
-    assert result.error.startswith("result withheld: the audit log cannot be written")
+    trail = audit.AuditTrail()
+    with pytest.raises(OSError):
+        trail.shown(result.sha256, result.prediction, 0.5)
+    assert not trail.logged  # a later retry writes it
 
 
 def test_uploads_never_touch_the_disk(tiny_model, log, monkeypatch):
-    """Every file opened for writing during an analysis is the audit log."""
+    """Every file opened for writing while analysing and showing uploads is the audit log."""
     written: list[str] = []
     real_open, real_os_open = builtins.open, os.open
 
@@ -104,8 +129,10 @@ def test_uploads_never_touch_the_disk(tiny_model, log, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(os, "open", spy_os_open)
-    analysis.analyse(tiny_model, DICOM.read_bytes(), DICOM.name)
-    analysis.analyse(tiny_model, XRAY.read_bytes(), XRAY.name)
+    trail = audit.AuditTrail()
+    for source in (DICOM, XRAY):
+        result = analysis.analyse(tiny_model, source.read_bytes(), source.name)
+        trail.shown(result.sha256, result.prediction, 0.5)
     assert written and set(written) == {str(log)}
 
 
@@ -131,4 +158,4 @@ def test_bad_hash_is_refused(tmp_path):
     from xray.inference import Prediction
 
     with pytest.raises(ValueError):
-        audit.record("Doe_Jane.dcm", Prediction(0.5, 0.5, "v"), tmp_path / "a.jsonl")
+        audit.record("Doe_Jane.dcm", Prediction(0.5, "v"), 0.5, path=tmp_path / "a.jsonl")

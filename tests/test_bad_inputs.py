@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES
-from xray.cli import CSV_HEADER
+from xray.pipeline import CSV_HEADER
 from xray.imageio import load_image
 
 BAD = FIXTURES / "bad"

@@ -22,8 +22,15 @@ def settled(page) -> None:
 def app_url(tiny_registry, tmp_path):
     """A real `streamlit run app.py` on a free port, serving the tiny registry; always terminated."""
     require_browser()
-    with streamlit_app(tmp_path / "streamlit.log", {"XRAY_WEIGHTS": str(tiny_registry)}) as url:
+    env = {"XRAY_WEIGHTS": str(tiny_registry), "XRAY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    with streamlit_app(tmp_path / "streamlit.log", env) as url:
         yield url
+
+
+def last_audit_line(tmp_path) -> dict:
+    import json
+
+    return json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
 
 
 def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
@@ -57,11 +64,14 @@ def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
             expect(decision).to_contain_text("PNEUMONIA")
             settled(page)  # the rerun has finished: the next key press is not raced by it
             assert float(slider.input_value()) == 0.0
+            # what the screen shows is what the audit log records
+            assert (last_audit_line(tmp_path)["threshold"], last_audit_line(tmp_path)["decision"]) == (0.0, "PNEUMONIA")
             slider.press("End")  # threshold 1: nothing reaches it
             expect(decision).to_contain_text("at threshold 1.000", timeout=120_000)
             expect(decision).to_contain_text("NORMAL")
             settled(page)
             assert float(slider.input_value()) == 1.0
+            assert (last_audit_line(tmp_path)["threshold"], last_audit_line(tmp_path)["decision"]) == (1.0, "NORMAL")
             page.set_viewport_size({"width": 1440, "height": 1700})  # the page scrolls inside stMain
             settled(page)
             shot = tmp_path / "diagnose.png"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from xray import metrics as M
-from xray.train import calibrated, crossfit_ece, fit_platt
+from xray.calibration import apply as calibrated, crossfit_ece, fit_platt
 
 
 def test_platt_recovers_a_known_scale_and_bias():

@@ -19,7 +19,8 @@ from xray import jobs
 from xray.cli import build_parser
 from xray.cli import main as cli_main
 from xray.registry import Registry
-from xray.train import TrainConfig, config_from_args, load_data
+from xray.train import load_data
+from xray.trainconfig import TrainConfig, config_from_args
 
 TIMEOUT_S = 120  # generous: two shared cores; a tiny run takes a few seconds
 

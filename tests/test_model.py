@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import DATASET, FULLRES
-from xray.cli import iter_shard, pipeline_split, score_paths
+from xray.pipeline import iter_shard, pipeline_split, score_paths
 from xray.imageio import load_image
-from xray.inference import ModelInput, model_input, predict, read_model_input
+from xray.inference import predict
+from xray.preprocess import ModelInput, model_input, read_model_input
 from xray.model import ModelConfig, PneumoniaNet, count_macs, stage_strides
-from xray.train import TrainConfig, model_config
+from xray.trainconfig import TrainConfig, model_config
 
 
 def test_strides_bring_the_last_stages_to_a_sixteenth_of_the_input():
@@ -63,7 +64,7 @@ def test_the_pipeline_gives_the_network_half_the_cores_and_gives_them_back(tiny_
         assert pipeline_split() == (4, 5)
         assert pipeline_split(workers=2) == (4, 2)
         seen = []
-        for _ in score_paths(tiny_model, iter_shard([str(DATASET)]), None, batch_size=4, workers=1):
+        for _ in score_paths(tiny_model, iter_shard([str(DATASET)]), batch_size=4, workers=1):
             seen.append(torch.get_num_threads())
         assert seen and set(seen) == {4}
         assert torch.get_num_threads() == 8

@@ -16,10 +16,11 @@ from PIL import Image, ImageDraw
 
 from conftest import DATASET, FULLRES
 from xray import ood as O
-from xray.cli import CSV_HEADER
+from xray.pipeline import CSV_HEADER
 from xray.imageio import load_image
 from xray.inference import Prediction, logits_and_features, model_inputs, predict
 from xray.registry import ModelFileError, Registry
+from xray.train import fit_ood_for_version
 
 ROOT = Path(__file__).resolve().parent.parent
 XRAYS = sorted(DATASET.rglob("*.jpeg")) + sorted(FULLRES.glob("*.jpeg"))
@@ -201,11 +202,10 @@ def test_colour_photo_and_document_are_flagged_whatever_their_size(tiny_model, t
         assert p.ood and p.ood_reason and 0.0 <= p.p_pneumonia <= 1.0
 
 
-def test_prediction_at_keeps_the_ood_flag():
-    p = Prediction(0.9, 0.5, "v", True, "a colour image")
-    moved = p.at(0.95)
-    assert moved.threshold == 0.95 and moved.ood and moved.ood_reason == "a colour image"
-    assert Prediction(0.9, 0.5, "v").ood is False  # old call sites still work
+def test_a_withheld_prediction_has_no_decision_at_any_threshold():
+    p = Prediction(0.9, "v", True, "a colour image")
+    assert p.decision(0.5) is None and p.decision(0.95) is None and p.withheld
+    assert Prediction(0.9, "v").decision(0.5) == "PNEUMONIA" and Prediction(0.9, "v").decision(0.95) == "NORMAL"
 
 
 # -- adding statistics to a version trained without them ----------------------------------------------
@@ -241,7 +241,7 @@ def test_fit_ood_refuses_other_data(tiny_registry, tmp_path):
     shutil.copytree(DATASET, other)
     next(other.rglob("*.jpeg")).unlink()
     with pytest.raises(ValueError, match="differs"):
-        O.fit_for_version(Registry(tiny_registry), None, str(other))
+        fit_ood_for_version(Registry(tiny_registry), None, str(other))
 
 
 # -- the CLI marks such rows ---------------------------------------------------------------------------

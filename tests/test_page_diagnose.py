@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DATASET, FULLRES, GENERATED
 from xray import analysis
-from xray.cli import CSV_HEADER
+from xray.pipeline import CSV_HEADER
 from xray.imageio import load_image
 from xray.inference import Prediction, predict
 from xray.registry import Registry
@@ -66,12 +66,10 @@ def test_analyse_scores_bytes_exactly_like_predict(tiny_model):
     expected = predict(tiny_model, [load_image(NORMAL_FULLRES)])[0]
     assert result.error == "" and result.ok
     assert result.prediction.p_pneumonia == pytest.approx(expected.p_pneumonia, abs=1e-9)
-    assert result.prediction.threshold == tiny_model.threshold
     assert result.prediction.model_version == tiny_model.version
     assert result.image.size == load_image(NORMAL_FULLRES).size
     import hashlib
     assert result.sha256 == hashlib.sha256(data).hexdigest()
-    assert analysis.analyse(tiny_model, data, "x.jpeg", threshold=0.25).prediction.threshold == 0.25
 
 
 def test_analyse_reports_unreadable_files_in_one_line(tiny_model):
@@ -265,7 +263,7 @@ def test_out_of_distribution_images_get_no_verdict(tiny_registry, monkeypatch):
     def flagging_analyse(*args, **kwargs):
         result = real_analyse(*args, **kwargs)
         p = result.prediction
-        result.prediction = FlaggedPrediction(p.p_pneumonia, p.threshold, p.model_version)
+        result.prediction = FlaggedPrediction(p.p_pneumonia, p.model_version)
         return result
 
     monkeypatch.setattr(analysis, "analyse", flagging_analyse)
@@ -302,3 +300,41 @@ def test_no_model_gives_a_clear_message(tmp_path, monkeypatch):
     assert not at.exception
     assert "No model is available" in at.error[0].value
     assert not at.file_uploader
+
+
+# -- what is shown is what is recorded (audit log) ---------------------------------------------------
+def _audit_lines() -> list[dict]:
+    import json
+    import os
+
+    path = Path(os.environ["XRAY_AUDIT_LOG"])
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_moving_the_threshold_logs_the_decision_on_screen_at_that_threshold(tiny_registry):
+    before = len(_audit_lines())
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    p = float(metric(at, "p(pneumonia)"))
+    shown = _audit_lines()[before:]
+    assert [(e["threshold"], e["decision"]) for e in shown] == [(Registry(tiny_registry).load().threshold, decision(at))]
+    for value in (0.0, 1.0):
+        at.slider(key="diagnose_threshold").set_value(value).run()
+        last = _audit_lines()[-1]
+        assert last["threshold"] == value and last["decision"] == decision(at)
+        assert last["decision"] == ("PNEUMONIA" if p >= value else "NORMAL")
+    count = len(_audit_lines())
+    at.run()  # a rerun shows the same result again: no new line
+    assert len(_audit_lines()) == count
+    at.slider(key="diagnose_threshold").set_value(0.0).run()  # shown before in this session: logged once
+    assert len(_audit_lines()) == count
+
+
+def test_the_exact_threshold_is_typed_and_used_unrounded(tiny_registry):
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    exact = at.number_input(key="diagnose_threshold_exact")
+    assert exact.value == Registry(tiny_registry).load().threshold  # the card's value, not the slider's 0.001 grid
+    exact.set_value(0.123457).run()
+    assert _audit_lines()[-1]["threshold"] == 0.123457
+    table = analysis.worklist_csv([analysis.analyse(Registry(tiny_registry).load(), NORMAL_FULLRES.read_bytes(),
+                                                    NORMAL_FULLRES.name)], 0.123457)
+    assert table.splitlines()[1].split(",")[3] == "0.123457"

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import DATASET, GENERATED
-from xray.cli import CSV_HEADER, iter_shard, main, score_paths
+from xray.cli import main
+from xray.pipeline import CSV_HEADER, iter_shard, score_paths
 from xray.imageio import load_image
 from xray.inference import predict
 
@@ -48,7 +49,7 @@ def archive(tmp_path) -> Path:
 def test_parallel_scores_equal_one_at_a_time_in_file_order(archive, tiny_model):
     paths = list(iter_shard([str(archive)]))
     assert paths == sorted(paths)  # a stable order: sorted within each folder, folders in order
-    results = list(score_paths(tiny_model, iter(paths), None, batch_size=4, workers=3))
+    results = list(score_paths(tiny_model, iter(paths), batch_size=4, workers=3))
     assert [path for path, _, _ in results] == paths
     for path, prediction, error in results:
         if path.name in ("broken.jpeg", "notes.png"):
@@ -121,7 +122,7 @@ def test_memory_stays_flat_over_two_thousand_files(tmp_path, tiny_model):
     try:
         baseline = tracemalloc.get_traced_memory()[0]
         count, traced, rss = 0, [], []
-        for path, prediction, error in score_paths(tiny_model, iter_shard([str(root)]), None, batch_size=32, workers=2):
+        for path, prediction, error in score_paths(tiny_model, iter_shard([str(root)]), batch_size=32, workers=2):
             assert prediction is not None, error
             count += 1
             if count in (400, 1200, 2000):
@@ -141,9 +142,9 @@ def test_memory_stays_flat_over_two_thousand_files(tmp_path, tiny_model):
 def test_a_decoder_crash_costs_only_the_file_that_caused_it(archive, tiny_model, monkeypatch):
     import os
 
-    import xray.inference
+    import xray.preprocess
 
-    real = xray.inference.read_model_input
+    real = xray.preprocess.read_model_input
     crash = archive / "ward0" / "crash.jpeg"
     shutil.copy(next(DATASET.rglob("*.jpeg")), crash)
 
@@ -152,9 +153,9 @@ def test_a_decoder_crash_costs_only_the_file_that_caused_it(archive, tiny_model,
             os._exit(139)  # what a segfault in a C decoder does to its worker process
         return real(source, image_size)
 
-    monkeypatch.setattr(xray.inference, "read_model_input", dies_on_one_file)  # workers are forked: they see it
+    monkeypatch.setattr(xray.preprocess, "read_model_input", dies_on_one_file)  # workers are forked: they see it
     paths = list(iter_shard([str(archive)]))
-    results = list(score_paths(tiny_model, iter(paths), None, batch_size=4, workers=2, chunk=3))
+    results = list(score_paths(tiny_model, iter(paths), batch_size=4, workers=2, chunk=3))
     assert [path for path, _, _ in results] == paths
     failed = {path.name: error for path, prediction, error in results if prediction is None}
     assert set(failed) == {"crash.jpeg", "broken.jpeg", "notes.png"}

@@ -14,7 +14,8 @@ from conftest import DATASET, TINY_SETTINGS, train_tiny
 from xray import metrics as M
 from xray.cli import build_parser
 from xray.registry import Registry
-from xray.train import Cancelled, TrainConfig, config_from_args, main
+from xray.train import Cancelled, main
+from xray.trainconfig import TrainConfig, config_from_args
 
 
 def _registry_state(root: Path) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """One uploaded file in, one analysis out: the engine behind the Diagnose page (no streamlit here).
 
 Everything a page shows about an image is computed here from the bytes the clinician dropped:
-decoded image, calibrated probability, and (on demand) the Grad-CAM map at display size. The upload
-itself is never written to disk; each prediction appends one audit line (hash, model, score, decision;
-xray/audit.py).
+decoded image, calibrated probability and check results, and (on demand) the Grad-CAM map at display
+size. The upload itself is never written to disk. Nothing here decides at a threshold or writes the
+audit log: the page does both at the threshold on screen, when it shows a result (``audit.AuditTrail``).
+Floor 5: imports ``pipeline`` (the CSV row), ``inference``, ``gradcam``, ``decision``.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from . import audit
-from .cli import CSV_HEADER
+from .decision import decide
 from .gradcam import gradcam, overlay
 from .imageio import XrayImage, load_image
 from .inference import Prediction, predict
+from .pipeline import CSV_HEADER, csv_row
 from .registry import LoadedModel, sha256_bytes
 
 # Longest side of the copy shown on screen: a 2000-pixel radiograph is downscaled (aspect ratio
@@ -44,14 +45,13 @@ class Analysis:
         return self.prediction is not None
 
 
-def analyse(model: LoadedModel, data: bytes, name: str, threshold: float | None = None) -> Analysis:
-    """Decode and score one uploaded file.
+def analyse(model: LoadedModel, data: bytes, name: str) -> Analysis:
+    """Decode and score one uploaded file (no decision, no audit line: see the module docstring).
 
     Args:
         model: from ``Registry.load`` / ``load_with_fallback``.
         data: the file's bytes, as uploaded.
         name: the file name (recognises DICOM without a preamble; shown to the clinician).
-        threshold: operating threshold; the model card's own when None.
     Returns:
         An ``Analysis``; a file that cannot be read has ``error`` set to a one-line reason.
     """
@@ -61,11 +61,7 @@ def analyse(model: LoadedModel, data: bytes, name: str, threshold: float | None 
         image = load_image(data, name=name)
     except ValueError as exc:
         return Analysis(name, digest, None, None, " ".join(str(exc).split()))
-    prediction = predict(model, [image], threshold)[0]  # includes the OOD check (xray/ood.py)
-    try:
-        audit.record(digest, prediction)  # hash, model, score, decision; never the name or pixels
-    except OSError as exc:  # an unaudited result is not shown: say why, lose nothing
-        return Analysis(name, digest, image, None, f"result withheld: the audit log cannot be written ({exc})")
+    prediction = predict(model, [image])[0]  # includes the OOD check (xray/ood.py)
     return Analysis(name, digest, image, prediction, "")
 
 
@@ -130,17 +126,19 @@ def worklist_rows(analyses: Iterable[Analysis], threshold: float) -> list[dict]:
                          "threshold": threshold, "error": f"not a chest X-ray: {reason}".strip()})  # as the CLI
         else:
             rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": a.prediction.p_pneumonia,
-                         "label": a.prediction.at(threshold).label, "threshold": threshold, "error": ""})
+                         "label": decide(a.prediction.p_pneumonia, threshold), "threshold": threshold, "error": ""})
     # unreadable and out-of-distribution rows sort below every verdict
     return sorted(rows, key=lambda r: (r["label"] == "", -(r["p_pneumonia"] or 0.0)))
 
 
 def worklist_csv(analyses: Iterable[Analysis], threshold: float) -> str:
-    """The worklist as CSV with the CLI's columns (``xray.cli.CSV_HEADER``), file name as path."""
+    """The worklist as CSV, row for row what ``python -m xray predict`` writes (``pipeline.csv_row``),
+    in worklist order, the file name as path."""
+    by_sha = {a.sha256: a for a in analyses}
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
-    for row in worklist_rows(analyses, threshold):
-        p = "" if row["p_pneumonia"] is None else f"{row['p_pneumonia']:.6f}"
-        writer.writerow([row["path"], p, row["label"], f"{row['threshold']:.6f}", row["error"]])
+    for row in worklist_rows(by_sha.values(), threshold):
+        a = by_sha[row["sha256"]]
+        writer.writerow(csv_row(a.name, a.prediction, a.error, threshold))
     return out.getvalue()

@@ -1,8 +1,13 @@
-"""Audit log: one JSON line per prediction shown, appended safely by concurrent writers.
+"""Audit log: one JSON line per result a clinician was shown, appended safely by concurrent writers.
 
-A line holds when, which file (its SHA-256 only), which model, the score, the threshold, the
-decision and the OOD flag. Never pixels, file names or DICOM patient fields.
-Path: $XRAY_AUDIT_LOG, default <repo>/audit/audit.jsonl (git-ignored); XRAY_AUDIT_LOG=off disables it.
+A line records what was on the screen (or in a downloaded CSV/report): when, which file (its SHA-256
+only), which model version, the score, the threshold in force, the decision made at that threshold
+by ``decision.decide``, and whether the verdict was withheld and why. Never pixels, file names or
+DICOM patient fields. A result that was never displayed is never logged; the same (file, version,
+threshold, decision) shown again in one session is logged once (``AuditTrail``).
+
+Path: ``settings.audit_log_path()`` ($XRAY_AUDIT_LOG, default ``<user data folder>/audit.jsonl``,
+outside the repository); XRAY_AUDIT_LOG=off disables it. Floor 3: imports ``settings``, ``decision``.
 """
 from __future__ import annotations
 
@@ -11,46 +16,85 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .registry import PACKAGE_ROOT
+from . import settings
 
-DEFAULT_AUDIT_LOG = PACKAGE_ROOT / "audit" / "audit.jsonl"
-FIELDS = ("time", "sha256", "model_version", "p_pneumonia", "threshold", "decision", "ood")
+FIELDS = ("time", "sha256", "model_version", "p_pneumonia", "threshold", "decision", "outcome", "reason",
+          "ood", "shown_in")
+VERDICT, WITHHELD = "verdict", "withheld"
 
 
 def audit_path() -> Path | None:
     """Where lines go, or None when auditing is switched off."""
-    value = os.environ.get("XRAY_AUDIT_LOG", "").strip()
-    if value.lower() in ("off", "0", "false", "none"):
-        return None
-    return Path(value) if value else DEFAULT_AUDIT_LOG
+    return settings.audit_log_path()
 
 
-def record(sha256: str, prediction, path: str | os.PathLike | None = None) -> dict | None:
-    """Append one line for a prediction shown to a clinician; returns the entry (None when off).
+def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen") -> dict:
+    """The line that records ``prediction`` as shown at ``threshold`` (not written).
 
     Args:
         sha256: hex SHA-256 of the file's bytes.
-        prediction: an ``inference.Prediction``.
-        path: log file; ``audit_path()`` when None.
+        prediction: an ``inference.Prediction`` (score and check results).
+        threshold: the operating threshold in force where it was shown, exactly.
+        shown_in: where it was shown: ``screen``, ``worklist``, ``csv``, ``report``.
     Raises:
-        OSError: when the log cannot be written (the caller decides whether to go on).
+        ValueError: a malformed hash.
     """
-    target = Path(path) if path is not None else audit_path()
-    if target is None:
-        return None
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError("sha256 must be 64 lower-case hex digits")
-    entry = {
+    withheld = bool(prediction.ood)
+    return {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "sha256": sha256,
         "model_version": prediction.model_version,
         "p_pneumonia": round(float(prediction.p_pneumonia), 6),
-        "threshold": round(float(prediction.threshold), 6),
-        "decision": None if prediction.ood else prediction.label,  # no verdict is shown for OOD images
-        "ood": bool(prediction.ood),
+        "threshold": float(threshold),  # exact: the screen and the CSV decide at this very value
+        "decision": prediction.decision(threshold),  # None when withheld: no verdict was shown
+        "outcome": WITHHELD if withheld else VERDICT,
+        "reason": " ".join(str(prediction.ood_reason).split()) if withheld else "",
+        "ood": withheld,
+        "shown_in": shown_in,
     }
+
+
+def record(sha256: str, prediction, threshold: float, shown_in: str = "screen",
+           path: str | os.PathLike | None = None) -> dict | None:
+    """Append one line for a result shown to a clinician; returns the entry (None when auditing is off).
+
+    Raises:
+        OSError: when the log cannot be written (the caller then withholds the result).
+    """
+    target = Path(path) if path is not None else audit_path()
+    entry = entry_for(sha256, prediction, threshold, shown_in)
+    if target is None:
+        return None
     append_line(target, json.dumps(entry, separators=(",", ":"), allow_nan=False))
     return entry
+
+
+class AuditTrail:
+    """One session's memory of what it logged: each distinct (sha256, version, threshold, decision)
+    is written once, however often the page reruns; a new threshold or decision writes a new line."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = path
+        self.logged: set[tuple] = set()
+        self.last: dict | None = None  # the last entry written (tests, the page's caption)
+
+    def shown(self, sha256: str, prediction, threshold: float, shown_in: str = "screen") -> dict | None:
+        """Record that this result was displayed at ``threshold``; returns the new entry or None when
+        it was already logged in this session (or auditing is off).
+
+        Raises:
+            OSError: the log cannot be written: the caller must not show the result.
+        """
+        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.ood)
+        if key in self.logged:
+            return None
+        entry = record(sha256, prediction, threshold, shown_in, self.path)
+        self.logged.add(key)
+        if entry is not None:
+            self.last = entry
+        return entry
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

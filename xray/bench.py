@@ -16,6 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -23,10 +24,18 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .atomic import atomic_write_json
+from .card import ModelCard
 from .data import IMAGE_EXTENSIONS
-from .model import PneumoniaNet, count_macs, count_parameters, cpu_memory_format, fold_batchnorm
+from .gradcam import GradCam
+from .imageio import load_image
+from .inference import predict
+from .model import PneumoniaNet, count_macs, count_parameters, fold_batchnorm, place
+from .optim import EMA, make_optimizer
+from .pipeline import _prepare_chunk, pipeline_split, score_paths
 from .registry import LoadedModel, ModelFileError, Registry, pick_device
-from .train import TrainConfig, model_config
+from .train import load_data, predict_logits, train_one_epoch
+from .trainconfig import TrainConfig, model_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "chest_xray" / "train"
@@ -102,10 +111,9 @@ def bench_model(registry: str, version: str, device: torch.device) -> tuple[Load
     except (ModelFileError, ValueError):
         pass
     d = TrainConfig()
-    net = PneumoniaNet(model_config(d)).to(device).eval()
-    if device.type == "cpu":
-        net = net.to(memory_format=cpu_memory_format(net.config))
-    card = {"version": "untrained", "threshold": 0.5, "preprocessing": {"image_size": d.image_size}}
+    net = place(PneumoniaNet(model_config(d)), device).eval()
+    card = ModelCard.from_dict({"version": "untrained", "threshold": 0.5, "preprocessing": {"image_size": d.image_size},
+                                "architecture": {"config": net.config.to_dict()}})
     return LoadedModel(net, card, device), "untrained PneumoniaNet at TrainConfig defaults (no active model)"
 
 
@@ -167,13 +175,6 @@ def end_to_end(model: LoadedModel, paths: list[Path], repeats: int, workers: int
     """Images/s from file to Prediction: in one process (load_image + predict) at batch 1 and 32 and
     with Grad-CAM; through the CLI's pipeline (decoding processes + batches of 32); and decoding alone,
     in one process and in the pipeline's processes (the ceiling for any network); peak memory of each."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from .cli import _prepare_chunk, pipeline_split, score_paths
-    from .gradcam import GradCam
-    from .imageio import load_image
-    from .inference import predict
-
     device = model.device
     out: dict = {}
 
@@ -193,7 +194,7 @@ def end_to_end(model: LoadedModel, paths: list[Path], repeats: int, workers: int
         return len(paths)
 
     def streaming() -> int:
-        return sum(1 for _ in score_paths(model, iter(paths), None, batch_size=32, workers=workers))
+        return sum(1 for _ in score_paths(model, iter(paths), batch_size=32, workers=workers))
 
     def decode_only() -> int:
         for p in paths:
@@ -244,8 +245,6 @@ def end_to_end_folder(model: LoadedModel, folder: Path, args: argparse.Namespace
 def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> dict:
     """Seconds per epoch at the shipped settings, measured on ``steps`` steps of each of ``epochs``
     epochs and scaled to a whole epoch; decoding measured cold (private cache) and cached."""
-    from .train import EMA, load_data, predict_logits, train_one_epoch
-
     cfg = TrainConfig(data_dir=str(data_dir))
     out: dict = {"settings": "xray.train.TrainConfig defaults", "batch_size": cfg.batch_size,
                  "image_size": cfg.image_size, "widths": list(cfg.widths), "stem": cfg.stem, "augment": cfg.augment,
@@ -271,13 +270,9 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
             else:
                 os.environ["XRAY_CACHE"] = old_cache
     torch.manual_seed(cfg.seed)
-    model = PneumoniaNet(model_config(cfg)).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=cpu_memory_format(model.config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = place(PneumoniaNet(model_config(cfg)), device)
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, steps_per_epoch)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
     images, labels = torch.from_numpy(splits.images), torch.from_numpy(splits.labels)
@@ -411,7 +406,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_json
 
     result = run(args)
     print(table(result))

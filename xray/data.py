@@ -14,8 +14,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import settings
 from .atomic import atomic_write
-from .inference import try_read_model_input
+from .preprocess import try_read_model_input
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -172,7 +173,7 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XRAY_CACHE", Path.home() / ".cache" / "xray-assistant"))
+    return settings.cache_dir()
 
 
 def decode_images(paths: list[Path], image_size: int, workers: int = 0,

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .decision import PNEUMONIA
 from .imageio import XrayImage
-from .inference import PNEUMONIA, model_inputs
+from .inference import model_inputs
 from .registry import LoadedModel
 
 # Hooks live on the shared module: two threads (two browser sessions) must not interleave.

@@ -25,10 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from . import events as E
+from . import settings
 from .atomic import atomic_write_json, atomic_write_text
 from .data import CLASSES, scan_dataset
-from .registry import PACKAGE_ROOT, Registry
-from .train import TrainConfig, command_line
+from .events import read_events  # noqa: F401 (part of this module's interface)
+from .registry import Registry
+from .settings import PACKAGE_ROOT
+from .train import load_data
+from .trainconfig import TrainConfig, command_line
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 LOCK_NAME = "train.lock"
@@ -43,10 +48,8 @@ class JobRefused(ValueError):
 
 # -- data roots -----------------------------------------------------------------------------------
 def data_roots() -> list[Path]:
-    """Folders the Retrain page may read: $XRAY_DATA_ROOTS (os.pathsep-separated) or the home folder."""
-    raw = os.environ.get("XRAY_DATA_ROOTS", "")
-    roots = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()] or [Path.home()]
-    return [r.resolve() for r in roots]
+    """Folders the Retrain page may read (``settings.data_roots``: $XRAY_DATA_ROOTS or the home folder)."""
+    return settings.data_roots()
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -62,7 +65,7 @@ def check_data_root(path: str | os.PathLike) -> Path:
     roots = data_roots()
     if not _inside(resolved, roots):
         raise ValueError(f"{text} is outside the allowed data folders ({', '.join(map(str, roots))}); "
-                         "set XRAY_DATA_ROOTS to allow it")
+                         f"to allow it, {settings.data_roots_help()}")
     return resolved
 
 
@@ -99,8 +102,6 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
     Raises:
         ValueError: the folder is outside the data roots or cannot be trained on; the message says why.
     """
-    from .train import load_data
-
     root = check_data_root(path)
     cfg = replace(cfg or TrainConfig(), data_dir=str(root))
     _check_links(scan_dataset(root))
@@ -108,7 +109,7 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
 
     def emit(event: dict) -> None:
         seen[event["event"]] = event
-        if progress and event["event"] == "decode":
+        if progress and event["event"] == E.DECODE:
             progress(event["done"], event["total"])
 
     try:
@@ -196,21 +197,6 @@ class Job:
         return summarize(self.events(), self.record, now=None if self.running else self.record.get("ended"))
 
 
-def read_events(path: str | os.PathLike) -> list[dict]:
-    """Every complete JSON line of an event file; a half-written last line is ignored."""
-    events = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # the writer may be mid-line, or was killed there
-    except FileNotFoundError:
-        pass
-    return events
-
-
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) from /proc, or None where there is no /proc."""
     try:
@@ -243,15 +229,15 @@ def process_alive(pid: int, start_ticks: int | None) -> bool:
 def _outcome(job_dir: Path, record: dict) -> dict:
     """Final state of a job whose process is gone, from its events (and the cancel marker)."""
     events = read_events(job_dir / "events.jsonl")
-    terminal = next((e for e in reversed(events) if e.get("event") in ("done", "error", "cancelled")), None)
+    terminal = next((e for e in reversed(events) if e.get("event") in E.TERMINAL), None)
     cancel_asked = (job_dir / "cancel").exists()
     ended = terminal["time"] if terminal and "time" in terminal else time.time()
-    if terminal and terminal["event"] == "done":
+    if terminal and terminal["event"] == E.DONE:
         return {"state": SUCCEEDED, "reason": f"new version {terminal['version']}", "version": terminal["version"],
                 "ended": ended}
-    if terminal and terminal["event"] == "error":
+    if terminal and terminal["event"] == E.ERROR:
         return {"state": FAILED, "reason": terminal.get("message", "error"), "ended": ended}
-    if (terminal and terminal["event"] == "cancelled") or cancel_asked:
+    if (terminal and terminal["event"] == E.CANCELLED) or cancel_asked:
         return {"state": CANCELLED, "reason": "cancelled by the user; no version written", "ended": ended}
     reason = STALE_REASON
     returncode = _read_returncode(job_dir)
@@ -323,7 +309,7 @@ def validate_config(registry_root: str | os.PathLike, cfg: TrainConfig) -> None:
         source = registry.active_version() if cfg.init_from == "active" else cfg.init_from
         if source is None:
             raise JobRefused("there is no active model to start from; choose from scratch")
-        size = int(registry.card(source)["preprocessing"]["image_size"])
+        size = registry.card(source).image_size
         if size != cfg.image_size:
             raise JobRefused(f"fine-tuning keeps the model's image size: set it to {size} (the image size of {source})")
 
@@ -439,26 +425,26 @@ def summarize(events: list[dict], record: dict, now: float | None = None) -> Pro
     last_step: dict | None = None
     for e in events:
         kind = e.get("event")
-        if kind in ("scan", "decode"):
+        if kind in (E.SCAN, E.DECODE):
             p.phase = "reading images"
-            if kind == "decode":
+            if kind == E.DECODE:
                 p.decoded = (e["done"], e["total"])
-        elif kind == "unreadable":
+        elif kind == E.UNREADABLE:
             p.unreadable = e["files"]
-        elif kind == "data":
+        elif kind == E.DATA:
             p.data = e
             p.phase = "training"
-        elif kind == "step":
+        elif kind == E.STEP:
             p.phase, last_step = "training", e
             p.epoch, p.step, p.steps = e["epoch"], e["step"], e["steps"]
             epoch_first_step_time.setdefault(e["epoch"], e["time"])
-        elif kind == "epoch":
+        elif kind == E.EPOCH:
             p.history.append({k: e[k] for k in ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "seconds")})
             p.epochs = e.get("epochs", p.epochs)
-        elif kind in ("early_stop", "time_limit"):
+        elif kind in E.STOPPING:
             p.stopped_early = True
             p.phase = "saving"
-        elif kind in ("done", "error", "cancelled"):
+        elif kind in E.TERMINAL:
             p.phase = "finished"
     completed = len(p.history)
     in_epoch = last_step is not None and last_step["epoch"] > (p.history[-1]["epoch"] if p.history else 0)
@@ -467,7 +453,7 @@ def summarize(events: list[dict], record: dict, now: float | None = None) -> Pro
         p.fraction = min(1.0, (completed + within) / p.epochs)
     if p.phase == "training" and completed and not in_epoch and completed >= p.epochs:
         p.phase = "saving"
-    if events and events[-1].get("event") == "done":
+    if events and events[-1].get("event") == E.DONE:
         p.fraction = 1.0
     end = now if now is not None else time.time()
     p.elapsed_s = max(0.0, end - started)

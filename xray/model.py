@@ -1,12 +1,17 @@
-"""The pneumonia CNN: a small residual network trained from scratch on one-channel radiographs."""
+"""The pneumonia CNN: a small residual network trained from scratch on one-channel radiographs, and
+the helpers every user of a net shares (device placement, mixed precision, test-time augmentation).
+Floor 1: imports only ``preprocess``."""
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .preprocess import normalise
+from .preprocess import TTA_SHIFTS, normalise
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,40 @@ def to_input(batch: torch.Tensor, device: torch.device, config: ModelConfig) -> 
     """(B, 1, S, S) grey levels -> float on ``device`` in the memory format the net runs fastest in."""
     x = batch.to(device).float()  # the net normalises (its config says how)
     return x.contiguous(memory_format=cpu_memory_format(config)) if device.type == "cpu" else x
+
+
+def place(net: nn.Module, device: torch.device) -> nn.Module:
+    """``net`` moved to ``device`` in the memory format it runs fastest in there (the one place this is decided)."""
+    net = net.to(device)
+    if device.type == "cpu":
+        net = net.to(memory_format=cpu_memory_format(net.config))
+    return net
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on a CUDA GPU (bf16 where supported, else fp16); plain float32 on the CPU."""
+    if device.type != "cuda":
+        # float32 on the CPU: bf16 is faster on CPUs with AVX512-BF16/AMX (xray/bench.py measures it)
+        # but moves probabilities near the threshold away from those the card was calibrated on
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def tta_logits(net: nn.Module, x: torch.Tensor, tta: str, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, S, S) network input -> (B,) logits, averaged over the card's test-time augmentation.
+
+    ``tta`` is "none" or "shift" (the mean logit over the image and four 4-pixel shifts: cheap
+    robustness to framing). ``logits`` of the unshifted input may be passed when already computed.
+    """
+    logits = net(x) if logits is None else logits
+    if tta == "shift":
+        for dx, dy in TTA_SHIFTS:
+            logits = logits + net(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
+        logits = logits / (len(TTA_SHIFTS) + 1)
+    elif tta != "none":
+        raise ValueError(f"unknown test-time augmentation {tta!r}; one of none, shift")
+    return logits
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1, k: int = 3, padding: int | None = None) -> nn.Sequential:
@@ -151,10 +190,6 @@ def count_macs(model: PneumoniaNet, image_size: int) -> int:
 def fold_batchnorm(net: PneumoniaNet) -> PneumoniaNet:
     """An inference-only copy with every Conv2d + BatchNorm2d pair folded into one convolution:
     the same outputs to float rounding, about 6% faster on CPU, and no BatchNorm left to train."""
-    import copy
-
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     net = copy.deepcopy(net).eval()
     for module in list(net.modules()):
         for name, child in list(module.named_children()):

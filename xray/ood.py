@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -207,33 +205,3 @@ def fit_for_images(net: torch.nn.Module, images: torch.Tensor, train: np.ndarray
     flagged = ((stats.distances(val_features) > stats.threshold)
                | (stats.upside_down_scores(val_features) > stats.upside_down_threshold))
     return stats, {**stats.summary(), "val_flagged": float(np.mean(flagged))}
-
-
-def fit_for_version(registry, version: str | None, data_dir: str, workers: int = 1,
-                    percentile: float = DEFAULT_PERCENTILE, activate: bool = False,
-                    emit: Callable[[dict], None] = lambda e: None) -> str:
-    """Fit OOD statistics for an existing version and save them as a NEW version; returns its id.
-
-    The new version has the same weights, threshold and calibration, plus ``ood.npz``; the old
-    one is left untouched, so past audit-log lines keep meaning what they said.
-    """
-    from .train import TrainConfig, load_data
-
-    model = registry.load(version, torch.device("cpu"))
-    card = model.card
-    cfg = TrainConfig.from_dict({**card["training"]["config"], "data_dir": str(data_dir), "workers": workers})
-    splits = load_data(cfg, emit)
-    if splits.scan.fingerprint() != card.get("data", {}).get("fingerprint"):
-        raise ValueError("this folder differs from the data the model was trained on: the validation split "
-                         "could not be reproduced")
-    stats, summary = fit_for_images(model.net, torch.from_numpy(splits.images), splits.train, splits.val,
-                                    model.device, percentile)
-    new_card = {k: v for k, v in card.items() if k not in ("version", "weights_sha256", "weights_bytes", "extra_files")}
-    new_card["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    new_card["derived_from"] = {"version": model.version, "change": "added OOD statistics (same weights)"}
-    new_card["ood"] = summary
-    new_version = registry.save_version(model.net, new_card, registry.new_version_id("ood"),
-                                        extras={OOD_FILE: stats.to_bytes()})
-    if activate:
-        registry.activate(new_version)
-    return new_version

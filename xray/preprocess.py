@@ -1,10 +1,18 @@
-"""Preprocessing shared by training, inference and evaluation: resize to the model's square input,
-then per-image intensity standardisation. No other copy of this exists anywhere."""
+"""Preprocessing shared by training, inference and evaluation: a decoded file -> the model's square
+input (``ModelInput``), then per-image intensity normalisation. No other copy of this exists anywhere.
+Floor 1: imports only ``imageio``."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .imageio import XrayImage, load_image
+
+ImageLike = Union[XrayImage, np.ndarray]
 
 
 def resize_to_input(pixels: np.ndarray, image_size: int) -> np.ndarray:
@@ -56,3 +64,40 @@ def standardise(batch: torch.Tensor) -> torch.Tensor:
     # unbiased std in two passes: Tensor.std to float rounding, at a tenth of its cost on CPU (1 thread)
     var = (centred * centred).sum(dim=(1, 2, 3), keepdim=True) / max(x[0].numel() - 1, 1)
     return centred / var.sqrt().clamp_min(1.0)  # 1 grey level: blank images stay finite
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One image as the network and the OOD input checks see it: 16 KB at 128 px, so worker processes
+    can decode full-resolution files and hand over only this."""
+
+    pixels: np.ndarray  # (S, S) uint8, squashed to the model's input like the training set
+    shape: tuple[int, int]  # (H, W) of the decoded image
+    colourfulness: float = 0.0  # XrayImage.colourfulness
+
+
+def model_input(image: "ImageLike | ModelInput", image_size: int) -> ModelInput:
+    """A decoded image (or an already prepared one) -> its ModelInput at ``image_size``."""
+    if isinstance(image, ModelInput):
+        if image.pixels.shape != (image_size, image_size):
+            raise ValueError(f"prepared for {image.pixels.shape[0]} px, the model takes {image_size} px")
+        return image
+    array = image.pixels if isinstance(image, XrayImage) else np.asarray(image)
+    colour = image.colourfulness if isinstance(image, XrayImage) else 0.0
+    return ModelInput(resize_to_input(array, image_size), tuple(array.shape[:2]), colour)
+
+
+def read_model_input(source, image_size: int) -> ModelInput:
+    """File -> ModelInput (``load_image`` + ``model_input``); ValueError for an unusable file."""
+    return model_input(load_image(source), image_size)
+
+
+def try_read_model_input(source, image_size: int) -> tuple[ModelInput | None, str]:
+    """``read_model_input`` for batch work: (ModelInput, '') or (None, one-line reason); a decoder bug
+    costs one file, not a run over a whole folder."""
+    try:
+        return read_model_input(source, image_size), ""
+    except ValueError as exc:
+        return None, str(exc)
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"

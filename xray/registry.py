@@ -18,23 +18,23 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Mapping
 
 import torch
 
+from . import settings
 from .atomic import atomic_write_bytes, atomic_write_json
-from .model import ModelConfig, PneumoniaNet, cpu_memory_format, fold_batchnorm
+from .card import CardError, ModelCard
+from .model import PneumoniaNet, fold_batchnorm, place
+from .ood import OodStats
 
-if TYPE_CHECKING:
-    from .ood import OodStats
-
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REGISTRY = PACKAGE_ROOT / "weights"
+PACKAGE_ROOT = settings.PACKAGE_ROOT
+DEFAULT_REGISTRY = settings.SHIPPED_REGISTRY
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
 def default_registry_path() -> Path:
-    return Path(os.environ.get("XRAY_WEIGHTS", DEFAULT_REGISTRY))
+    return settings.registry_path()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -50,9 +50,9 @@ class LoadedModel:
     """A model ready for inference, with the card that travels with it."""
 
     net: PneumoniaNet
-    card: dict
+    card: ModelCard
     device: torch.device
-    ood_stats: "OodStats | None" = None  # training-feature statistics; None = no feature OOD check
+    ood_stats: OodStats | None = None  # training-feature statistics; None = no feature OOD check
     _folded: "PneumoniaNet | None" = field(default=None, repr=False, compare=False)
 
     @property
@@ -60,39 +60,35 @@ class LoadedModel:
         """``net`` with BatchNorm folded into the convolutions, made on first use: what ``predict``
         runs (Grad-CAM and fine-tuning use ``net`` itself)."""
         if self._folded is None:
-            folded = fold_batchnorm(self.net).to(self.device)
-            if self.device.type == "cpu":
-                folded = folded.to(memory_format=cpu_memory_format(folded.config))
-            self._folded = folded
+            self._folded = place(fold_batchnorm(self.net), self.device)
         return self._folded
 
     @property
     def version(self) -> str:
-        return self.card["version"]
+        return self.card.version
 
     @property
     def threshold(self) -> float:
-        return float(self.card["threshold"])
+        """The card's own operating threshold, exactly as stored."""
+        return self.card.threshold
 
     @property
     def image_size(self) -> int:
-        return int(self.card["preprocessing"]["image_size"])
+        return self.card.image_size
 
     @property
     def calibration(self) -> tuple[float, float]:
-        """(scale, bias): p = sigmoid(scale * logit + bias); a card holding a temperature T means (1/T, 0)."""
-        c = self.card.get("calibration", {})
-        if "scale" in c:
-            return float(c["scale"]), float(c.get("bias", 0.0))
-        return 1.0 / float(c.get("temperature", 1.0)), 0.0
+        """(scale, bias): p = sigmoid(scale * logit + bias)."""
+        return self.card.calibration
 
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_net(card: dict) -> PneumoniaNet:
-    return PneumoniaNet(ModelConfig.from_dict(card["architecture"]["config"]))
+def build_net(card: ModelCard | Mapping[str, Any]) -> PneumoniaNet:
+    card = card if isinstance(card, ModelCard) else ModelCard.from_dict(card)
+    return PneumoniaNet(card.config)
 
 
 class Registry:
@@ -126,7 +122,7 @@ class Registry:
                 card = self.card(version)
             except ModelFileError:
                 return ""
-            return str(card.get("created", ""))
+            return card.created
 
         return sorted(found, key=lambda v: (created(v), v))
 
@@ -134,17 +130,25 @@ class Registry:
         """A version folder that was renamed into place whole (it has its card)."""
         return bool(VERSION_PATTERN.match(version)) and (self.versions_dir / version / "card.json").is_file()
 
-    def card(self, version: str) -> dict:
+    def card(self, version: str) -> ModelCard:
+        """The version's card, validated (``xray.card.ModelCard``).
+
+        Raises:
+            ModelFileError: no card, unreadable JSON, or a card that is not a valid model card.
+        """
         path = self.version_dir(version) / "card.json"
         try:
-            card = json.loads(path.read_text())
+            raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ModelFileError(f"model version {version} has no card") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelFileError(f"model card of {version} is damaged: {exc}") from None
-        if not isinstance(card, dict):
+        if not isinstance(raw, dict):
             raise ModelFileError(f"model card of {version} is damaged: not a JSON object")
-        return card
+        try:
+            return ModelCard.from_dict(raw)
+        except CardError as exc:
+            raise ModelFileError(f"model card of {version} is not valid: {exc}") from None
 
     def _marker_state(self) -> dict:
         try:
@@ -174,7 +178,7 @@ class Registry:
             data = (self.version_dir(version) / "model.pt").read_bytes()
         except FileNotFoundError:
             raise ModelFileError(f"model version {version} has no weights file") from None
-        if sha256_bytes(data) != card.get("weights_sha256"):
+        if sha256_bytes(data) != card.weights_sha256:
             raise ModelFileError(f"weights of model {version} are damaged (checksum mismatch); refusing to load")
         extras = self._read_extras(version, card)
         try:
@@ -184,22 +188,19 @@ class Registry:
         except Exception as exc:  # torch raises several types on bad archives or shapes
             raise ModelFileError(f"weights of model {version} cannot be loaded: {exc}") from None
         device = device or pick_device()
-        net = net.to(device).eval()
-        if device.type == "cpu":
-            net = net.to(memory_format=cpu_memory_format(net.config))
+        net = place(net, device).eval()
         ood_stats = None
         if "ood.npz" in extras:
-            from .ood import OodStats
             try:
                 ood_stats = OodStats.from_bytes(extras["ood.npz"])
             except ValueError as exc:
                 raise ModelFileError(f"model {version}: {exc}") from None
         return LoadedModel(net, card, device, ood_stats)
 
-    def _read_extras(self, version: str, card: dict) -> dict[str, bytes]:
+    def _read_extras(self, version: str, card: ModelCard) -> dict[str, bytes]:
         """The version's extra files, each checked against the SHA-256 in its card."""
         extras = {}
-        for name, digest in (card.get("extra_files") or {}).items():
+        for name, digest in card.extra_files.items():
             if "/" in name or "\\" in name or name.startswith("."):
                 raise ModelFileError(f"model {version} lists an invalid extra file name {name!r}")
             try:
@@ -236,7 +237,7 @@ class Registry:
             version = f"{base}-{n}"
         return version
 
-    def save_version(self, net: torch.nn.Module, card: dict, version: str | None = None,
+    def save_version(self, net: torch.nn.Module, card: Mapping[str, Any], version: str | None = None,
                      extras: dict[str, bytes] | None = None) -> str:
         """Write weights + card (+ extra files, checksummed in the card) as a new, inactive version."""
         version = version or self.new_version_id()
@@ -250,6 +251,10 @@ class Registry:
         extras = extras or {}
         card = {**card, "version": version, "weights_sha256": sha256_bytes(data),
                 "weights_bytes": len(data), "extra_files": {n: sha256_bytes(b) for n, b in extras.items()}}
+        try:
+            ModelCard.from_dict(card)  # never write a card the app could not load
+        except CardError as exc:
+            raise ValueError(f"refusing to save version {version}: {exc}") from None
         staging = self.versions_dir / f".{version}.partial"
         if staging.exists():
             shutil.rmtree(staging)
@@ -261,14 +266,11 @@ class Registry:
         os.replace(staging, final)  # the version appears whole or not at all
         return version
 
-    def update_card(self, version: str, updates: dict) -> dict:
-        """Merge ``updates`` into a version's card atomically (e.g. a new default threshold)."""
-        card = self.card(version)
-        protected = {"version", "weights_sha256", "weights_bytes", "extra_files"}
-        if protected & set(updates):
-            raise ValueError(f"cannot change {sorted(protected & set(updates))}")
-        card.update(updates)
-        atomic_write_json(self.version_dir(version) / "card.json", card)
+    def update_card(self, version: str, updates: Mapping[str, Any]) -> ModelCard:
+        """Merge ``updates`` into a version's card atomically; the protected keys (``card.PROTECTED_KEYS``)
+        cannot change. Raises ValueError (``CardError``) for those or for a card that would not validate."""
+        card = self.card(version).updated(updates)
+        atomic_write_json(self.version_dir(version) / "card.json", card.to_dict())
         return card
 
     def activate(self, version: str) -> None:

@@ -7,6 +7,7 @@ perturbations (gamma, blur, noise, crop, zoom-out, rotation), with how many deci
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -20,7 +21,8 @@ from .augment import resolution_blur
 from .imageio import load_image
 from .inference import logits_of, predict, probabilities
 from .registry import LoadedModel, Registry
-from .train import TrainConfig, load_data
+from .train import load_data
+from .trainconfig import TrainConfig
 
 
 def _affine(x: torch.Tensor, zoom: float = 1.0, angle_deg: float = 0.0) -> torch.Tensor:
@@ -60,8 +62,7 @@ def _summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 
 def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
     """All checks for one loaded model; returns a JSON-able dict."""
-    card = model.card
-    cfg = TrainConfig.from_dict(card["training"]["config"])
+    cfg = TrainConfig.from_dict(dict(model.card.training.config))
     splits = load_data(cfg, lambda e: None)
     val = splits.val
     y = splits.labels[val]
@@ -100,8 +101,6 @@ def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m xray.robustness", description=__doc__)
     parser.add_argument("--model", default="", help="version id (default: active)")
     parser.add_argument("--registry", default="")

@@ -3,102 +3,59 @@
 CLI attaches a console printer and a JSON-lines event file that the Retrain page reads."""
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
 import platform
-import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import PIL
 import torch
-import torch.nn.functional as F
 
+from . import calibration as C
+from . import card as model_card
+from . import events as E
 from . import metrics as M
+from . import ood as O
 from .atomic import atomic_write
 from .augment import PRESETS, augment
-from .data import CLASSES, SMALL_VAL, DatasetScan, decoded_dataset, patient_split, scan_dataset
-from .inference import autocast_for
-from .model import (STEMS, ModelConfig, PneumoniaNet, count_macs, count_parameters, cpu_memory_format, stage_strides,
-                    to_input)
-from .preprocess import NORMALISATIONS, TTA_SHIFTS
+from .card import PROTECTED_KEYS
+from .data import (
+    CLASSES,
+    SMALL_VAL,
+    DatasetScan,
+    decoded_dataset,
+    patient_split,
+    scan_dataset,
+)
+from .distributed import (  # noqa: F401
+    Cancelled,
+    any_rank,
+    average_buffers,
+    from_rank0,
+    gather_logits,
+    raise_together,
+)
+from .model import (
+    ModelConfig,
+    PneumoniaNet,
+    autocast_for,
+    count_macs,
+    count_parameters,
+    place,
+    to_input,
+    tta_logits,
+)
+from .optim import EMA, loss_fn, make_optimizer
 from .registry import Registry, pick_device
-
-INTENDED_USE = ("Decision support for pediatric (ages 1-5) anterior-posterior chest radiographs: "
-                "estimates the probability of pneumonia and shows where the model looked. It assists "
-                "a clinician and does not diagnose.")
-LIMITS = [
-    "Trained on one hospital's pediatric AP radiographs (Guangzhou, Kermany et al. 2018); adults, "
-    "lateral views, other hospitals' equipment and other diseases are outside its training data.",
-    "Validation figures come from a patient-level split of the training images and flatter: expect "
-    "lower specificity on new data.",
-    "Does not distinguish bacterial from viral pneumonia, nor detect other findings.",
-]
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting; shared by the CLI and the Retrain page form."""
-
-    data_dir: str = ""  # folder with NORMAL/ and PNEUMONIA/ at any depth
-    epochs: int = 40  # upper bound; early stopping may end sooner
-    image_size: int = 128  # square model input in pixels
-    batch_size: int = 64
-    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
-    weight_decay: float = 5e-4  # AdamW decoupled weight decay
-    val_fraction: float = 0.15  # patients held out for validation when the folder has no val/ part
-    seed: int = 0
-    patience: int = 8  # epochs without validation improvement before stopping
-    label_smoothing: float = 0.05
-    augment: str = "strong"  # none | standard | strong (docs/experiments.md: strong generalises best)
-    mixup: float = 0.0  # Beta(a, a) mixup strength; 0 = off
-    ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
-    dropout: float = 0.3
-    normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
-    widths: tuple[int, ...] = (32, 48, 64)
-    stem: str = "patch4"  # patch4 | conv (xray.model.STEMS); stage strides follow from it (docs/experiments.md: p4s)
-    threshold_rule: str = "sensitivity>=0.97"  # max specificity with validation sensitivity >= 0.97
-    tta: str = "none"  # none | shift: test-time augmentation stored in the card
-    init_from: str = ""  # "" = from scratch; "active" or a version id = fine-tune from it
-    registry: str = ""  # registry folder; "" = weights/ or $XRAY_WEIGHTS
-    run_dir: str = ""  # checkpoints + events; "" = <registry>/runs/<run id>
-    resume: bool = False  # continue from run_dir/checkpoint.pt
-    activate: bool = False  # make the new version active when training succeeds
-    threads: int = 0  # torch CPU threads; 0 = all cores
-    workers: int = 0  # decoding processes; 0 = automatic
-    max_minutes: float = 0.0  # stop after this many minutes of training; 0 = no limit
-    tag: str = ""  # appended to the version id
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training settings: {sorted(unknown)}")
-        d = {k: tuple(v) if k == "widths" else v for k, v in d.items()}
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        return d
-
-
-def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The architecture a from-scratch run of ``cfg`` builds."""
-    return ModelConfig(widths=tuple(cfg.widths), strides=stage_strides(cfg.stem, len(cfg.widths)),
-                       dropout=cfg.dropout, normalisation=cfg.normalisation, stem=cfg.stem)
-
+from .trainconfig import TrainConfig, command_line, model_config  # noqa: F401 (re-exported for callers)
 
 Callback = Callable[[dict], None]
-
-
-class Cancelled(Exception):
-    """Training was asked to stop (a stop file appeared or SIGTERM)."""
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -117,12 +74,12 @@ class Splits:
 def load_data(cfg: TrainConfig, emit: Callback) -> Splits:
     """Scan, decode once (cached), and split by patient."""
     scan = scan_dataset(cfg.data_dir)
-    emit({"event": "scan", **scan.summary()})
+    emit({"event": E.SCAN, **scan.summary()})
     images, errors = decoded_dataset(scan, cfg.image_size, cfg.workers,
-                                     progress=lambda i, n: emit({"event": "decode", "done": i, "total": n}))
+                                     progress=lambda i, n: emit({"event": E.DECODE, "done": i, "total": n}))
     ok = np.array([not e for e in errors])
     unreadable = [(scan.relative(s.path), e) for s, e in zip(scan.samples, errors) if e]
-    emit({"event": "unreadable", "files": unreadable})
+    emit({"event": E.UNREADABLE, "files": unreadable})
     samples = [s for s, good in zip(scan.samples, ok) if good]
     images = images[ok]
     labels = np.array([s.label for s in samples], dtype=np.int64)
@@ -151,32 +108,6 @@ def load_data(cfg: TrainConfig, emit: Callback) -> Splits:
 
 
 # -- steps --------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of parameters and buffers (BatchNorm statistics included)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # warm-up: forget the random init
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-            else:
-                self.shadow[k].copy_(v)
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float, smoothing: float) -> torch.Tensor:
-    """Class-balanced binary cross-entropy with label smoothing; targets in [0, 1]."""
-    soft = targets * (1 - smoothing) + 0.5 * smoothing
-    weights = torch.where(targets > 0.5, torch.full_like(targets, pos_weight), torch.ones_like(targets))
-    return (F.binary_cross_entropy_with_logits(logits, soft, reduction="none") * weights).sum() / weights.sum()
-
-
 def _config_of(model: torch.nn.Module) -> ModelConfig:
     return (model.module if hasattr(model, "module") else model).config  # DDP wraps the net
 
@@ -195,7 +126,7 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
     steps = max(1, len(indices) // world // cfg.batch_size)  # identical on every rank (DDP needs it)
     total, count, started = 0.0, 0, time.time()
     for step in range(steps):
-        if _any_rank(should_stop(), world, device):  # every rank stops at the same step
+        if any_rank(should_stop(), world, device):  # every rank stops at the same step
             raise Cancelled()
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = images[idx].unsqueeze(1).float()  # (B, 1, S, S) in [0, 255]
@@ -224,20 +155,22 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
         count += len(idx)
         if step % 10 == 0 or step == steps - 1:
             elapsed = time.time() - started
-            emit({"event": "step", "epoch": epoch, "step": step + 1, "steps": steps, "loss": loss.item(),
+            emit({"event": E.STEP, "epoch": epoch, "step": step + 1, "steps": steps, "loss": loss.item(),
                   "lr": scheduler.get_last_lr()[0], "epoch_eta_s": elapsed / (step + 1) * (steps - step - 1)})
     return total / max(count, 1)
 
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, indices: np.ndarray, device: torch.device,
-                   batch_size: int = 128) -> np.ndarray:
+                   batch_size: int = 128, tta: str = "none") -> np.ndarray:
+    """(N, S, S) uint8 images[indices] -> (n,) float32 logits, with the card's TTA (``model.tta_logits``)."""
     model.eval()
     out = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         with autocast_for(device):
-            out.append(model(to_input(images[idx].unsqueeze(1), device, _config_of(model))).float().cpu())
+            x = to_input(images[idx].unsqueeze(1), device, _config_of(model))
+            out.append(tta_logits(model, x, tta).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -249,114 +182,14 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, pos_weight: float) -> dict:
             "val_auc": M.roc_auc(labels, p), "val_accuracy": float(np.mean((p >= 0.5) == labels))}
 
 
-def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(scale, bias) minimising validation NLL of sigmoid(scale * logit + bias) (Platt scaling).
-
-    Temperature scaling alone (bias 0) cannot undo the shift that class-balanced training puts into
-    the logits; the bias does, so p(pneumonia) matches the observed frequency.
-    """
-    z, y = torch.from_numpy(logits).double(), torch.from_numpy(labels).double()
-    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(params[0] * z + params[1], y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    scale, bias = (float(v) for v in params.detach())
-    if not (np.isfinite(scale) and np.isfinite(bias)) or scale <= 0:
-        return 1.0, 0.0  # degenerate validation set (e.g. perfectly separated): leave logits as they are
-    return scale, bias
-
-
-def calibrated(logits: np.ndarray, scale: float, bias: float) -> np.ndarray:
-    z = scale * np.asarray(logits, dtype=np.float64) + bias
-    return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + exp(-z)) without overflow for very negative z
-
-
-def crossfit_ece(logits: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """ECE of Platt scaling fitted on one half of validation and measured on the other (both ways)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    halves = (order[: len(order) // 2], order[len(order) // 2:])
-    p = np.zeros(len(labels))
-    for fit, held in (halves, halves[::-1]):
-        p[held] = calibrated(logits[held], *fit_platt(logits[fit], labels[fit]))
-    return M.expected_calibration_error(labels, p)
-
-
 # -- checkpoints --------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def environment() -> dict:
-    import PIL
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "pillow": PIL.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
-
-
-# -- several processes (torchrun) ---------------------------------------------------------------------
-def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any: all ranks stop together or none does."""
-    if world == 1:
-        return flag
-    import torch.distributed as dist
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _raise_together(failure: BaseException | None, world: int) -> None:
-    """Raise on every rank when any rank failed: a lone failure would leave the others waiting."""
-    if world > 1:
-        import torch.distributed as dist
-        reports: list = [None] * world
-        dist.all_gather_object(reports, None if failure is None else (type(failure).__name__, str(failure)))
-        if failure is None:
-            kind, message = next(iter(filter(None, reports)), (None, ""))
-            if kind == "Cancelled":
-                failure = Cancelled()
-            elif kind is not None:
-                failure = ValueError(f"another training process failed: {message}")
-    if failure is not None:
-        raise failure
-
-
-def _average_buffers(tensors: list[torch.Tensor], world: int) -> None:
-    """Average BatchNorm running statistics over ranks, in place (each rank saw only its batches)."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-    for t in tensors:
-        if t.dtype.is_floating_point:
-            dist.all_reduce(t)
-            t.div_(world)
-
-
-def _gather_logits(local: np.ndarray, n: int, world: int) -> np.ndarray:
-    """Rank r scored positions r::world of n; every rank gets all n logits, in order."""
-    if world == 1:
-        return local
-    import torch.distributed as dist
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    out = np.zeros(n, np.float32)
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
-
-
-def _from_rank0(obj, world: int):
-    """Rank 0's value of ``obj`` on every rank (the run folder, a checkpoint read from its disk)."""
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -405,7 +238,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     torch.manual_seed(cfg.seed)
     registry = Registry(cfg.registry or None)
     started = time.time()
-    emit({"event": "start", "config": cfg.to_dict(), "pid": os.getpid(), "world_size": world})
+    emit({"event": E.START, "config": cfg.to_dict(), "pid": os.getpid(), "world_size": world})
 
     failure, source = None, None
     try:  # the errors a user can cause (bad folder, bad source model) happen here, on every rank alike
@@ -416,13 +249,13 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
                 raise ValueError(f"fine-tuning needs the source model's image size {source.image_size}")
     except (ValueError, Cancelled) as exc:
         failure = exc
-    _raise_together(failure, world)
+    raise_together(failure, world)
     images = torch.from_numpy(splits.images)
     labels = torch.from_numpy(splits.labels)
     n_pos = int(splits.labels[splits.train].sum())
     n_neg = len(splits.train) - n_pos
     pos_weight = n_neg / max(n_pos, 1)  # balances the classes' total weight in the loss
-    emit({"event": "data", "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+    emit({"event": E.DATA, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
           "validation": splits.description, "pos_weight": pos_weight})
 
     model_cfg = model_config(cfg)
@@ -432,9 +265,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         model = source.net.float()
         model_cfg = source.net.config
         parent = source.version
-    model = model.to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=cpu_memory_format(model_cfg))
+    model = place(model, device)
     train_model = model
     if distributed:
         # Parameters stay identical on every rank (gradients are averaged). BatchNorm running
@@ -443,10 +274,8 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         # statistics stay per process (no SyncBatchNorm, see docs/scaling.md).
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(splits.train) // world // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, steps_per_epoch)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
     scaler = None
@@ -454,13 +283,13 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         scaler = torch.amp.GradScaler("cuda")
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else registry.root / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(_from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
+    run_dir = Path(from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
     checkpoint_path = run_dir / "checkpoint.pt"
     start_epoch, history, best = 1, [], {"score": -math.inf, "epoch": 0, "state": None}
     ckpt = None
     if cfg.resume and rank == 0 and checkpoint_path.is_file():
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    ckpt = _from_rank0(ckpt, world)  # only rank 0 writes checkpoints: other machines need not share its disk
+    ckpt = from_rank0(ckpt, world)  # only rank 0 writes checkpoints: other machines need not share its disk
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -473,7 +302,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         if ema is not None and ckpt.get("ema"):
             ema.shadow = ckpt["ema"]
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
-        emit({"event": "resumed", "epoch": ckpt["epoch"]})
+        emit({"event": E.RESUMED, "epoch": ckpt["epoch"]})
 
     train_seconds = 0.0
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -481,17 +310,15 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         train_loss = train_one_epoch(train_model, optimizer, scheduler, images, labels, splits.train, cfg, epoch,
                                      pos_weight, generator, ema, emit, should_stop, device, (rank, world), scaler)
         buffer_names = [name for name, _ in model.named_buffers()]
-        _average_buffers([b for _, b in model.named_buffers()]
+        average_buffers([b for _, b in model.named_buffers()]
                          + ([ema.shadow[name] for name in buffer_names] if ema is not None else []), world)
         eval_model = model  # identical on every rank from here on
         if ema is not None:
-            eval_model = PneumoniaNet(model_cfg).to(device)
-            if device.type == "cpu":
-                eval_model = eval_model.to(memory_format=cpu_memory_format(model_cfg))
+            eval_model = place(PneumoniaNet(model_cfg), device)
             eval_model.load_state_dict(ema.shadow)
         # each rank scores its share of the validation images; all ranks then hold all logits, so
         # metrics, the best epoch and early stopping agree everywhere
-        val_logits = _gather_logits(predict_logits(eval_model, images, splits.val[rank::world], device),
+        val_logits = gather_logits(predict_logits(eval_model, images, splits.val[rank::world], device),
                                     len(splits.val), world)
         row = {"epoch": epoch, "train_loss": train_loss,
                **evaluate(val_logits, splits.labels[splits.val], pos_weight),
@@ -509,7 +336,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}}
         remaining = (cfg.epochs - epoch) * (train_seconds / (epoch - start_epoch + 1))
-        emit({"event": "epoch", **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs})
+        emit({"event": E.EPOCH, **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs})
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -519,13 +346,13 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
                 "ema": ema.shadow if ema else None, "epoch": epoch, "history": history, "best": best,
                 "config": cfg.to_dict()})
         if epoch - best["epoch"] >= cfg.patience:
-            emit({"event": "early_stop", "epoch": epoch, "best_epoch": best["epoch"]})
+            emit({"event": E.EARLY_STOP, "epoch": epoch, "best_epoch": best["epoch"]})
             break
         # clocks differ between ranks: decide together, or one rank would wait for the others forever
-        if _any_rank(bool(cfg.max_minutes) and (time.time() - started) / 60 > cfg.max_minutes, world, device):
-            emit({"event": "time_limit", "epoch": epoch})
+        if any_rank(bool(cfg.max_minutes) and (time.time() - started) / 60 > cfg.max_minutes, world, device):
+            emit({"event": E.TIME_LIMIT, "epoch": epoch})
             break
-        if _any_rank(should_stop(), world, device):
+        if any_rank(should_stop(), world, device):
             raise Cancelled()
 
     if distributed:
@@ -545,132 +372,73 @@ def _eval_block(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 
 def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: int, history: list,
              seconds: float, registry: Registry, parent: str | None, device: torch.device, emit: Callback) -> str:
-    """Calibrate, choose the threshold, write the card, and save the version (inactive)."""
+    """Calibrate, choose the threshold, build the card (``xray.card.build``), save the version (inactive)."""
     images = torch.from_numpy(splits.images)
     y_val = splits.labels[splits.val]
-    val_logits = tta_logits(net, images, splits.val, device, cfg.tta)
-    scale, bias = fit_platt(val_logits, y_val)
-    p_val = calibrated(val_logits, scale, bias)
+    val_logits = predict_logits(net, images, splits.val, device, tta=cfg.tta)
+    scale, bias = C.fit_platt(val_logits, y_val)
+    p_val = C.apply(val_logits, scale, bias)
     threshold = M.choose_threshold(y_val, p_val, cfg.threshold_rule)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
-        from .ood import OOD_FILE, fit_for_images
-        ood_stats, ood_summary = fit_for_images(net, images, splits.train, splits.val, device)
-        extras[OOD_FILE] = ood_stats.to_bytes()
+        ood_stats, ood_summary = O.fit_for_images(net, images, splits.train, splits.val, device)
+        extras[O.OOD_FILE] = ood_stats.to_bytes()
     except (ValueError, np.linalg.LinAlgError) as exc:
         ood_summary = {"skipped": str(exc)}
-    card = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "architecture": {"name": "PneumoniaNet", "config": net.config.to_dict(),
-                         "parameters": count_parameters(net), "macs": count_macs(copy.deepcopy(net).cpu(), cfg.image_size),
-                         "gradcam_layer": "stages[-1]"},
-        "preprocessing": {"image_size": cfg.image_size, "tta": cfg.tta,
-                          "steps": ["decode to one channel in [0, 1] (xray.imageio.load_image)",
-                                    f"squash-resize to {cfg.image_size}x{cfg.image_size}, bilinear, antialiased; uint8",
-                                    f"per-image {cfg.normalisation} (inside the network: xray.preprocess.normalise)"],
-                          "normalisation": net.config.normalisation},
-        "threshold": threshold,
-        "threshold_rule": cfg.threshold_rule,
-        "calibration": {"method": "Platt scaling fitted on validation", "scale": scale, "bias": bias,
-                        "ece_crossfit": crossfit_ece(val_logits, y_val, cfg.seed)},
-        "validation": {"split": splits.description, **_eval_block(y_val, p_val, threshold),
-                       "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
-                                       "label": [int(v) for v in y_val]}},
-        "training": {"config": cfg.to_dict(), "command": command_line(cfg),
-                     "argv": sys.argv, "best_epoch": best_epoch, "epochs_run": len(history),
-                     "seconds": round(seconds, 1), "history": history, "parent": parent},
-        "data": {"root": str(splits.scan.root), "fingerprint": splits.scan.fingerprint(),
-                 "counts": splits.scan.counts(), "train_images": int(len(splits.train)),
-                 "val_images": int(len(splits.val)), "duplicates": len(splits.scan.duplicates),
-                 "unreadable": len(splits.unreadable), "classes": list(CLASSES)},
-        "environment": environment(),
-        "ood": ood_summary,
-        "intended_use": INTENDED_USE,
-        "limits": LIMITS,
-    }
+    test = None
     if len(splits.test):
         y_test = splits.labels[splits.test]
-        p_test = calibrated(tta_logits(net, images, splits.test, device, cfg.tta), scale, bias)
-        card["test"] = {"note": "the folder's test/ part; reported only, nothing was chosen on it",
-                        **_eval_block(y_test, p_test, threshold)}
+        p_test = C.apply(predict_logits(net, images, splits.test, device, tta=cfg.tta), scale, bias)
+        test = {"note": "the folder's test/ part; reported only, nothing was chosen on it",
+                **_eval_block(y_test, p_test, threshold)}
+    card = model_card.build(
+        config=net.config, parameters=count_parameters(net), macs=count_macs(copy.deepcopy(net).cpu(), cfg.image_size),
+        image_size=cfg.image_size, tta=cfg.tta, threshold=threshold, threshold_rule=cfg.threshold_rule,
+        calibration={"method": C.PLATT, "scale": scale, "bias": bias,
+                     "ece_crossfit": C.crossfit_ece(val_logits, y_val, cfg.seed)},
+        validation={"split": splits.description, **_eval_block(y_val, p_val, threshold),
+                    "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
+                                    "label": [int(v) for v in y_val]}},
+        training={"config": cfg.to_dict(), "command": command_line(cfg), "argv": sys.argv,
+                  "best_epoch": best_epoch, "epochs_run": len(history), "seconds": round(seconds, 1),
+                  "history": history, "parent": parent},
+        data={"root": str(splits.scan.root), "fingerprint": splits.scan.fingerprint(),
+              "counts": splits.scan.counts(), "train_images": int(len(splits.train)),
+              "val_images": int(len(splits.val)), "duplicates": len(splits.scan.duplicates),
+              "unreadable": len(splits.unreadable), "classes": list(CLASSES)},
+        environment=environment(), ood=ood_summary, test=test)
     version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
     if cfg.activate:
         registry.activate(version)
-    emit({"event": "done", "version": version, "threshold": threshold, "activated": cfg.activate,
+    emit({"event": E.DONE, "version": version, "threshold": threshold, "activated": cfg.activate,
           "val_metrics": {k: v for k, v in card["validation"].items() if k != "predictions"}})
     return version
 
 
-def tta_logits(net, images, indices, device, tta: str) -> np.ndarray:
-    logits = predict_logits(net, images, indices, device)
-    if tta == "shift":
-        for dx, dy in TTA_SHIFTS:
-            shifted = torch.roll(images, shifts=(dy, dx), dims=(1, 2))
-            logits = logits + predict_logits(net, shifted, indices, device)
-        logits = logits / (len(TTA_SHIFTS) + 1)
-    return logits
+# -- OOD statistics for an existing version ----------------------------------------------------------
+def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, workers: int = 1,
+                    percentile: float = O.DEFAULT_PERCENTILE, activate: bool = False,
+                    emit: Callable[[dict], None] = lambda e: None) -> str:
+    """Fit OOD statistics for an existing version and save them as a NEW version; returns its id.
 
-
-# -- command line -------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    parser.add_argument("data_dir", help="folder with NORMAL/ and PNEUMONIA/ subfolders at any depth")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
-    parser.add_argument("--image-size", type=int, default=d.image_size, help=f"square input size (default {d.image_size})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default {d.weight_decay})")
-    parser.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                        help=f"fraction of patients held out for validation (default {d.val_fraction})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
-    parser.add_argument("--patience", type=int, default=d.patience, help=f"early-stopping patience in epochs (default {d.patience})")
-    parser.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"(default {d.label_smoothing})")
-    parser.add_argument("--augment", choices=sorted(PRESETS), default=d.augment, help=f"(default {d.augment})")
-    parser.add_argument("--mixup", type=float, default=d.mixup, help=f"mixup Beta parameter, 0 = off (default {d.mixup})")
-    parser.add_argument("--ema", type=float, default=d.ema, help=f"weight EMA decay, 0 = off (default {d.ema})")
-    parser.add_argument("--normalisation", choices=NORMALISATIONS, default=d.normalisation,
-                        help=f"per-image intensity normalisation (default {d.normalisation})")
-    parser.add_argument("--dropout", type=float, default=d.dropout, help=f"(default {d.dropout})")
-    parser.add_argument("--widths", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.widths,
-                        help=f"channels per stage, comma-separated (default {','.join(map(str, d.widths))})")
-    parser.add_argument("--stem", choices=sorted(STEMS), default=d.stem,
-                        help=f"conv: two 3x3 convolutions; patch4: one 4x4 stride-4 patch convolution, about 4x "
-                             f"cheaper (default {d.stem})")
-    parser.add_argument("--threshold-rule", default=d.threshold_rule,
-                        help=f"youden | sensitivity>=X (default {d.threshold_rule})")
-    parser.add_argument("--tta", choices=["none", "shift"], default=d.tta, help=f"test-time augmentation (default {d.tta})")
-    parser.add_argument("--fine-tune", dest="init_from", nargs="?", const="active", default="",
-                        help="start from the active model (or the version given) instead of from scratch")
-    parser.add_argument("--registry", default="", help="registry folder (default weights/ or $XRAY_WEIGHTS)")
-    parser.add_argument("--run-dir", default="", help="checkpoint/event folder (default <registry>/runs/<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
-    parser.add_argument("--activate", action="store_true", help="activate the new version when done")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--workers", type=int, default=0, help="image decoding processes (default: automatic)")
-    parser.add_argument("--max-minutes", type=float, default=0.0, help="training time limit (default: none)")
-    parser.add_argument("--tag", default="", help="suffix for the version id")
-    parser.add_argument("--events", default="", help="JSON-lines event file (default <run-dir>/events.jsonl)")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
-
-
-def command_line(cfg: TrainConfig) -> str:
-    """The ``python -m xray train`` command that reproduces ``cfg`` (settings at their default left out)."""
-    default = TrainConfig()
-    words = ["python", "-m", "xray", "train", cfg.data_dir]
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if f.name == "data_dir" or value == getattr(default, f.name) or (
-                isinstance(value, list) and tuple(value) == getattr(default, f.name)):
-            continue
-        flag = "--fine-tune" if f.name == "init_from" else "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag)  # store_true switches; only True differs from the default
-        elif isinstance(value, (tuple, list)):
-            words += [flag, ",".join(str(v) for v in value)]
-        else:
-            words += [flag, str(value)]
-    return shlex.join(words)
+    The new version has the same weights, threshold and calibration, plus ``ood.npz``; the old
+    one is left untouched, so past audit-log lines keep meaning what they said.
+    """
+    model = registry.load(version, torch.device("cpu"))
+    card = model.card
+    cfg = TrainConfig.from_dict({**card.training.config, "data_dir": str(data_dir), "workers": workers})
+    splits = load_data(cfg, emit)
+    if splits.scan.fingerprint() != card.data.fingerprint:
+        raise ValueError("this folder differs from the data the model was trained on: the validation split "
+                         "could not be reproduced")
+    stats, summary = O.fit_for_images(model.net, torch.from_numpy(splits.images), splits.train, splits.val,
+                                    model.device, percentile)
+    new_card = {k: v for k, v in card.items() if k not in PROTECTED_KEYS}
+    new_card["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new_card["derived_from"] = {"version": model.version, "change": "added OOD statistics (same weights)"}
+    new_card["ood"] = summary
+    new_version = registry.save_version(model.net, new_card, registry.new_version_id("ood"),
+                                        extras={O.OOD_FILE: stats.to_bytes()})
+    if activate:
+        registry.activate(new_version)
+    return new_version

@@ -1,0 +1,64 @@
+"""Every setting read from the environment (``XRAY_*``), in one place; floor 0 (imports nothing of ours).
+
+| variable | meaning | default |
+|---|---|---|
+| XRAY_WEIGHTS | the model registry folder | ``weights/`` beside this package (the shipped versions) |
+| XRAY_DATA_ROOTS | folders the Retrain page may read, ``os.pathsep``-separated | the home folder |
+| XRAY_AUDIT_LOG | the audit log file; ``off`` disables it | ``<user data folder>/audit.jsonl`` |
+| XRAY_CACHE | decoded-image cache folder | the platform's user cache folder |
+| XRAY_DATA | the per-user data folder (audit log default) | the platform's user data folder |
+
+The user folders come from ``platformdirs`` (XDG on Linux, ``~/Library`` on macOS, ``%LOCALAPPDATA%``
+on Windows), so nothing the app does at run time writes into the repository.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "xray-assistant"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the repository (or install) root
+SHIPPED_REGISTRY = PACKAGE_ROOT / "weights"  # the versions that ship with the product
+OFF_VALUES = ("off", "0", "false", "none")
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def registry_path() -> Path:
+    """$XRAY_WEIGHTS, or the shipped registry."""
+    return Path(_env("XRAY_WEIGHTS") or SHIPPED_REGISTRY)
+
+
+def user_data_dir() -> Path:
+    """$XRAY_DATA, or the platform's per-user data folder (created by whoever writes into it)."""
+    return Path(_env("XRAY_DATA") or platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """$XRAY_CACHE, or the platform's per-user cache folder."""
+    return Path(_env("XRAY_CACHE") or platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def audit_log_path() -> Path | None:
+    """$XRAY_AUDIT_LOG, ``<user data folder>/audit.jsonl`` when unset, None when set to ``off``."""
+    value = _env("XRAY_AUDIT_LOG")
+    if value.lower() in OFF_VALUES:
+        return None
+    return Path(value) if value else user_data_dir() / "audit.jsonl"
+
+
+def data_roots() -> list[Path]:
+    """Folders the Retrain page may read: $XRAY_DATA_ROOTS (``os.pathsep``-separated) or the home folder."""
+    roots = [Path(p).expanduser() for p in _env("XRAY_DATA_ROOTS").split(os.pathsep) if p.strip()]
+    return [r.resolve() for r in roots or [Path.home()]]
+
+
+def data_roots_help() -> str:
+    """How a user widens the data roots (shown with a refusal)."""
+    sep = os.pathsep
+    return (f"set XRAY_DATA_ROOTS to the allowed folders, separated by '{sep}' (e.g. "
+            f"XRAY_DATA_ROOTS=/data/xrays{sep}/mnt/pacs-export), then restart the server")
