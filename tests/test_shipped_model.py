@@ -1,0 +1,26 @@
+"""The shipped model's behaviour is pinned: its predictions on every readable fixture and sample are the
+ones recorded before the layering refactor (tests/fixtures/shipped_predictions.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xray.imageio import load_image
+from xray.inference import predict
+from xray.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = json.loads((ROOT / "tests" / "fixtures" / "shipped_predictions.json").read_text())
+
+
+def test_shipped_predictions_are_unchanged(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model = Registry(ROOT / "weights").load(RECORD["version"])
+    paths = sorted(RECORD["predictions"])
+    predictions = [predict(model, [load_image(ROOT / p)])[0] for p in paths]  # one at a time, as recorded
+    for path, prediction in zip(paths, predictions):
+        p, withheld, reason = RECORD["predictions"][path]
+        assert prediction.p_pneumonia == pytest.approx(p, abs=1e-9), path
+        assert (prediction.withheld, prediction.ood_reason) == (withheld, reason), path
