@@ -4,16 +4,20 @@ from pathlib import Path
 import streamlit as st
 
 HERE = Path(__file__).resolve().parent
+PAGES = [("pages/diagnose.py", "Diagnose", ":material/radiology:"),
+         ("pages/retrain.py", "Retrain", ":material/model_training:"),
+         ("pages/models.py", "Models", ":material/inventory_2:"),
+         ("pages/about.py", "About", ":material/info:")]
 
 st.set_page_config(page_title="Pneumonia X-ray assistant", page_icon=":material/radiology:", layout="wide")
 
-pages = [st.Page("pages/diagnose.py", title="Diagnose", icon=":material/radiology:", default=True)]
-# Retrain and Models are separate pages; the navigation lists them once they exist.
-for path, title, icon in (("pages/retrain.py", "Retrain", ":material/model_training:"),
-                          ("pages/models.py", "Models", ":material/inventory_2:")):
-    if (HERE / path).is_file():
-        pages.append(st.Page(path, title=title, icon=icon))
-pages.append(st.Page("pages/about.py", title="About", icon=":material/info:"))
+paths = [path for path, _, _ in PAGES if (HERE / path).is_file()]
+pages = [st.Page(path, title=title, icon=icon, default=path == "pages/diagnose.py")
+         for path, title, icon in PAGES if path in paths]
 
 st.session_state["app_navigation"] = True  # see pages/common.py ensure_app_navigation
-st.navigation(pages).run()
+current = st.navigation(pages)
+asked = st.session_state.pop("app_return_to", None)  # a bookmark answered in legacy mode: open that page
+if asked in paths and Path(asked).stem != current.url_path and not (asked == "pages/diagnose.py" and current.url_path == ""):
+    st.switch_page(asked)
+current.run()

@@ -3,11 +3,11 @@ threshold (one owner: ``THRESHOLD_KEY``) and the session's audit trail (what was
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import streamlit as st
 
 from xray.audit import AuditTrail
-from xray.gradcam import preload_gradcam
 from xray.registry import LoadedModel, ModelFileError, Registry
 
 # The one owner of the operating threshold in the app: a plain session value, set from the card and
@@ -15,7 +15,11 @@ from xray.registry import LoadedModel, ModelFileError, Registry
 THRESHOLD_KEY = "threshold"
 THRESHOLD_MODEL_KEY = "threshold_model"  # (version, card threshold) the session value was set against
 APP_NAVIGATION_KEY = "app_navigation"  # set by app.py: this session has its navigation
+PRESET_RULES = {"High sensitivity": "sensitivity>=0.99",  # find at least 99% of validation pneumonia
+                "High specificity": "specificity>=0.98"}  # call at most 2% of validation normals pneumonia
+PRESET_MIN_GAP = 0.02  # presets closer than this to another are not offered: they are the same choice
 AUDIT_KEY = "audit_trail"  # this session's xray.audit.AuditTrail
+RETURN_TO_KEY = "app_return_to"  # the page a visit in legacy mode asked for (see ensure_app_navigation)
 
 
 def ensure_app_navigation() -> None:
@@ -33,26 +37,35 @@ def ensure_app_navigation() -> None:
     except (ImportError, AttributeError):  # a later Streamlit without the legacy mode
         legacy = False
     if legacy and not st.session_state.get(APP_NAVIGATION_KEY):
+        # remember which page was asked for: app.py opens it once its navigation exists (a bookmark
+        # to /about on a fresh server lands on About, not on Diagnose)
+        import inspect
+
+        caller = Path(inspect.stack()[1].filename).resolve()
+        if caller.parent.name == "pages":
+            st.session_state[RETURN_TO_KEY] = f"pages/{caller.name}"
         st.switch_page("app.py")
 
 
-def model_cache_key() -> tuple[str, str | None, int]:
-    """(registry root, active version, card mtime): changes when a version is activated or its card edited."""
+def model_cache_key() -> tuple[str, str | None, int, int]:
+    """(registry root, active version, card mtime, site settings mtime): changes when a version is
+    activated, its card edited, or the site saves or restores a threshold."""
     registry = Registry()
     version = registry.active_version()
-    mtime = 0
-    if version is not None:
+
+    def mtime(path) -> int:
         try:
-            mtime = os.stat(registry.version_dir(version) / "card.json").st_mtime_ns
+            return os.stat(path).st_mtime_ns
         except OSError:
-            pass
-    return str(registry.root.resolve()), version, mtime
+            return 0
+
+    card = mtime(registry.version_dir(version) / "card.json") if version is not None else 0
+    return str(registry.root.resolve()), version, card, mtime(registry.site.path)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
-def _load(root: str, version: str | None, card_mtime_ns: int) -> tuple[LoadedModel, list[str]]:
+def _load(root: str, version: str | None, card_mtime_ns: int, site_mtime_ns: int) -> tuple[LoadedModel, list[str]]:
     # The arguments are the cache key only; load_with_fallback reads the registry itself.
-    preload_gradcam()  # its import takes seconds: start it now, not when the first heatmap is asked for
     return Registry(root).load_with_fallback()
 
 
@@ -81,10 +94,11 @@ def require_model() -> LoadedModel:
 
 
 def current_threshold(model: LoadedModel) -> float:
-    """The session's threshold; starts at (and returns to) the model's default when the model or its default changes."""
-    origin = (model.version, model.threshold)
+    """The session's threshold; starts at (and returns to) the default (the site's saved threshold, else
+    the card's) when the model or that default changes."""
+    origin = (model.version, model.default_threshold)
     if st.session_state.get(THRESHOLD_MODEL_KEY) != origin or THRESHOLD_KEY not in st.session_state:
-        st.session_state[THRESHOLD_KEY] = model.threshold
+        st.session_state[THRESHOLD_KEY] = model.default_threshold
         st.session_state[THRESHOLD_MODEL_KEY] = origin
     return float(st.session_state[THRESHOLD_KEY])
 

@@ -1,18 +1,28 @@
 """Diagnose: drop chest X-rays (or try a sample), read p(pneumonia), the decision at the session's
-threshold and the Grad-CAM heatmap; the sidebar trades sensitivity against precision."""
+threshold and where the evidence lies (HiResCAM heatmap on a fixed scale); the sidebar trades sensitivity against precision."""
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import (current_threshold, escape_markdown, record_shown, require_model, set_threshold,
-                          validation_predictions)
+from pages.common import (
+    PRESET_MIN_GAP,
+    PRESET_RULES,
+    current_threshold,
+    escape_markdown,
+    record_shown,
+    require_model,
+    set_threshold,
+    validation_predictions,
+)
 from xray import analysis, metrics
-from xray.decision import PNEUMONIA
+from xray.audit import record_event
+from xray.decision import BORDERLINE, PNEUMONIA, band_limits
+from xray.gradcam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
+from xray.gradcam import legend as heatmap_legend
 from xray.imageio import DICOM_DISPLAY_FIELDS
 from xray.registry import LoadedModel, Registry, sha256_bytes
 
@@ -21,14 +31,21 @@ SLIDER_KEY = "diagnose_threshold"  # mirrors pages.common.THRESHOLD_KEY
 EXACT_KEY = "diagnose_threshold_exact"  # the same, typed to six decimals
 RESULTS_KEY = "diagnose_results"  # {(sha256, model version): {"analysis": Analysis, "thumbnail": str}}
 HEATMAPS_KEY = "diagnose_heatmaps"  # {(sha256, model version): (display pixels, display-size CAM)}
-SAMPLES_KEY = "diagnose_samples"  # bundled sample paths the clinician chose to try
+HEATMAP_CAPTION = "Evidence for pneumonia: colour marks the regions that raised p(pneumonia)"
+HEATMAP_LEGEND = (f"Same scale on every image: no colour below {EVIDENCE_FLOOR} (little or no evidence, or evidence "
+                  f"against), yellow = weak, red = strong (at least {EVIDENCE_FULL_SCALE} log-odds per region). "
+                  "A normal film usually shows little or no colour.")
+SAMPLES_KEY = "diagnose_samples"
+WORKLIST_ORDER_KEY = "diagnose_worklist_order"  # sha256 of each worklist row, in display order
+REVIEW_PICK_KEY = "diagnose_review_pick"  # the row a click chose, applied before the review selectbox  # bundled sample paths the clinician chose to try
 DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPartExamined": "Body part",
                 "PatientAge": "Patient age", "PatientSex": "Patient sex",
                 "PhotometricInterpretation": "Photometric interpretation"}
 
 
 # -- engine calls, cached per (file content, model version) so reruns never re-run the model --------
-HIGH_SENSITIVITY_RULE = "sensitivity>=0.99"  # preset: find at least 99% of validation pneumonia
+SAVE_BY_KEY, SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_by", "diagnose_save_why", "diagnose_save_confirm"
+SAVED_KEY, SAVE_ERROR_KEY = "diagnose_saved", "diagnose_save_error"
 
 def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
     """Analysis (and worklist thumbnail) of one file, computed once per session and model."""
@@ -42,7 +59,7 @@ def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
 
 
 def cached_heatmap(model: LoadedModel, result: analysis.Analysis) -> tuple[np.ndarray, np.ndarray]:
-    """(display pixels, Grad-CAM at display size) of one image, computed once per session and model."""
+    """(display pixels, evidence colour levels at display size) of one image, once per session and model."""
     heatmaps = st.session_state.setdefault(HEATMAPS_KEY, {})
     key = (result.sha256, model.version)
     if key not in heatmaps:
@@ -60,28 +77,47 @@ def forget_other_files(keep: set[tuple[str, str]]) -> None:
 
 
 # -- sidebar: the operating threshold and what it means on validation ------------------------------
-def save_default(model: LoadedModel, threshold: float, validation) -> None:
-    """Write the threshold into the model's card (atomically), with validation figures at it."""
-    date = datetime.date.today().isoformat()
-    updates = {"threshold": float(threshold), "threshold_rule": f"set in the app on {date}"}
+def save_site_threshold(model: LoadedModel, threshold: float) -> None:
+    """Save the threshold for this site (not in the model's card), with who and why; audited."""
+    by, why = st.session_state.get(SAVE_BY_KEY, ""), st.session_state.get(SAVE_WHY_KEY, "")
+    try:
+        saved = Registry().site.save_threshold(model.version, threshold, by, why)
+        record_event("threshold-saved", version=model.version, threshold=saved.threshold, by=saved.by, why=saved.why)
+    except (OSError, ValueError) as exc:
+        st.session_state[SAVE_ERROR_KEY] = f"The threshold was not saved: {exc}"
+        return
+    st.session_state[SAVED_KEY] = f"Saved {saved.threshold:.6f} as this site's threshold for model {model.version}."
+
+
+def restore_card_threshold(model: LoadedModel) -> None:
+    """Forget the site's threshold: the model's own comes back, exactly."""
+    try:
+        Registry().site.restore_threshold(model.version)
+        record_event("threshold-restored", version=model.version, threshold=model.threshold)
+    except OSError as exc:
+        st.session_state[SAVE_ERROR_KEY] = f"The threshold was not restored: {exc}"
+        return
+    set_threshold(model.threshold)
+    st.session_state[SAVED_KEY] = f"Restored the model's own threshold {model.threshold:.6f}."
+
+
+def presets_for(model: LoadedModel, validation) -> dict[str, float]:
+    """Operating points that differ meaningfully: each named by what it keeps on validation."""
+    presets = {"Model default": model.threshold}
+    if model.site_threshold is not None:
+        presets["Site threshold"] = model.site_threshold
     if validation is not None:
         labels, scores = validation
-        figures = metrics.metrics_at(labels, scores, threshold)
-        updates["threshold_rule"] += (f" (validation sensitivity {figures['sensitivity']:.3f}, "
-                                      f"specificity {figures['specificity']:.3f})")
-        # the card's validation block states its figures at the card's threshold: keep them true
-        updates["validation"] = {**model.card["validation"], **figures}
-    try:
-        Registry().update_card(model.version, updates)
-    except (OSError, ValueError) as exc:  # read-only registry, card damaged or removed meanwhile
-        st.session_state["diagnose_save_error"] = f"The threshold was not saved: {exc}"
-        return
-    st.session_state["diagnose_saved"] = (model.version, float(threshold))
+        for name, rule in PRESET_RULES.items():
+            value = metrics.choose_threshold(labels, scores, rule)
+            if all(abs(value - other) >= PRESET_MIN_GAP for other in presets.values()):
+                presets[name] = value  # a point within PRESET_MIN_GAP of another would be the same choice
+    return presets
 
 
 def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float:
-    """Slider, exact number, presets, save button and live validation metrics; returns the session's
-    threshold (``pages.common.THRESHOLD_KEY``, never the slider's rounded copy)."""
+    """Slider, exact number, presets, the site threshold and live validation metrics; returns the
+    session's threshold (``pages.common.THRESHOLD_KEY``, never the slider's rounded copy)."""
     st.header("Operating threshold")
     # the widgets mirror the one owner; their callbacks write it back
     st.session_state[SLIDER_KEY] = threshold
@@ -91,26 +127,37 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
     st.number_input("Exact threshold", 0.0, 1.0, step=0.000001, format="%.6f", key=EXACT_KEY,
                     on_change=lambda: set_threshold(st.session_state[EXACT_KEY]),
                     help="Type the exact value: the command line decides at the same number.")
-    presets = {"Model default": model.threshold}
-    if validation is not None:
-        labels, scores = validation
-        # 0.99, not 0.95: the shipped default already keeps 0.97, and a "high sensitivity" preset
-        # must never be less sensitive than the default
-        presets["High sensitivity"] = metrics.choose_threshold(labels, scores, HIGH_SENSITIVITY_RULE)
-        presets["Balanced"] = metrics.choose_threshold(labels, scores, "youden")
+    presets = presets_for(model, validation)
     for name, value in presets.items():
-        st.button(f"{name}: {value:.3f}", key=f"diagnose_preset_{name}", on_click=set_threshold, args=(value,),
-                  width="stretch", type="primary" if abs(value - threshold) < 1e-9 else "secondary")
-    st.caption("Model default: chosen on validation when the model was trained. High sensitivity: "
-               "finds at least 99% of pneumonia on validation. Balanced: best sensitivity + specificity.")
-    st.button("Save as this model's default", key="diagnose_save_default", on_click=save_default,
-              args=(model, threshold, validation), disabled=abs(threshold - model.threshold) < 1e-9,
-              icon=":material/save:")
-    saved = st.session_state.pop("diagnose_saved", None)
+        kept = ""
+        if validation is not None:
+            f = metrics.metrics_at(*validation, value)
+            kept = f" (sens {f['sensitivity']:.2f}, spec {f['specificity']:.2f})"
+        st.button(f"{name}: {value:.3f}{kept}", key=f"diagnose_preset_{name}", on_click=set_threshold, args=(value,),
+                  width="stretch", type="primary" if abs(value - threshold) < 1e-12 else "secondary")
+    st.caption("Model default: chosen on validation when the model was trained. High sensitivity: misses at most "
+               "1% of validation pneumonia. High specificity: calls at most 2% of validation normals pneumonia. "
+               "Figures in brackets: validation sensitivity and specificity at that point.")
+    if model.site_threshold is not None:
+        st.caption(f"Site threshold {model.site_threshold:.6f}, {escape_markdown(model.site_threshold_note)}.")
+    with st.expander("Save this threshold for this site", icon=":material/save:"):
+        st.caption("The model's card is never changed: the site's threshold is kept apart, and the model's own "
+                   "can be restored exactly. Recorded in the audit log.")
+        st.text_input("Your name", key=SAVE_BY_KEY)
+        st.text_input("Why this threshold", key=SAVE_WHY_KEY)
+        confirmed = st.checkbox(f"Use {threshold:.6f} as the default for everyone at this site", key=SAVE_CONFIRM_KEY)
+        st.button("Save the site threshold", key="diagnose_save_default", on_click=save_site_threshold,
+                  args=(model, threshold), icon=":material/save:",
+                  disabled=not (confirmed and st.session_state.get(SAVE_BY_KEY, "").strip()
+                                and st.session_state.get(SAVE_WHY_KEY, "").strip())
+                  or abs(threshold - model.default_threshold) < 1e-12)
+    st.button("Restore the model's own threshold", key="diagnose_restore_threshold", on_click=restore_card_threshold,
+              args=(model,), disabled=model.site_threshold is None, icon=":material/undo:")
+    saved = st.session_state.pop(SAVED_KEY, None)
     if saved:
-        st.success(f"Saved {saved[1]:.3f} as the default of model {saved[0]}.")
-    if "diagnose_save_error" in st.session_state:
-        st.error(escape_markdown(st.session_state.pop("diagnose_save_error")))
+        st.success(saved)
+    if SAVE_ERROR_KEY in st.session_state:
+        st.error(escape_markdown(st.session_state.pop(SAVE_ERROR_KEY)))
     if validation is None:
         st.info("This model's card holds no validation predictions, so the trade-off cannot be shown.")
         return threshold
@@ -170,16 +217,27 @@ def verdict_panel(result: analysis.Analysis, threshold: float) -> None:
         reason = getattr(prediction, "ood_reason", "")
         st.warning("This does not look like a chest X-ray" + (f": {escape_markdown(reason)}" if reason else ".")
                    + "  \nNo pneumonia verdict is given for it.", icon=":material/block:")
-        st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
+        with st.expander("Show the model's output anyway (not for clinical use)"):  # withheld means withheld
+            st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
     else:
         st.metric("p(pneumonia)", f"{prediction.p_pneumonia:.3f}")
         st.progress(prediction.p_pneumonia)
+        decision = prediction.decision(threshold)
         with st.container(key="diagnose_decision"):  # colour, icon and word: readable without colour vision
-            if prediction.decision(threshold) == PNEUMONIA:
+            if decision == PNEUMONIA:
                 st.markdown("#### :red-background[:material/warning: PNEUMONIA]")
+            elif decision == BORDERLINE:
+                st.markdown("#### :orange-background[:material/help: BORDERLINE]")
             else:
                 st.markdown("#### :green-background[:material/check_circle: NORMAL]")
             st.caption(f"Decision at threshold {threshold:.6f}.")
+            limits = band_limits(threshold, prediction.band)
+            if decision == BORDERLINE:
+                st.caption(f"Borderline: p(pneumonia) lies between {limits[0]:.3f} and {limits[1]:.3f}, where a "
+                           "small change of exposure or framing flips this model's call on validation images. "
+                           "Read the film without relying on the model.")
+            elif limits is not None:
+                st.caption(f"Outside the borderline band {limits[0]:.3f}-{limits[1]:.3f}.")
     st.caption(f"Model version {prediction.model_version}. Image {result.image.size[0]} x {result.image.size[1]} "
                f"pixels, {result.image.format}.")
     header = result.image.dicom_header
@@ -209,13 +267,14 @@ def heatmap_view(model: LoadedModel, result: analysis.Analysis) -> None:
     if side_by_side:
         left, right = st.columns(2)
         left.image(pixels, caption="As uploaded", width="stretch")
-        right.image(overlay, caption="Grad-CAM: red marks what raised p(pneumonia)", width="stretch")
+        right.image(overlay, caption=HEATMAP_CAPTION, width="stretch")
     else:
-        st.image(overlay, caption="Grad-CAM: red marks what raised p(pneumonia)", width="stretch")
+        st.image(overlay, caption=HEATMAP_CAPTION, width="stretch")
+    st.image(heatmap_legend(), caption=HEATMAP_LEGEND, width=256)
     # PNG encoding is slow at full size: done only when the clinician clicks
     st.download_button("Download overlay (PNG)", data=lambda: analysis.overlay_png(pixels, cam, opacity),
                        mime="image/png", on_click="ignore",
-                       file_name=f"{Path(result.name).stem or 'xray'}-gradcam.png", icon=":material/download:",
+                       file_name=f"{Path(result.name).stem or 'xray'}-evidence.png", icon=":material/download:",
                        key="diagnose_download_overlay")
 
 
@@ -228,6 +287,14 @@ def image_detail(model: LoadedModel, result: analysis.Analysis, threshold: float
         heatmap_view(model, result)
 
 
+def review_selected_row() -> None:
+    """A click on a worklist row opens that image in the review below (if it was readable)."""
+    rows = st.session_state.get("diagnose_worklist", {}).get("selection", {}).get("rows", [])
+    order = st.session_state.get(WORKLIST_ORDER_KEY, [])
+    if rows and rows[0] < len(order):
+        st.session_state[REVIEW_PICK_KEY] = order[rows[0]]
+
+
 def worklist(results: list[dict], threshold: float) -> None:
     """Every readable file, highest p(pneumonia) first, with a CSV like the command line's."""
     analyses = [r["analysis"] for r in results]
@@ -236,15 +303,25 @@ def worklist(results: list[dict], threshold: float) -> None:
             return
     thumbnails = {r["analysis"].sha256: r["thumbnail"] for r in results}
     rows = analysis.worklist_rows(analyses, threshold)
+    st.session_state[WORKLIST_ORDER_KEY] = [r["sha256"] for r in rows]
+
+    def decision_text(row: dict) -> str:
+        if row["label"]:
+            return row["label"]
+        return "withheld" if row["p_pneumonia"] is not None else "unreadable"
+
     st.dataframe(
         {"Image": [thumbnails.get(r["sha256"]) for r in rows], "File": [r["path"] for r in rows],
-         "p(pneumonia)": [r["p_pneumonia"] for r in rows],
-         "Decision": [r["label"] or ("not a chest X-ray" if r["p_pneumonia"] is not None else "unreadable") for r in rows],
+         # withheld and unreadable rows show no probability: withheld means withheld
+         "p(pneumonia)": [r["p_pneumonia"] if r["label"] else None for r in rows],
+         "Decision": [decision_text(r) for r in rows],
          "Note": [r["error"] for r in rows]},
-        hide_index=True, key="diagnose_worklist", row_height=56,
+        hide_index=True, key="diagnose_worklist", row_height=56, on_select=review_selected_row,
+        selection_mode="single-row",
         column_config={"Image": st.column_config.ImageColumn("Image", width="small"),
                        "p(pneumonia)": st.column_config.ProgressColumn("p(pneumonia)", min_value=0.0,
                                                                         max_value=1.0, format="%.3f")})
+    st.caption("Click a row to review that image below.")
     st.download_button("Download worklist (CSV)", data=analysis.worklist_csv(analyses, threshold),
                        file_name="worklist.csv", mime="text/csv", on_click="ignore", icon=":material/download:",
                        key="diagnose_download_csv")
@@ -302,6 +379,9 @@ if len(readable) == 1:
 elif readable:
     by_sha = {a.sha256: a for a in readable}
     order = [row["sha256"] for row in analysis.worklist_rows(readable, threshold)]  # worklist order
+    picked = st.session_state.pop(REVIEW_PICK_KEY, None)
+    if picked in by_sha:
+        st.session_state["diagnose_review_choice"] = picked
     chosen_sha = st.selectbox("Image to review", order, key="diagnose_review_choice",
                               format_func=lambda sha: by_sha[sha].name)
     image_detail(model, by_sha[chosen_sha], threshold)

@@ -8,12 +8,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages.common import ensure_app_navigation
-from xray import metrics
+from xray import governance, metrics
 from xray.card import ModelCard
 from xray.registry import ModelFileError, Registry
 
 MESSAGE_KEY = "models_message"  # what the last button did, shown after the rerun it causes
 SELECTED_KEY = "models_selected"
+OVERRIDE_REASON_KEY = "models_override_reason"
+OVERRIDE_CONFIRM_KEY = "models_override_confirm"
 
 FIGURES = [("Validation AUC", "roc_auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
            ("Precision (PPV)", "precision"), ("NPV", "npv"), ("Calibration error (ECE)", "ece")]
@@ -60,17 +62,22 @@ def roc_figure(cards: dict[str, ModelCard], active: str | None) -> go.Figure:
     return fig
 
 
-def activate(registry_root: str, version: str) -> None:
+def activate(version: str, force: bool = False) -> None:
+    """Activate through the promotion gate; with ``force``, the typed override reason is recorded."""
+    reason = st.session_state.get(OVERRIDE_REASON_KEY, "")
     try:
-        Registry(registry_root).activate(version)
-        st.session_state[MESSAGE_KEY] = ("success", f"Model {version} is now active: the Diagnose page uses it.")
+        governance.promote(Registry(), version, force=force, reason=reason)
+        note = f" (override recorded: {reason})" if force else ""
+        st.session_state[MESSAGE_KEY] = ("success", f"Model {version} is now active: the Diagnose page uses it{note}.")
+    except governance.PromotionRefused as exc:
+        st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}")
     except (ModelFileError, ValueError) as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}.")
 
 
-def roll_back(registry_root: str) -> None:
+def roll_back() -> None:
     try:
-        version = Registry(registry_root).rollback()
+        version = Registry().rollback()
         st.session_state[MESSAGE_KEY] = ("success", f"Rolled back: model {version} is active again.")
     except (ModelFileError, ValueError) as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Nothing was rolled back: {exc}.")
@@ -101,7 +108,7 @@ active = registry.active_version()
 if active is None:
     st.warning("No version is active: activate one below.", icon=":material/warning:")
 
-st.dataframe([{"active": v == active, "version": v, "created": c.created,
+st.dataframe([{"active": v == active, "version": v, "shipped": registry.is_shipped(v), "created": c.created,
                "data fingerprint": c.data.fingerprint[:12],
                "validation images": c.validation.n,
                "val AUC": c.validation.roc_auc,
@@ -128,11 +135,37 @@ names = list(columns)
 st.dataframe([{"": label, **{name: columns[name][label] for name in names}} for label in columns[names[0]]],
              hide_index=True, height=(len(columns[names[0]]) + 1) * 35 + 3)
 
+st.subheader("Promotion gate")
+result = governance.gate(registry, selected) if selected != active else None
+if result is not None:
+    rows = [{"figure": name, selected: str(figure), f"{active} (active)": str(result.active_figures.get(name, "-"))}
+            for name, figure in result.figures.items()]
+    if rows:
+        st.dataframe(rows, hide_index=True, key="models_gate_figures")
+    if not result.same_acceptance_set and result.active_version:
+        st.caption("The two versions were validated on different images: each figure is on its own version's set.")
+    if result.passed:
+        st.success(f"{selected} passes the promotion gate (at least {governance.MIN_ACCEPTANCE_IMAGES} acceptance "
+                   f"images, {governance.MIN_PER_CLASS} per class; sensitivity within "
+                   f"{governance.SENSITIVITY_MARGIN:.2f} and AUC within {governance.AUC_MARGIN:.2f} of the active "
+                   "version).", icon=":material/verified:")
+    else:
+        st.error(f"{selected} does not pass the promotion gate: " + "; ".join(result.reasons) + ".",
+                 icon=":material/gpp_bad:")
+
 activate_col, rollback_col = st.columns(2)
-activate_col.button(f"Activate {selected}", key="models_activate", type="primary", disabled=selected == active,
-                    on_click=activate, args=(registry_root, selected), icon=":material/check:",
-                    help="Make this version the one the Diagnose page uses.")
+activate_col.button(f"Activate {selected}", key="models_activate", type="primary",
+                    disabled=selected == active or (result is not None and not result.passed),
+                    on_click=activate, args=(selected,), icon=":material/check:",
+                    help="Make this version the one the Diagnose page uses (it must pass the promotion gate).")
 previous = [v for v in registry.history() if v in cards]
 rollback_col.button(f"Roll back to {previous[-1]}" if previous else "Roll back", key="models_rollback",
-                    disabled=not previous, on_click=roll_back, args=(registry_root,), icon=":material/undo:",
-                    help="Re-activate the previously active version.")
+                    disabled=not previous, on_click=roll_back, icon=":material/undo:",
+                    help="Re-activate the previously active version (it was live before: not gated).")
+if result is not None and not result.passed:
+    with st.expander("Override the gate (not recommended)", icon=":material/warning:"):
+        st.text_input("Reason for activating a version that fails the gate (recorded in the audit log)",
+                      key=OVERRIDE_REASON_KEY)
+        confirmed = st.checkbox(f"I take responsibility for activating {selected}", key=OVERRIDE_CONFIRM_KEY)
+        st.button(f"Activate {selected} anyway", key="models_activate_override", on_click=activate,
+                  args=(selected, True), disabled=not (confirmed and st.session_state.get(OVERRIDE_REASON_KEY, "").strip()))

@@ -9,7 +9,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from pages.common import ensure_app_navigation
-from xray import jobs
+from xray import governance, jobs
 from xray.model import STEMS
 from xray.registry import Registry
 from xray.trainconfig import TrainConfig
@@ -48,14 +48,16 @@ def show_outcome(job: jobs.Job) -> None:
     """How the last run ended, and what it means for the model the Diagnose page uses."""
     if job.state == jobs.SUCCEEDED:
         card = Registry(job.record["registry"]).card(job.version)
-        v = card.validation
-        nan = float("nan")
-        st.success(f"Training finished: new version **{job.version}** (on {v.n} validation images: AUC "
-                   f"{v.roc_auc if v.roc_auc is not None else nan:.3f}, sensitivity "
-                   f"{v.sensitivity if v.sensitivity is not None else nan:.3f}, specificity "
-                   f"{v.specificity if v.specificity is not None else nan:.3f}; threshold {card.threshold:.6f}). "
-                   "It is not active yet: compare it with the active model and activate it on the Models page.",
-                   icon=":material/check_circle:")
+        registry = Registry(job.record["registry"])
+        gate = governance.gate(registry, job.version)
+        figures = "; ".join(f"{name.replace('_', ' ')} {figure}" for name, figure in gate.figures.items())
+        text = (f"Training finished: new version **{job.version}** (threshold {card.threshold:.6f}; {figures or 'no validation figures'}). ")
+        if gate.passed:
+            st.success(text + "It passes the promotion gate but is not active yet: compare it with the active model "
+                       "and activate it on the Models page.", icon=":material/check_circle:")
+        else:
+            st.warning(text + "**It does not pass the promotion gate** (" + "; ".join(gate.reasons) + "): do not use "
+                       "it for patients. The active model is unchanged.", icon=":material/gpp_bad:")
     elif job.state == jobs.CANCELLED:
         st.warning(f"The last training run was cancelled ({job.reason}). The active model is unchanged.",
                    icon=":material/cancel:")
@@ -169,7 +171,6 @@ st.caption("Train a new model version on your own labelled chest X-rays. Trainin
            "on this machine. The model the Diagnose page uses changes only when you activate a new version "
            "on the Models page.")
 
-job_panel(registry_root)
 running = jobs.current_job(registry_root)
 running = running if running and running.running else None
 
@@ -222,9 +223,11 @@ with st.form("retrain_settings"):
                             format_func=STEM_LABELS.get,
                             help="The network's first layer; ignored when fine-tuning (docs/scaling.md compares them).")
     start = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
-                                  disabled=running is not None)
+                                  disabled=running is not None or report is None)
 if running is not None:
     st.caption("A training job is running; a new one can start when it ends or is cancelled.")
+elif report is None:
+    st.caption("Choose a usable dataset folder above to start training.")
 
 if start:
     try:
@@ -241,6 +244,9 @@ if start:
         st.session_state[SEEN_KEY] = (job.id, job.state)
         time.sleep(0.3)  # let the process write its first event before the page redraws
         st.rerun()
+
+# progress and outcome right under the Start button, where the clinician is looking after a click
+job_panel(registry_root)
 
 past = jobs.list_jobs(registry_root)
 if past:

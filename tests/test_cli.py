@@ -180,8 +180,18 @@ def test_versions_activate_rollback(tiny_registry, capsys):
     assert main(["versions"]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].startswith(f"* {first}") and listing[1].startswith(f"  {second}")
-    assert main(["activate", second]) == 0
+    # a tiny model validated on a handful of images does not pass the promotion gate
+    with pytest.raises(SystemExit, match="does not pass the promotion gate.*evaluated on only"):
+        main(["activate", second])
+    assert registry.active_version() == first
+    with pytest.raises(SystemExit, match="needs a reason"):
+        main(["activate", second, "--force"])
+    assert main(["activate", second, "--force", "--reason", "test of the override"]) == 0
     assert registry.active_version() == second
+    assert registry.card(second)["activation_overrides"][-1]["reason"] == "test of the override"
+    import json, os
+    events = [json.loads(line) for line in open(os.environ["XRAY_AUDIT_LOG"]) if '"event"' in line]
+    assert events[-1]["event"] == "activation-override" and events[-1]["version"] == second
     assert main(["versions"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith(f"* {second}")
     assert main(["rollback"]) == 0
@@ -245,17 +255,44 @@ def test_cli_predict_from_another_working_directory(tiny_registry, tmp_path):
     assert "could not be scored" in result.stderr
 
 
-def test_default_registry_resolves_next_to_the_package(tmp_path):
+def test_default_registry_is_the_site_folder_over_the_read_only_shipped_versions(tmp_path):
+    """Without $XRAY_WEIGHTS the shipped versions are read from the repository and everything the app
+    writes (versions, the active marker, site settings) goes to the user data folder, from any directory."""
     import xray.registry
 
     assert xray.registry.DEFAULT_REGISTRY == REPO / "weights"
     env = {k: v for k, v in os.environ.items() if k not in ("XRAY_WEIGHTS", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(REPO)
-    code = "from xray.registry import Registry, DEFAULT_REGISTRY; print(Registry().root); print(DEFAULT_REGISTRY)"
+    env.update(PYTHONPATH=str(REPO), XRAY_DATA=str(tmp_path / "data"))
+    code = ("from xray.registry import Registry; r = Registry(); print(r.root); print(r.shipped); "
+            "print(r.active_version()); print(r.is_shipped(r.active_version()))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(REPO / "weights")] * 2
+    root, shipped, active, is_shipped = result.stdout.split()
+    assert root == str(tmp_path / "data" / "registry") and shipped == str(REPO / "weights")
+    assert active == json.loads((REPO / "weights" / "active.json").read_text())["version"] and is_shipped == "True"
+
+
+def test_shipped_cards_are_read_only_and_site_choices_live_apart(tmp_path, monkeypatch):
+    from xray.registry import ReadOnlyVersion
+
+    monkeypatch.delenv("XRAY_WEIGHTS", raising=False)
+    monkeypatch.setenv("XRAY_DATA", str(tmp_path))
+    before = {p: p.read_bytes() for p in (REPO / "weights").rglob("*") if p.is_file()}
+    registry = Registry()
+    version = registry.active_version()
+    with pytest.raises(ReadOnlyVersion):
+        registry.update_card(version, {"threshold": 0.3})
+    registry.site.save_threshold(version, 0.3, "Dr Test", "local audit")
+    model = registry.load()
+    assert model.default_threshold == 0.3 and model.threshold == registry.card(version).threshold
+    assert registry.site.restore_threshold(version)
+    assert registry.load().default_threshold == registry.card(version).threshold  # the exact value is back
+    older = registry.history()[-1]
+    registry.activate(older)  # the marker goes to the site folder
+    assert Registry().active_version() == older and (tmp_path / "registry" / "active.json").is_file()
+    after = {p: p.read_bytes() for p in (REPO / "weights").rglob("*") if p.is_file()}
+    assert after == before  # nothing under the repository's weights/ changed
 
 
 def test_cli_errors_are_one_line_not_tracebacks(tiny_registry, tmp_path, capsys):

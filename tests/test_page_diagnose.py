@@ -115,7 +115,8 @@ def test_upload_shows_probability_decision_version_and_heatmap(tiny_registry):
     assert metric(at, "p(pneumonia)") == f"{p:.3f}"
     assert decision(at) == ("PNEUMONIA" if p >= model.threshold else "NORMAL")
     assert any(f"Model version {model.version}" in c.value for c in at.caption)
-    assert len(at.image) == 1  # the overlay, on by default
+    images = [i for i in at.image if not any("Same scale on every image" in c for c in i.captions)]
+    assert len(images) == 1 and len(at.image) == 2  # the overlay, on by default, and the colour legend
     assert at.toggle(key="diagnose_heatmap_on").value is True
     assert [b.label for b in at.download_button] == ["Download overlay (PNG)"]
 
@@ -170,41 +171,57 @@ def test_threshold_slider_moves_decisions_and_validation_metrics(tiny_registry):
         assert f"{count} {cell} (" in matrix
 
 
-def test_presets_set_the_threshold(tiny_registry):
+def test_presets_are_distinct_operating_points_and_set_the_threshold(tiny_registry):
+    from pages.common import PRESET_MIN_GAP, PRESET_RULES
     from xray.metrics import choose_threshold
 
     labels, scores, card = validation_of(tiny_registry)
     at = start_app()
-    at.slider(key="diagnose_threshold").set_value(0.1).run()
-    at.button(key="diagnose_preset_High sensitivity").click().run()
-    high = choose_threshold(labels, scores, "sensitivity>=0.99")
-    assert at.slider(key="diagnose_threshold").value == pytest.approx(high)
-    assert float(metric(at, "Sensitivity (recall)")) >= 0.99
-    at.button(key="diagnose_preset_Balanced").click().run()
-    assert at.slider(key="diagnose_threshold").value == pytest.approx(choose_threshold(labels, scores, "youden"))
+    presets = {b.key.removeprefix("diagnose_preset_"): b for b in at.button if b.key.startswith("diagnose_preset_")}
+    values = {name: float(b.label.split(": ")[1].split()[0]) for name, b in presets.items()}
+    assert values["Model default"] == pytest.approx(card["threshold"], abs=1e-3)
+    for name, rule in PRESET_RULES.items():
+        expected = choose_threshold(labels, scores, rule)
+        if name in presets:
+            at.slider(key="diagnose_threshold").set_value(0.5).run()
+            at.button(key=f"diagnose_preset_{name}").click().run()
+            assert at.number_input(key="diagnose_threshold_exact").value == pytest.approx(expected)
+            assert "sens" in presets[name].label and "spec" in presets[name].label
+        else:  # left out only because it is the same choice as another preset
+            assert min(abs(expected - v) for v in values.values()) < PRESET_MIN_GAP
+    ordered = sorted(values.values())
+    assert all(b - a >= PRESET_MIN_GAP for a, b in zip(ordered, ordered[1:]))
     at.slider(key="diagnose_threshold").set_value(0.9).run()
     at.button(key="diagnose_preset_Model default").click().run()
-    assert at.slider(key="diagnose_threshold").value == pytest.approx(card["threshold"])
+    assert at.number_input(key="diagnose_threshold_exact").value == card["threshold"]  # exactly
 
 
-def test_saving_the_default_writes_the_card_and_is_picked_up(tiny_registry):
+def test_saving_a_site_threshold_needs_who_and_why_and_restore_brings_back_the_exact_card_value(tiny_registry):
+    import json
+
     labels, scores, card = validation_of(tiny_registry)
+    card_file = tiny_registry / "versions" / card["version"] / "card.json"
+    card_bytes = card_file.read_bytes()
     at = start_app()
-    assert at.button(key="diagnose_save_default").disabled  # nothing to save yet
-    at.slider(key="diagnose_threshold").set_value(0.3).run()
+    at.number_input(key="diagnose_threshold_exact").set_value(0.3).run()
+    assert at.button(key="diagnose_save_default").disabled  # no name, reason or confirmation yet
+    at.text_input(key="diagnose_save_by").input("Dr Ward").run()
+    at.text_input(key="diagnose_save_why").input("local audit of 2026").run()
+    assert at.button(key="diagnose_save_default").disabled
+    at.checkbox(key="diagnose_save_confirm").check().run()
     at.button(key="diagnose_save_default").click().run()
     assert not at.exception, at.exception
-    saved = Registry(tiny_registry).card(card["version"])
-    assert saved["threshold"] == pytest.approx(0.3)
-    assert saved["threshold_rule"].startswith("set in the app")
-    assert saved["validation"]["threshold"] == pytest.approx(0.3)  # figures restated at the new default
-    assert saved["validation"]["sensitivity"] == pytest.approx(np.mean(scores[labels == 1] >= 0.3))
-    assert saved["weights_sha256"] == card["weights_sha256"]
-    assert any("Saved 0.300" in s.value for s in at.success)
-    at.run()  # the model is reloaded with its new card: 0.3 is now the default
-    assert at.slider(key="diagnose_threshold").value == pytest.approx(0.3)
-    assert at.button(key="diagnose_save_default").disabled
-    assert at.button(key="diagnose_preset_Model default").label == "Model default: 0.300"
+    assert card_file.read_bytes() == card_bytes  # the model's card is untouched
+    site = json.loads((tiny_registry / "site.json").read_text())["thresholds"][card["version"]]
+    assert site["threshold"] == 0.3 and site["by"] == "Dr Ward" and site["why"] == "local audit of 2026"
+    assert any("Saved 0.300000" in s.value for s in at.success)
+    fresh = start_app()  # a new session starts at the site's threshold
+    assert fresh.number_input(key="diagnose_threshold_exact").value == 0.3
+    assert any("Dr Ward" in c.value for c in fresh.sidebar.caption)
+    fresh.button(key="diagnose_restore_threshold").click().run()
+    assert fresh.number_input(key="diagnose_threshold_exact").value == card["threshold"]  # exactly, not 0.734
+    assert start_app().number_input(key="diagnose_threshold_exact").value == card["threshold"]
+    assert fresh.button(key="diagnose_restore_threshold").disabled
 
 
 def test_opacity_and_threshold_never_rerun_the_model(tiny_registry, monkeypatch):
@@ -219,15 +236,22 @@ def test_opacity_and_threshold_never_rerun_the_model(tiny_registry, monkeypatch)
         calls["heatmap"] += 1
         return real_heatmap(*args, **kwargs)
 
+    opacities = []
+    real_overlay = analysis.overlay_jpeg
+
+    def recording_overlay(pixels, cam, alpha):
+        opacities.append(alpha)
+        return real_overlay(pixels, cam, alpha)
+
     monkeypatch.setattr(analysis, "analyse", counting_analyse)
     monkeypatch.setattr(analysis, "heatmap", counting_heatmap)
+    monkeypatch.setattr(analysis, "overlay_jpeg", recording_overlay)
     at = drop(start_app(), upload(NORMAL_FULLRES))
     assert calls == {"analyse": 1, "heatmap": 1}
-    first = at.image[0].value
     at.slider(key="diagnose_opacity").set_value(0.9).run()
-    assert at.image[0].value != first  # a new overlay was drawn...
+    assert opacities[-1] == 0.9  # a new overlay was drawn...
     at.toggle(key="diagnose_side_by_side").set_value(True).run()
-    assert len(at.image) == 2
+    assert len(at.image) == 3  # film, overlay, legend
     at.slider(key="diagnose_threshold").set_value(0.0).run()
     assert calls == {"analyse": 1, "heatmap": 1}  # ...from the cached map and score
 

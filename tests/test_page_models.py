@@ -50,9 +50,18 @@ def test_versions_compared_activated_and_rolled_back(tiny_registry):
     assert auc_row[new] == f"{registry.card(new)['validation']['roc_auc']:.3f}"
     assert at.button(key="models_rollback").disabled  # nothing was active before the first model
 
-    at = click(at, "models_activate")
+    # a tiny version validated on a handful of images fails the promotion gate: no one-click activation
+    assert at.button(key="models_activate").disabled
+    assert any("does not pass the promotion gate" in e.value and "evaluated on only" in e.value for e in at.error)
+    gate = next(d.value for d in at.dataframe if "figure" in d.value.columns)
+    assert list(gate["figure"]) == ["sensitivity", "specificity", "roc_auc"] and "n=" in gate.iloc[0][new]
+    assert at.button(key="models_activate_override").disabled  # needs a reason and a confirmation
+    at.text_input(key="models_override_reason").input("demonstration on the test fixtures").run()
+    at.checkbox(key="models_override_confirm").check().run()
+    at = click(at, "models_activate_override")
     assert registry.active_version() == new
-    assert f"Model {new} is now active" in at.success[0].value
+    assert f"Model {new} is now active" in at.success[0].value and "override recorded" in at.success[0].value
+    assert registry.card(new)["activation_overrides"][-1]["reason"] == "demonstration on the test fixtures"
     assert list(at.dataframe[0].value["active"]) == [True, False]
     assert at.button(key="models_rollback").label == f"Roll back to {old}"
 
@@ -69,8 +78,10 @@ def test_damaged_version_is_not_activated(tiny_registry):
     weights.write_bytes(weights.read_bytes()[:-100])
     at = open_page()
     at.selectbox(key="models_selected").set_value(new).run()
-    at = click(at, "models_activate")
-    assert "was not activated" in at.error[0].value and "damaged" in at.error[0].value
+    at.text_input(key="models_override_reason").input("test").run()
+    at.checkbox(key="models_override_confirm").check().run()
+    at = click(at, "models_activate_override")
+    assert any("was not activated" in e.value and "damaged" in e.value for e in at.error)
     assert registry.active_version() == old
 
 

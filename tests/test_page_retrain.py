@@ -122,7 +122,9 @@ def test_start_tiny_training_from_the_form_and_see_it_finish(page_env):
     job = jobs.wait_for_job(page_env, job.id, TIMEOUT_S)
     assert job.state == jobs.SUCCEEDED, job.reason
     at = open_page()  # what anyone opening the page now sees
-    assert f"Training finished: new version **{job.version}**" in texts(at.success)
+    # a tiny run on 16 images is no model for patients: no green "finished", the gate says why
+    assert f"Training finished: new version **{job.version}**" in texts(at.warning)
+    assert "does not pass the promotion gate" in texts(at.warning) and not at.success
     assert job.version in registry.versions() and job.version not in before
     assert registry.active_version() == active
     at.selectbox(key="retrain_recent").set_value(str(DATASET.resolve())).run()

@@ -17,8 +17,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from .decision import decide
-from .gradcam import gradcam, overlay
+from .gradcam import heatmap as evidence_heatmap
+from .gradcam import overlay
 from .imageio import XrayImage, load_image
 from .inference import Prediction, predict
 from .pipeline import CSV_HEADER, csv_row
@@ -85,11 +85,12 @@ def display_pixels(image: XrayImage, longest: int = DISPLAY_SIDE) -> np.ndarray:
 
 
 def heatmap(model: LoadedModel, image: XrayImage, longest: int = DISPLAY_SIDE) -> np.ndarray:
-    """Grad-CAM towards PNEUMONIA at display size: (h, w) float32 in [0, 1], aligned with ``display_pixels``."""
+    """Evidence for pneumonia (``gradcam.heatmap``: HiResCAM on a fixed, shared scale) at display size:
+    (h, w) float32 colour levels in [0, 1], aligned with ``display_pixels``."""
     width, height = display_size(*image.size, longest)
-    # explains exactly the input the prediction came from; the (S, S) map is scaled straight to
-    # the display copy's size (the model saw a squash of the whole image, so this aligns)
-    return gradcam(model, image, shape=(height, width)).astype(np.float32)
+    # explains exactly the input the prediction came from; the grid is scaled straight to the display
+    # copy's size (the model saw a squash of the whole image, so this aligns)
+    return evidence_heatmap(model, image, shape=(height, width)).astype(np.float32)
 
 
 def overlay_png(pixels: np.ndarray, cam: np.ndarray, alpha: float) -> bytes:
@@ -126,7 +127,7 @@ def worklist_rows(analyses: Iterable[Analysis], threshold: float) -> list[dict]:
                          "threshold": threshold, "error": f"not a chest X-ray: {reason}".strip()})  # as the CLI
         else:
             rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": a.prediction.p_pneumonia,
-                         "label": decide(a.prediction.p_pneumonia, threshold), "threshold": threshold, "error": ""})
+                         "label": a.prediction.decision(threshold), "threshold": threshold, "error": ""})
     # unreadable and out-of-distribution rows sort below every verdict
     return sorted(rows, key=lambda r: (r["label"] == "", -(r["p_pneumonia"] or 0.0)))
 

@@ -71,6 +71,20 @@ def record(sha256: str, prediction, threshold: float, shown_in: str = "screen",
     return entry
 
 
+def record_event(event: str, path: str | os.PathLike | None = None, **fields) -> dict | None:
+    """Append one governance line (e.g. ``activation-override``, ``threshold-saved``): who, when, what.
+
+    Raises:
+        OSError: the log cannot be written.
+    """
+    target = Path(path) if path is not None else audit_path()
+    entry = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields}
+    if target is None:
+        return None
+    append_line(target, json.dumps(entry, separators=(",", ":"), allow_nan=False, default=str))
+    return entry
+
+
 class AuditTrail:
     """One session's memory of what it logged: each distinct (sha256, version, threshold, decision)
     is written once, however often the page reruns; a new threshold or decision writes a new line."""

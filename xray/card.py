@@ -202,6 +202,13 @@ class ModelCard(Mapping):
         self.intended_use: str = str(raw.get("intended_use") or NOT_STATED)
         self.limits: tuple[str, ...] = tuple(raw.get("limits") or ())
         self.experiment: str = str(raw.get("experiment", "") or "")
+        block = raw.get("borderline") if isinstance(raw.get("borderline"), Mapping) else None
+        self.borderline_info: Mapping[str, Any] | None = block
+        self.borderline: tuple[float, float] | None = None  # (below, above) log-odds around the threshold
+        if block is not None:
+            below = _number(block.get("below"), "borderline below", 0.0, 20.0)
+            above = _number(block.get("above"), "borderline above", 0.0, 20.0)
+            self.borderline = (below, above)
         self.test: Mapping[str, Any] | None = raw.get("test") if isinstance(raw.get("test"), Mapping) else None
         self.derived_from: Mapping[str, Any] | None = raw.get("derived_from") if isinstance(raw.get("derived_from"), Mapping) else None
         self.weights_sha256: str = str(raw.get("weights_sha256", ""))
@@ -242,7 +249,8 @@ class ModelCard(Mapping):
 def build(*, config: ModelConfig, parameters: int, macs: int, image_size: int, tta: str, threshold: float,
           threshold_rule: str, calibration: Mapping[str, Any], validation: Mapping[str, Any],
           training: Mapping[str, Any], data: Mapping[str, Any], environment: Mapping[str, Any],
-          ood: Mapping[str, Any], test: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          ood: Mapping[str, Any], test: Mapping[str, Any] | None = None,
+          borderline: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The card of a newly trained version (without the registry's keys: version, checksums).
 
     Args:
@@ -274,4 +282,6 @@ def build(*, config: ModelConfig, parameters: int, macs: int, image_size: int, t
     }
     if test is not None:
         card["test"] = dict(test)
+    if borderline is not None:
+        card["borderline"] = dict(borderline)
     return card

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import events as E
+from . import governance
 from .atomic import atomic_write_json
 from .bench import add_arguments as bench_arguments
 from .bench import main as bench_main
@@ -74,7 +75,7 @@ def cmd_predict(args) -> int:
     writer = csv.writer(out)
     if not done:
         writer.writerow(CSV_HEADER)
-    threshold = model.threshold if args.threshold is None else float(args.threshold)
+    threshold = model.default_threshold if args.threshold is None else float(args.threshold)
     paths = (p for p in iter_shard(args.paths, args.shard) if str(p) not in done)
     failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
@@ -196,10 +197,22 @@ def cmd_versions(args) -> int:
 
 
 def cmd_activate(args) -> int:
+    """Activate through the promotion gate; ``--force --reason`` overrides it (recorded)."""
+    registry = Registry(args.registry or None)
     try:
-        Registry(args.registry or None).activate(args.version)
+        result = governance.gate(registry, args.version)
+        for name, figure in result.figures.items():
+            print(f"  {args.version} {name}: {figure}", file=sys.stderr)
+        for name, figure in result.active_figures.items():
+            print(f"  active {result.active_version} {name}: {figure}", file=sys.stderr)
+        governance.promote(registry, args.version, force=args.force, reason=args.reason)
+    except governance.PromotionRefused as exc:
+        raise SystemExit(f"error: {exc} (python -m xray activate {args.version} --force --reason '...')")
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
+    if not result.passed:
+        print(f"warning: activated despite the promotion gate ({'; '.join(result.reasons)}); "
+              f"reason recorded: {args.reason}", file=sys.stderr)
     print(f"active model: {args.version}", file=sys.stderr)
     return 0
 
@@ -269,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", default="")
     p.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser("activate", help="make a version the active model")
+    p = sub.add_parser("activate", help="make a version the active model (through the promotion gate)")
     p.add_argument("version")
+    p.add_argument("--force", action="store_true", help="activate even when the promotion gate refuses (needs --reason)")
+    p.add_argument("--reason", default="", help="why the gate is overridden; recorded in the marker, card and audit log")
     p.add_argument("--registry", default="")
     p.set_defaults(func=cmd_activate)
 

@@ -101,7 +101,10 @@ class ConsolePrinter:
             print(f"stopping: {kind.replace('_', ' ')} at epoch {e['epoch']}", file=sys.stderr)
         elif kind == DONE:
             m = e["val_metrics"]
-            print(f"new version {e['version']} (threshold {e['threshold']:.4f}; validation AUC {m['roc_auc']:.4f}, "
-                  f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f})"
-                  + (" - activated" if e["activated"] else " - not active; activate with: python -m xray activate "
-                     + e["version"]), file=sys.stderr)
+            print(f"new version {e['version']} (threshold {e['threshold']:.6f}; on {m.get('n', '?')} validation "
+                  f"images: AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.3f}, specificity "
+                  f"{m['specificity']:.3f})" + (" - activated" if e["activated"] else
+                                                " - not active; activate with: python -m xray activate " + e["version"]),
+                  file=sys.stderr)
+            if e.get("gate"):
+                print(f"not activated: {e['gate']}", file=sys.stderr)

@@ -29,14 +29,16 @@ class Prediction:
     model_version: str
     ood: bool = False  # a safety check withheld the verdict: show no decision
     ood_reason: str = ""  # one line saying why, when ``ood``
+    band: tuple[float, float] | None = None  # the version's borderline band (log-odds), ``ModelCard.borderline``
 
     @property
     def withheld(self) -> bool:
         return self.ood
 
     def decision(self, threshold: float) -> str | None:
-        """PNEUMONIA / NORMAL at ``threshold`` (``xray.decision.decide``), or None when withheld."""
-        return None if self.ood else decide(self.p_pneumonia, threshold)
+        """PNEUMONIA / NORMAL / BORDERLINE at ``threshold`` (``xray.decision.decide`` with the version's
+        band), or None when the verdict was withheld."""
+        return None if self.ood else decide(self.p_pneumonia, threshold, self.band)
 
 
 def model_inputs(images: "Sequence[ImageLike | ModelInput]", image_size: int) -> torch.Tensor:
@@ -87,7 +89,7 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
         turned = stats.upside_down_scores(features) if stats is not None else [None] * len(batch)
         for prepared, p, distance, upside_down in zip(batch, probabilities(model, logits), distances, turned):
             reason = ood_reason(prepared, distance, stats, upside_down)
-            out.append(Prediction(float(p), model.version, bool(reason), reason))
+            out.append(Prediction(float(p), model.version, bool(reason), reason, model.card.borderline))
     return out
 
 

@@ -96,11 +96,20 @@ def choose_threshold(y_true, p, rule: str = "youden") -> float:
         midway to the next lower validation score.
     sensitivity>=0.95: the highest threshold whose sensitivity is at least 0.95 (maximum
         specificity under that floor), placed midway to the next lower validation score.
+    specificity>=0.95: the lowest threshold whose specificity is at least 0.95 (maximum
+        sensitivity under that floor), placed midway to the next lower validation score.
     balanced-accuracy: same optimum as youden (kept as an alias people search for).
     """
     y, s = _as_arrays(y_true, p)
     fpr, tpr, thresholds = roc_curve(y, s)
     finite = np.isfinite(thresholds)
+    if rule.startswith("specificity>="):
+        # the lowest threshold whose specificity is at least the target (maximum sensitivity above that floor)
+        target = float(rule.split(">=")[1])
+        ok = np.nonzero((1 - fpr >= target) & finite)[0]
+        chosen = thresholds[ok[-1]] if len(ok) else s.max()
+        lower = s[s < chosen]
+        return float((chosen + lower.max()) / 2) if lower.size else float(chosen)
     if rule.startswith("sensitivity>="):
         target = float(rule.split(">=")[1])
         ok = np.nonzero((tpr >= target) & finite)[0]
@@ -129,3 +138,33 @@ def expected_calibration_error(y_true, p, bins: int = 15) -> float:
         if mask.any():
             ece += mask.mean() * abs(y[mask].mean() - s[mask].mean())
     return float(ece)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% (by default) Wilson score interval of a proportion successes/n; (nan, nan) when n == 0.
+
+    E. B. Wilson, "Probable inference, the law of succession, and statistical inference", JASA 1927;
+    unlike the normal approximation it stays inside [0, 1] and is honest at small n (Brown, Cai and
+    DasGupta, Statistical Science 2001).
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def auc_interval(auc: float, n_positive: int, n_negative: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval of a ROC AUC from its Hanley-McNeil standard error (Radiology 143:29-36, 1982).
+
+    Returns (nan, nan) when a class is empty or the AUC is undefined.
+    """
+    if n_positive <= 0 or n_negative <= 0 or auc != auc:
+        return float("nan"), float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (n_positive - 1) * (q1 - auc * auc)
+                + (n_negative - 1) * (q2 - auc * auc)) / (n_positive * n_negative)
+    half = z * float(np.sqrt(max(variance, 0.0)))
+    return max(0.0, auc - half), min(1.0, auc + half)

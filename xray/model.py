@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -23,9 +23,18 @@ class ModelConfig:
     dropout: float = 0.3  # before the classifier
     normalisation: str = "standardise"  # per-image intensity normalisation (xray.preprocess.normalise)
     stem: str = "conv"  # conv: 3x3 stride 2 + 3x3 (S/2); patch4: one 4x4 stride-4 patch convolution (S/4)
+    members: int = 1  # > 1: a deep ensemble of this many independently seeded nets, averaged in logit space
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.members == 1:
+            del d["members"]  # cards of single nets stay as they were
+        return d
+
+    @property
+    def member(self) -> "ModelConfig":
+        """The architecture of one member."""
+        return replace(self, members=1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -200,3 +209,58 @@ def fold_batchnorm(net: PneumoniaNet) -> PneumoniaNet:
                         items[i], items[i + 1] = fuse_conv_bn_eval(items[i], items[i + 1]), nn.Identity()
                 setattr(module, name, nn.Sequential(*items))
     return net
+
+
+class EnsembleNet(nn.Module):
+    """A deep ensemble (Lakshminarayanan et al., NeurIPS 2017): ``members`` nets of one architecture,
+    trained from different seeds on the same split, their logits averaged (logit space).
+
+    It has the single net's interface: ``feature_map`` concatenates the members' last stages along the
+    channels, and ``classifier`` is the members' linear layers side by side, each weight divided by the
+    number of members (bias: their mean), so ``classify(pool(feature_map(x)))`` is exactly the mean
+    logit, and CAM/HiResCAM and the OOD features stay exact for the ensemble.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.members < 2:
+            raise ValueError("an ensemble needs at least 2 members")
+        self.config = config
+        self.members = nn.ModuleList(PneumoniaNet(config.member) for _ in range(config.members))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    @property
+    def target_layer(self) -> nn.Module:
+        return self.members[0].target_layer
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The combined head: (K * C) -> 1, equal to the mean of the members' heads (made on each call)."""
+        k = len(self.members)
+        weights = torch.cat([m.classifier.weight for m in self.members], dim=1) / k
+        bias = torch.stack([m.classifier.bias for m in self.members]).mean(dim=0)
+        head = nn.Linear(weights.shape[1], 1).to(weights.device, weights.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weights)
+            head.bias.copy_(bias)
+        return head.eval()
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> (B, K * C, S/16, S/16): every member's last stage."""
+        return torch.cat([m.feature_map(x) for m in self.members], dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x)).flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, K * C) pooled features -> (B,) mean of the members' logits."""
+        c = features.shape[1] // len(self.members)
+        return torch.stack([m.classify(features[:, i * c:(i + 1) * c]) for i, m in enumerate(self.members)]).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+def build_net(config: ModelConfig) -> nn.Module:
+    """The network a config describes: one ``PneumoniaNet`` or an ``EnsembleNet``."""
+    return EnsembleNet(config) if config.members > 1 else PneumoniaNet(config)

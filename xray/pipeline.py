@@ -206,7 +206,7 @@ def evaluate_folder(model: LoadedModel, data_dir: str, threshold: float | None) 
             scores.append(prediction.p_pneumonia)
     if not labels:
         raise ValueError(f"no image under {scan.root} could be read ({len(errors)} unreadable)")
-    threshold = model.threshold if threshold is None else threshold
+    threshold = model.default_threshold if threshold is None else threshold
     result = M.metrics_at(np.array(labels), np.array(scores), threshold)
     result.update({"ece": M.expected_calibration_error(labels, scores), "model_version": model.version,
                    "data_dir": str(scan.root), "unreadable": errors})

@@ -1,6 +1,13 @@
 """Model registry: one folder per version (weights + model card), one marker naming the active one.
 
-Layout under the registry root (``weights/`` by default, or $XRAY_WEIGHTS):
+Two layers by default: the **shipped** versions in the repository's ``weights/`` (read-only: never
+written by the app) and the **site** registry in the per-user data folder (``settings.user_data_dir()
+/ registry``), which holds versions trained or calibrated here, the active marker and the site
+settings (``site.json``). Versions are looked up in the site registry first, then in the shipped one;
+until the site activates something, the shipped marker says which version is active.
+$XRAY_WEIGHTS (or an explicit root) makes one folder the whole registry, with no shipped layer.
+
+Layout under a registry root:
     active.json                 {"version": ID, "history": [previously active IDs, newest last]}
     versions/ID/model.pt        state_dict
     versions/ID/card.json       model card, including the SHA-256 of model.pt
@@ -26,7 +33,9 @@ from . import settings
 from .atomic import atomic_write_bytes, atomic_write_json
 from .card import CardError, ModelCard
 from .model import PneumoniaNet, fold_batchnorm, place
+from .model import build_net as model_build_net
 from .ood import OodStats
+from .site import SiteSettings
 
 PACKAGE_ROOT = settings.PACKAGE_ROOT
 DEFAULT_REGISTRY = settings.SHIPPED_REGISTRY
@@ -53,6 +62,8 @@ class LoadedModel:
     card: ModelCard
     device: torch.device
     ood_stats: OodStats | None = None  # training-feature statistics; None = no feature OOD check
+    site_threshold: float | None = None  # the threshold the site saved for this version, if any
+    site_threshold_note: str = ""  # who saved it, when, why
     _folded: "PneumoniaNet | None" = field(default=None, repr=False, compare=False)
 
     @property
@@ -73,6 +84,11 @@ class LoadedModel:
         return self.card.threshold
 
     @property
+    def default_threshold(self) -> float:
+        """The operating threshold the app and the CLI start from: the site's saved one, else the card's."""
+        return self.card.threshold if self.site_threshold is None else self.site_threshold
+
+    @property
     def image_size(self) -> int:
         return self.card.image_size
 
@@ -88,12 +104,25 @@ def pick_device() -> torch.device:
 
 def build_net(card: ModelCard | Mapping[str, Any]) -> PneumoniaNet:
     card = card if isinstance(card, ModelCard) else ModelCard.from_dict(card)
-    return PneumoniaNet(card.config)
+    return model_build_net(card.config)
+
+
+class ReadOnlyVersion(ValueError):
+    """A shipped version's files cannot be changed (site choices go to the site settings)."""
 
 
 class Registry:
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, shipped: str | os.PathLike | None = None):
+        """``root``: the writable registry (default: $XRAY_WEIGHTS, else the site registry in the user
+        data folder); ``shipped``: the read-only layer (default: the repository's ``weights/`` when
+        neither ``root`` nor $XRAY_WEIGHTS is given, else none)."""
+        if root is None and not settings.registry_overridden():
+            root = settings.site_registry_path()
+        if shipped is None and Path(root or settings.registry_path()).resolve() == settings.site_registry_path().resolve():
+            shipped = settings.SHIPPED_REGISTRY  # the site registry always sees the shipped versions
         self.root = Path(root) if root is not None else default_registry_path()
+        self.shipped = Path(shipped) if shipped is not None and Path(shipped).resolve() != self.root.resolve() else None
+        self.site = SiteSettings(self.root)
 
     # -- layout ---------------------------------------------------------------------------------
     @property
@@ -104,17 +133,24 @@ class Registry:
     def marker(self) -> Path:
         return self.root / "active.json"
 
+    def is_shipped(self, version: str) -> bool:
+        """True for a version that lives in the read-only shipped layer."""
+        return (self.shipped is not None and not (self.versions_dir / version / "card.json").is_file()
+                and (self.shipped / "versions" / version / "card.json").is_file())
+
     def version_dir(self, version: str) -> Path:
         if not VERSION_PATTERN.match(version):
             raise ValueError(f"invalid version id {version!r}")
+        if self.is_shipped(version):
+            return self.shipped / "versions" / version
         return self.versions_dir / version
 
     # -- reading --------------------------------------------------------------------------------
     def versions(self) -> list[str]:
-        """Complete versions (those with a card), oldest first."""
-        if not self.versions_dir.is_dir():
-            return []
-        found = [p.name for p in self.versions_dir.iterdir() if self._complete(p.name)]
+        """Complete versions (those with a card), oldest first, shipped and site ones together."""
+        folders = [d for d in (self.versions_dir, self.shipped / "versions" if self.shipped else None)
+                   if d is not None and d.is_dir()]
+        found = sorted({p.name for d in folders for p in d.iterdir() if self._complete(p.name)})
 
         def created(version: str) -> str:
             # One damaged card must not hide every other version (load() reports it when asked for it).
@@ -128,7 +164,7 @@ class Registry:
 
     def _complete(self, version: str) -> bool:
         """A version folder that was renamed into place whole (it has its card)."""
-        return bool(VERSION_PATTERN.match(version)) and (self.versions_dir / version / "card.json").is_file()
+        return bool(VERSION_PATTERN.match(version)) and (self.version_dir(version) / "card.json").is_file()
 
     def card(self, version: str) -> ModelCard:
         """The version's card, validated (``xray.card.ModelCard``).
@@ -151,11 +187,18 @@ class Registry:
             raise ModelFileError(f"model card of {version} is not valid: {exc}") from None
 
     def _marker_state(self) -> dict:
-        try:
-            state = json.loads(self.marker.read_text())
-            return state if isinstance(state, dict) else {}
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        """The site's marker; before the site has activated anything, the shipped one."""
+        for marker in (self.marker, self.shipped / "active.json" if self.shipped else None):
+            if marker is None:
+                continue
+            try:
+                state = json.loads(marker.read_text())
+                return state if isinstance(state, dict) else {}
+            except FileNotFoundError:
+                continue
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return {}
+        return {}
 
     def active_version(self) -> str | None:
         version = self._marker_state().get("version")
@@ -195,7 +238,9 @@ class Registry:
                 ood_stats = OodStats.from_bytes(extras["ood.npz"])
             except ValueError as exc:
                 raise ModelFileError(f"model {version}: {exc}") from None
-        return LoadedModel(net, card, device, ood_stats)
+        saved = self.site.saved_threshold(version)
+        return LoadedModel(net, card, device, ood_stats, saved.threshold if saved else None,
+                           saved.describe() if saved else "")
 
     def _read_extras(self, version: str, card: ModelCard) -> dict[str, bytes]:
         """The version's extra files, each checked against the SHA-256 in its card."""
@@ -232,7 +277,7 @@ class Registry:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         base = f"{stamp}-{tag}" if tag else stamp
         version, n = base, 1
-        while (self.versions_dir / version).exists():
+        while (self.versions_dir / version).exists() or self.is_shipped(version):
             n += 1
             version = f"{base}-{n}"
         return version
@@ -269,20 +314,27 @@ class Registry:
     def update_card(self, version: str, updates: Mapping[str, Any]) -> ModelCard:
         """Merge ``updates`` into a version's card atomically; the protected keys (``card.PROTECTED_KEYS``)
         cannot change. Raises ValueError (``CardError``) for those or for a card that would not validate."""
+        if self.is_shipped(version):
+            raise ReadOnlyVersion(f"model {version} is a shipped version: its card is read-only")
         card = self.card(version).updated(updates)
         atomic_write_json(self.version_dir(version) / "card.json", card.to_dict())
         return card
 
-    def activate(self, version: str) -> None:
-        """Make ``version`` the one the app and CLI use; it must load cleanly first."""
+    def activate(self, version: str, override: Mapping[str, Any] | None = None) -> None:
+        """Make ``version`` the one the app and CLI use; it must load cleanly first. This is the
+        mechanism; the policy (the promotion gate) is ``xray.governance.promote``, which every user-facing
+        path calls. ``override``: the gate override it was activated under (kept in the marker)."""
         self.load(version, torch.device("cpu"))
         state = self._marker_state()
         history = [v for v in state.get("history", []) if v != version]
         current = state.get("version")
         if current and current != version:
             history.append(current)
-        atomic_write_json(self.marker, {"version": version, "history": history[-50:],
-                                        "activated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        marker = {"version": version, "history": history[-50:],
+                  "activated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if override:
+            marker["override"] = dict(override)
+        atomic_write_json(self.marker, marker)
 
     def rollback(self) -> str:
         """Re-activate the previously active version; returns it."""

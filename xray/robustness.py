@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import metrics as M
-from .augment import resolution_blur
+from .augment import PERTURBATIONS
 from .imageio import load_image
 from .inference import logits_of, predict, probabilities
 from .registry import LoadedModel, Registry
 from .train import load_data
 from .trainconfig import TrainConfig
-
-
-def _affine(x: torch.Tensor, zoom: float = 1.0, angle_deg: float = 0.0) -> torch.Tensor:
-    b, _, h, w = x.shape
-    a = math.radians(angle_deg)
-    theta = torch.tensor([[math.cos(a) / zoom, -math.sin(a) / zoom, 0.0],
-                          [math.sin(a) / zoom, math.cos(a) / zoom, 0.0]], dtype=torch.float32).expand(b, 2, 3)
-    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-PERTURBATIONS = {
-    "contrast x0.6": lambda x: 0.6 * x + 0.2 * 255,
-    "gamma 0.7": lambda x: 255 * (x / 255) ** 0.7,
-    "gamma 1.4": lambda x: 255 * (x / 255) ** 1.4,
-    "blur (half resolution)": lambda x: resolution_blur(x, 0.5),
-    "noise sd 8": lambda x: x + 8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
-    "crop 85% (zoom in)": lambda x: _affine(x, zoom=1 / 0.85),
-    "zoom out 90%": lambda x: _affine(x, zoom=0.9),
-    "rotate 7 deg": lambda x: _affine(x, angle_deg=7),
-}
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

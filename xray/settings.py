@@ -2,7 +2,7 @@
 
 | variable | meaning | default |
 |---|---|---|
-| XRAY_WEIGHTS | the model registry folder | ``weights/`` beside this package (the shipped versions) |
+| XRAY_WEIGHTS | one folder as the whole model registry | the shipped ``weights/`` (read-only) plus ``<user data folder>/registry`` |
 | XRAY_DATA_ROOTS | folders the Retrain page may read, ``os.pathsep``-separated | the home folder |
 | XRAY_AUDIT_LOG | the audit log file; ``off`` disables it | ``<user data folder>/audit.jsonl`` |
 | XRAY_CACHE | decoded-image cache folder | the platform's user cache folder |
@@ -29,8 +29,18 @@ def _env(name: str) -> str:
 
 
 def registry_path() -> Path:
-    """$XRAY_WEIGHTS, or the shipped registry."""
-    return Path(_env("XRAY_WEIGHTS") or SHIPPED_REGISTRY)
+    """The writable registry root: $XRAY_WEIGHTS, or the site registry in the user data folder."""
+    return Path(_env("XRAY_WEIGHTS")) if registry_overridden() else site_registry_path()
+
+
+def registry_overridden() -> bool:
+    """True when $XRAY_WEIGHTS names the registry (then it is the whole registry, no shipped layer)."""
+    return bool(_env("XRAY_WEIGHTS"))
+
+
+def site_registry_path() -> Path:
+    """The writable registry of this user: versions trained here, the active marker, site settings."""
+    return user_data_dir() / "registry"
 
 
 def user_data_dir() -> Path:

@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +17,7 @@ import numpy as np
 import PIL
 import torch
 
+from . import borderline, governance
 from . import calibration as C
 from . import card as model_card
 from . import events as E
@@ -42,6 +43,8 @@ from .distributed import (  # noqa: F401
     raise_together,
 )
 from .model import (
+    EnsembleNet,
+    build_net,
     ModelConfig,
     PneumoniaNet,
     autocast_for,
@@ -208,6 +211,10 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
         for cb in callbacks:
             cb(event)
 
+    if cfg.members < 1:
+        raise ValueError("members must be at least 1")
+    if cfg.members > 1 and cfg.init_from:
+        raise ValueError("fine-tuning starts from one version's weights: train an ensemble from scratch")
     if cfg.augment not in PRESETS:
         raise ValueError(f"augment must be one of {sorted(PRESETS)}")
     if cfg.threshold_rule not in M.THRESHOLD_RULES and not cfg.threshold_rule.startswith("sensitivity>="):
@@ -235,7 +242,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes sharing this machine's cores
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run_seed)
     registry = Registry(cfg.registry or None)
     started = time.time()
     emit({"event": E.START, "config": cfg.to_dict(), "pid": os.getpid(), "world_size": world})
@@ -250,21 +257,59 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     except (ValueError, Cancelled) as exc:
         failure = exc
     raise_together(failure, world)
-    images = torch.from_numpy(splits.images)
-    labels = torch.from_numpy(splits.labels)
     n_pos = int(splits.labels[splits.train].sum())
     n_neg = len(splits.train) - n_pos
     pos_weight = n_neg / max(n_pos, 1)  # balances the classes' total weight in the loss
     emit({"event": E.DATA, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
           "validation": splits.description, "pos_weight": pos_weight})
 
-    model_cfg = model_config(cfg)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else registry.root / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
+    nets, best_epochs, histories = [], [], []
+    for member in range(cfg.members):
+        # an ensemble's members share the split and differ in their weights' seed (and so in their
+        # augmentation and batch order); one net keeps the layout and seed of earlier versions
+        member_dir = run_dir if cfg.members == 1 else run_dir / f"member-{member + 1}"
+        net, best_epoch, history = _fit_member(cfg, member, cfg.run_seed + 1000 * member, splits, source, member_dir,
+                                               emit, should_stop, device, rank, world, started)
+        nets.append(net)
+        best_epochs.append(best_epoch)
+        histories.extend(history)
+    if distributed:
+        import torch.distributed as dist
+        dist.barrier()
+        if rank != 0:
+            return ""  # rank 0 alone calibrates and writes the version
+    final = nets[0] if cfg.members == 1 else assemble_ensemble(nets)
+    parent = source.version if source is not None else None
+    return register(final, cfg, splits, best_epochs[0] if cfg.members == 1 else best_epochs, histories,
+                    time.time() - started, registry, parent, device, emit)
+
+
+def assemble_ensemble(nets: list[PneumoniaNet]) -> EnsembleNet:
+    """One ``EnsembleNet`` holding the trained members' weights."""
+    ensemble = EnsembleNet(replace(nets[0].config, members=len(nets)))
+    for slot, net in zip(ensemble.members, nets):
+        slot.load_state_dict(net.state_dict())
+    return ensemble.to(next(nets[0].parameters()).device).eval()
+
+
+def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source, run_dir: Path, emit: Callback,
+                should_stop: Callable[[], bool], device: torch.device, rank: int, world: int,
+                started: float) -> tuple[PneumoniaNet, int, list]:
+    """Train one net (one member of an ensemble) from ``seed``; returns (best net, best epoch, history).
+    Checkpoints go to ``run_dir`` after every epoch (``--resume`` continues from there)."""
+    distributed = world > 1
+    images = torch.from_numpy(splits.images)
+    labels = torch.from_numpy(splits.labels)
+    n_pos = int(splits.labels[splits.train].sum())
+    pos_weight = (len(splits.train) - n_pos) / max(n_pos, 1)  # balances the classes' total weight in the loss
+    torch.manual_seed(seed)
+    model_cfg = model_config(cfg).member
     model = PneumoniaNet(model_cfg)
-    parent = None
     if source is not None:
-        model = source.net.float()
+        model = copy.deepcopy(source.net).float()
         model_cfg = source.net.config
-        parent = source.version
     model = place(model, device)
     train_model = model
     if distributed:
@@ -277,13 +322,11 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     steps_per_epoch = max(1, len(splits.train) // world // cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, steps_per_epoch)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     scaler = None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():  # fp16 autocast needs loss scaling
         scaler = torch.amp.GradScaler("cuda")
 
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else registry.root / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
     checkpoint_path = run_dir / "checkpoint.pt"
     start_epoch, history, best = 1, [], {"score": -math.inf, "epoch": 0, "state": None}
     ckpt = None
@@ -314,7 +357,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
                          + ([ema.shadow[name] for name in buffer_names] if ema is not None else []), world)
         eval_model = model  # identical on every rank from here on
         if ema is not None:
-            eval_model = place(PneumoniaNet(model_cfg), device)
+            eval_model = place(build_net(model_cfg), device)
             eval_model.load_state_dict(ema.shadow)
         # each rank scores its share of the validation images; all ranks then hold all logits, so
         # metrics, the best epoch and early stopping agree everywhere
@@ -336,7 +379,8 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}}
         remaining = (cfg.epochs - epoch) * (train_seconds / (epoch - start_epoch + 1))
-        emit({"event": E.EPOCH, **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs})
+        emit({"event": E.EPOCH, **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs,
+              "member": member, "members": cfg.members})
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -355,15 +399,11 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         if any_rank(should_stop(), world, device):
             raise Cancelled()
 
-    if distributed:
-        import torch.distributed as dist
-        dist.barrier()
-        if rank != 0:
-            return ""  # rank 0 alone calibrates and writes the version
-    final = PneumoniaNet(model_cfg)
+    final = build_net(model_cfg)
     final.load_state_dict(best["state"])
-    final = final.to(device).eval()
-    return register(final, cfg, splits, best["epoch"], history, time.time() - started, registry, parent, device, emit)
+    return final.to(device).eval(), best["epoch"], history
+
+
 
 
 def _eval_block(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -379,6 +419,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     scale, bias = C.fit_platt(val_logits, y_val)
     p_val = C.apply(val_logits, scale, bias)
     threshold = M.choose_threshold(y_val, p_val, cfg.threshold_rule)
+    band = fit_borderline(net, images[splits.val], scale, bias, device, cfg.tta)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
         ood_stats, ood_summary = O.fit_for_images(net, images, splits.train, splits.val, device)
@@ -406,13 +447,28 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
               "counts": splits.scan.counts(), "train_images": int(len(splits.train)),
               "val_images": int(len(splits.val)), "duplicates": len(splits.scan.duplicates),
               "unreadable": len(splits.unreadable), "classes": list(CLASSES)},
-        environment=environment(), ood=ood_summary, test=test)
+        environment=environment(), ood=ood_summary, test=test, borderline=band)
     version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
-    if cfg.activate:
-        registry.activate(version)
-    emit({"event": E.DONE, "version": version, "threshold": threshold, "activated": cfg.activate,
-          "val_metrics": {k: v for k, v in card["validation"].items() if k != "predictions"}})
+    activated, gate_message = False, ""
+    if cfg.activate:  # through the promotion gate, never around it
+        try:
+            governance.promote(registry, version)
+            activated = True
+        except governance.PromotionRefused as exc:
+            gate_message = str(exc)
+    emit({"event": E.DONE, "version": version, "threshold": threshold, "activated": activated,
+          "gate": gate_message, "val_metrics": {k: v for k, v in card["validation"].items() if k != "predictions"}})
     return version
+
+
+def fit_borderline(net: PneumoniaNet, val_images: torch.Tensor, scale: float, bias: float, device: torch.device,
+                   tta: str = "none") -> dict:
+    """The card's borderline band (``xray.borderline``) from (N, S, S) uint8 validation images."""
+    def calibrated_logits(x: torch.Tensor) -> np.ndarray:  # (N, 1, S, S) float -> (N,) log-odds
+        logits = predict_logits(net, x[:, 0], np.arange(len(x)), device, tta=tta)
+        return scale * logits.astype(np.float64) + bias
+
+    return borderline.fit_band(calibrated_logits, val_images.unsqueeze(1))
 
 
 # -- OOD statistics for an existing version ----------------------------------------------------------

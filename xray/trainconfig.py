@@ -23,7 +23,8 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate of the one-cycle schedule
     weight_decay: float = 5e-4  # AdamW decoupled weight decay
     val_fraction: float = 0.15  # patients held out for validation when the folder has no val/ part
-    seed: int = 0
+    seed: int = 0  # the validation split's seed (and the weights' when init_seed is -1)
+    init_seed: int = -1  # seed of the weights, augmentation and batch order; -1 = seed (ensemble members differ here)
     patience: int = 8  # epochs without validation improvement before stopping
     label_smoothing: float = 0.05
     augment: str = "strong"  # none | standard | strong (docs/experiments.md: strong generalises best)
@@ -44,6 +45,12 @@ class TrainConfig:
     workers: int = 0  # decoding processes; 0 = automatic
     max_minutes: float = 0.0  # stop after this many minutes of training; 0 = no limit
     tag: str = ""  # appended to the version id
+    members: int = 1  # > 1: a deep ensemble of this many nets from different seeds, one version (docs/experiments.md)
+
+    @property
+    def run_seed(self) -> int:
+        """The seed of the weights, augmentation and batch order."""
+        return self.seed if self.init_seed < 0 else self.init_seed
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -62,7 +69,7 @@ class TrainConfig:
 def model_config(cfg: TrainConfig) -> ModelConfig:
     """The architecture a from-scratch run of ``cfg`` builds."""
     return ModelConfig(widths=tuple(cfg.widths), strides=stage_strides(cfg.stem, len(cfg.widths)),
-                       dropout=cfg.dropout, normalisation=cfg.normalisation, stem=cfg.stem)
+                       dropout=cfg.dropout, normalisation=cfg.normalisation, stem=cfg.stem, members=cfg.members)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default {d.weight_decay})")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction,
                         help=f"fraction of patients held out for validation (default {d.val_fraction})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"validation split seed (default {d.seed})")
+    parser.add_argument("--init-seed", type=int, default=d.init_seed,
+                        help="seed of the initial weights, augmentation and batch order; -1 = --seed "
+                             f"(default {d.init_seed}); members of an ensemble share --seed and differ here")
     parser.add_argument("--patience", type=int, default=d.patience, help=f"early-stopping patience in epochs (default {d.patience})")
     parser.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"(default {d.label_smoothing})")
     parser.add_argument("--augment", choices=sorted(PRESETS), default=d.augment, help=f"(default {d.augment})")
@@ -102,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes (default: automatic)")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="training time limit (default: none)")
     parser.add_argument("--tag", default="", help="suffix for the version id")
+    parser.add_argument("--members", type=int, default=d.members,
+                        help=f"train a deep ensemble of this many nets (different seeds, same split), averaged in "
+                             f"logit space, as one version (default {d.members})")
     parser.add_argument("--events", default="", help="JSON-lines event file (default <run-dir>/events.jsonl)")
 
 
