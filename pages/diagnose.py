@@ -24,6 +24,7 @@ from xray.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.gradcam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.gradcam import legend as heatmap_legend
 from xray.imageio import DICOM_DISPLAY_FIELDS
+from xray.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.registry import LoadedModel, Registry, sha256_bytes
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
@@ -36,6 +37,8 @@ HEATMAP_LEGEND = (f"Same scale on every image: no colour below {EVIDENCE_FLOOR} 
                   f"against), yellow = weak, red = strong (at least {EVIDENCE_FULL_SCALE} log-odds per region). "
                   "A normal film usually shows little or no colour.")
 SAMPLES_KEY = "diagnose_samples"
+PREVALENCE_KEY = "diagnose_prevalence"  # the session's prevalence (from the site's saved setting)
+EM_MIN_IMAGES = 30
 WORKLIST_ORDER_KEY = "diagnose_worklist_order"  # sha256 of each worklist row, in display order
 REVIEW_PICK_KEY = "diagnose_review_pick"  # the row a click chose, applied before the review selectbox  # bundled sample paths the clinician chose to try
 DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPartExamined": "Body part",
@@ -99,6 +102,58 @@ def restore_card_threshold(model: LoadedModel) -> None:
         return
     set_threshold(model.threshold)
     st.session_state[SAVED_KEY] = f"Restored the model's own threshold {model.threshold:.6f}."
+
+
+def site_prevalence(model: LoadedModel) -> float:
+    """The prevalence the page's figures assume: the session's setting (from the site's saved one, else
+    the version's calibration prevalence)."""
+    if PREVALENCE_KEY not in st.session_state:
+        saved = Registry().site.prevalence()
+        st.session_state[PREVALENCE_KEY] = saved if saved is not None else model.card.calibration_prevalence
+    return float(st.session_state[PREVALENCE_KEY])
+
+
+def save_prevalence() -> None:
+    try:
+        Registry().site.set_prevalence(st.session_state[PREVALENCE_KEY])
+        record_event("prevalence-saved", prevalence=st.session_state[PREVALENCE_KEY])
+        st.session_state[SAVED_KEY] = f"Saved {st.session_state[PREVALENCE_KEY]:.1%} as this site's prevalence."
+    except (OSError, ValueError) as exc:
+        st.session_state[SAVE_ERROR_KEY] = f"The prevalence was not saved: {exc}"
+
+
+def use_estimate(value: float) -> None:
+    st.session_state[PREVALENCE_KEY] = value
+
+
+def prevalence_sidebar(model: LoadedModel, readable: list) -> None:
+    """The site's prevalence: what the adjusted probability, PPV and NPV assume; an EM estimate offered."""
+    st.header("Prevalence at this site")
+    site_prevalence(model)
+    st.number_input("Pneumonia prevalence (share of patients with pneumonia)", 0.01, 0.99, step=0.01,
+                    format="%.2f", key=PREVALENCE_KEY,
+                    help=f"The model's probabilities are calibrated at {model.card.calibration_prevalence:.0%} "
+                         "(its calibration set). PPV, NPV and the adjusted probability use this value.")
+    st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence, icon=":material/save:")
+    scores = [a.prediction.p_pneumonia for a in readable if not a.prediction.withheld]
+    if len(scores) >= EM_MIN_IMAGES:
+        estimate = estimate_prevalence(scores, model.card.calibration_prevalence)
+        st.caption(f"Estimated from the {len(scores)} images in the worklist (EM prior adjustment, Saerens et al. "
+                   f"2002): {estimate:.1%}. An estimate, not a measurement: your choice.")
+        st.button(f"Use {estimate:.0%}", key="diagnose_use_estimate", on_click=use_estimate, args=(round(estimate, 2),))
+    else:
+        st.caption(f"With at least {EM_MIN_IMAGES} scored images in the worklist, the page offers an estimate of the "
+                   "prevalence from them.")
+
+
+def calibration_in_force(model: LoadedModel) -> str:
+    """One line: which calibration the probabilities carry."""
+    site = model.card.get("site_calibration")
+    if site:
+        counts = site.get("counts", {})
+        return (f"Calibration: refitted on this site's {sum(counts.values())} labelled images "
+                f"(from version {site.get('parent')}; weights unchanged).")
+    return f"Calibration: {model.card.calibration_method} (at {model.card.calibration_prevalence:.0%} prevalence)."
 
 
 def presets_for(model: LoadedModel, validation) -> dict[str, float]:
@@ -167,8 +222,9 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
     left, right = st.columns(2)
     left.metric("Sensitivity (recall)", ratio(figures["sensitivity"]))
     right.metric("Specificity", ratio(figures["specificity"]))
-    left.metric("Precision (PPV)", ratio(figures["precision"]))
-    right.metric("NPV", ratio(figures["npv"]))
+    ppv, npv = predictive_values(figures["sensitivity"], figures["specificity"], site_prevalence(model))
+    left.metric(f"PPV at {site_prevalence(model):.0%} prevalence", ratio(ppv))
+    right.metric(f"NPV at {site_prevalence(model):.0%} prevalence", ratio(npv))
     left.metric("F1", ratio(figures["f1"]))
     right.metric("ROC AUC", ratio(figures["roc_auc"]))
     cm = figures["confusion_matrix"]
@@ -209,8 +265,9 @@ def pr_figure(labels, scores, figures: dict) -> go.Figure:
 
 
 # -- one image: verdict panel and heatmap ---------------------------------------------------------
-def verdict_panel(result: analysis.Analysis, threshold: float) -> None:
+def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: float) -> None:
     prediction = result.prediction
+    prediction_prevalence = model.card.calibration_prevalence
     if not record_shown(result.sha256, prediction, threshold):  # logged before it is shown, or not shown
         return
     if analysis.is_out_of_distribution(prediction):
@@ -222,6 +279,13 @@ def verdict_panel(result: analysis.Analysis, threshold: float) -> None:
     else:
         st.metric("p(pneumonia)", f"{prediction.p_pneumonia:.3f}")
         st.progress(prediction.p_pneumonia)
+        prevalence = st.session_state.get(PREVALENCE_KEY)
+        if prevalence is not None and abs(prevalence - prediction_prevalence) > 1e-9:
+            adjusted = float(adjust_to_prevalence(prediction.p_pneumonia, prediction_prevalence, prevalence))
+            st.markdown(f"At this site's prevalence ({prevalence:.0%}): **p(pneumonia) {adjusted:.3f}**")
+            st.caption(f"The model's probability is calibrated at {prediction_prevalence:.0%} prevalence; the "
+                       "decision compares the model's probability with the threshold, so it does not depend on the "
+                       "prevalence setting.")
         decision = prediction.decision(threshold)
         with st.container(key="diagnose_decision"):  # colour, icon and word: readable without colour vision
             if decision == PNEUMONIA:
@@ -282,7 +346,7 @@ def image_detail(model: LoadedModel, result: analysis.Analysis, threshold: float
     st.subheader(escape_markdown(result.name))
     image_column, verdict_column = st.columns([3, 2], gap="large")
     with verdict_column:
-        verdict_panel(result, threshold)
+        verdict_panel(model, result, threshold)
     with image_column:
         heatmap_view(model, result)
 
@@ -295,8 +359,9 @@ def review_selected_row() -> None:
         st.session_state[REVIEW_PICK_KEY] = order[rows[0]]
 
 
-def worklist(results: list[dict], threshold: float) -> None:
+def worklist(model: LoadedModel, results: list[dict], threshold: float) -> None:
     """Every readable file, highest p(pneumonia) first, with a CSV like the command line's."""
+    model_prevalence, prevalence = model.card.calibration_prevalence, site_prevalence(model)
     analyses = [r["analysis"] for r in results]
     for a in analyses:  # every decision in the table is shown: each is logged first
         if a.ok and not record_shown(a.sha256, a.prediction, threshold, "worklist"):
@@ -322,7 +387,8 @@ def worklist(results: list[dict], threshold: float) -> None:
                        "p(pneumonia)": st.column_config.ProgressColumn("p(pneumonia)", min_value=0.0,
                                                                         max_value=1.0, format="%.3f")})
     st.caption("Click a row to review that image below.")
-    st.download_button("Download worklist (CSV)", data=analysis.worklist_csv(analyses, threshold),
+    st.download_button("Download worklist (CSV)", data=analysis.worklist_csv(analyses, threshold,
+                                                                                   (model_prevalence, prevalence)),
                        file_name="worklist.csv", mime="text/csv", on_click="ignore", icon=":material/download:",
                        key="diagnose_download_csv")
 
@@ -336,6 +402,7 @@ with st.sidebar:
 st.title("Diagnose")
 st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
            "it assists a clinician and does not diagnose.")
+st.caption(calibration_in_force(model))
 
 # No type filter: DICOM files often come without an extension; unreadable files get a clear message.
 uploads = st.file_uploader("Drop chest X-rays here (PNG, JPEG or DICOM), one or many", accept_multiple_files=True,
@@ -368,12 +435,14 @@ for result in results:
         st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
                  f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
 readable = [r["analysis"] for r in results if r["analysis"].ok]
+with st.sidebar:
+    prevalence_sidebar(model, readable)
 if not results:
     st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), "
             "the decision at the current threshold and where the model looked.", icon=":material/info:")
 elif len(results) > 1:
     st.subheader("Worklist")
-    worklist(results, threshold)
+    worklist(model, results, threshold)
 if len(readable) == 1:
     image_detail(model, readable[0], threshold)
 elif readable:

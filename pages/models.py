@@ -8,13 +8,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages.common import ensure_app_navigation
-from xray import governance, metrics
+from xray import governance, jobs, metrics, sitecal
 from xray.card import ModelCard
 from xray.registry import ModelFileError, Registry
 
 MESSAGE_KEY = "models_message"  # what the last button did, shown after the rerun it causes
 SELECTED_KEY = "models_selected"
 OVERRIDE_REASON_KEY = "models_override_reason"
+CALIBRATE_FOLDER_KEY = "models_calibrate_folder"
 OVERRIDE_CONFIRM_KEY = "models_override_confirm"
 
 FIGURES = [("Validation AUC", "roc_auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
@@ -73,6 +74,24 @@ def activate(version: str, force: bool = False) -> None:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}")
     except (ModelFileError, ValueError) as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}.")
+
+
+@st.cache_data(ttl=600, max_entries=4, show_spinner=False)
+def site_recalibration(folder: str, version: str) -> sitecal.Recalibration:
+    """Score and recalibrate once per (folder, version); nothing is written."""
+    registry = Registry()
+    model = registry.load(version)
+    return sitecal.recalibrate(model, sitecal.score_folder(model, folder))
+
+
+def create_calibrated(folder: str, version: str) -> None:
+    try:
+        registry = Registry()
+        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version))
+        st.session_state[MESSAGE_KEY] = ("success", f"Created {new}: {version}'s weights with this site's calibration. "
+                                                    "Compare it above and activate it when it passes the gate.")
+    except (OSError, ValueError, ModelFileError) as exc:
+        st.session_state[MESSAGE_KEY] = ("error", f"No calibrated version was written: {exc}.")
 
 
 def roll_back() -> None:
@@ -169,3 +188,43 @@ if result is not None and not result.passed:
         confirmed = st.checkbox(f"I take responsibility for activating {selected}", key=OVERRIDE_CONFIRM_KEY)
         st.button(f"Activate {selected} anyway", key="models_activate_override", on_click=activate,
                   args=(selected, True), disabled=not (confirmed and st.session_state.get(OVERRIDE_REASON_KEY, "").strip()))
+
+st.subheader("Calibrate to this site")
+st.caption("Refit the active model's probability calibration and threshold on a labelled folder from this site "
+           f"(NORMAL/ and PNEUMONIA/ at any depth, at least {sitecal.MIN_IMAGES} images with "
+           f"{sitecal.MIN_PER_CLASS} of each class). The network's weights are not changed: the result is a new, "
+           "inactive version, activated like any other, through the gate.")
+site_folder = st.text_input("Labelled folder", key=CALIBRATE_FOLDER_KEY, placeholder="/path/to/site/labelled",
+                            help="Allowed locations: " + ", ".join(map(str, jobs.data_roots())))
+if site_folder.strip() and active:
+    try:
+        folder = jobs.check_data_root(site_folder)
+        with st.spinner("Scoring the folder with the active model..."):
+            result = site_recalibration(str(folder), active)
+    except (ValueError, ModelFileError) as exc:
+        st.error(f"This folder cannot be used: {exc}.", icon=":material/folder_off:")
+    else:
+        before, after = result.before, result.after
+
+        def with_ci(d: dict, key: str) -> str:
+            low, high = d[f"{key}_ci"]
+            return f"{d[key]:.3f} ({low:.3f}-{high:.3f})"
+
+        st.dataframe([{"": "threshold", "now (active model)": f"{before['threshold']:.6f}",
+                       "after recalibration (cross-validated)": f"{result.threshold:.6f}"},
+                      {"": "sensitivity (95% CI)", "now (active model)": with_ci(before, "sensitivity"),
+                       "after recalibration (cross-validated)": with_ci(after, "sensitivity")},
+                      {"": "specificity (95% CI)", "now (active model)": with_ci(before, "specificity"),
+                       "after recalibration (cross-validated)": with_ci(after, "specificity")},
+                      {"": "ECE (10 bins)", "now (active model)": f"{before['ece']:.3f}",
+                       "after recalibration (cross-validated)": f"{after['ece']:.3f}"}],
+                     hide_index=True, key="models_calibration_figures")
+        counts = result.data.counts
+        st.caption(f"{counts['NORMAL']} normal and {counts['PNEUMONIA']} pneumonia images; "
+                   f"{len(result.data.unreadable)} unreadable (skipped). With this many images the intervals are "
+                   f"wide. Threshold rule: {result.rule}.")
+        if result.data.unreadable:
+            with st.expander("Unreadable files"):
+                st.dataframe([{"file": n, "reason": w} for n, w in result.data.unreadable], hide_index=True)
+        st.button("Create the calibrated version", key="models_calibrate", type="primary",
+                  on_click=create_calibrated, args=(str(folder), active), icon=":material/tune:")

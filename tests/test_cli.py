@@ -17,7 +17,7 @@ from xray.cli import main
 from xray.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = ["path", "p_pneumonia", "label", "threshold", "error"]
+HEADER = ["path", "p_pneumonia", "label", "threshold", "error", "prevalence", "p_pneumonia_at_prevalence"]
 TINY_TRAIN_OPTIONS = ["--epochs", "2", "--image-size", "64", "--widths", "8,16,32,64", "--batch-size", "8",
                       "--val-fraction", "0.3", "--ema", "0", "--threads", "1", "--workers", "1"]
 

@@ -43,7 +43,8 @@ def drop(at, *files):
 
 
 def metric(at, label: str) -> str:
-    return next(m.value for m in at.metric if m.label == label)
+    """A metric's value by its label, or by the start of it (PPV and NPV name their prevalence)."""
+    return next(m.value for m in at.metric if m.label == label or m.label.startswith(label.split(" (")[0] + " at"))
 
 
 def decision(at) -> str:
@@ -104,7 +105,7 @@ def test_worklist_csv_has_cli_columns_sorted_by_probability(tiny_model):
     for row in rows[1:]:
         if row[0] in flagged:  # out of distribution: score kept, no verdict, reason as the CLI writes it
             assert row[1] and row[2] == "" and row[4].startswith("not a chest X-ray: ")
-    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", "truncated or damaged JPEG file"]
+    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", "truncated or damaged JPEG file", "", ""]
 
 
 # -- the page --------------------------------------------------------------------------------------
@@ -151,20 +152,20 @@ def test_threshold_slider_moves_decisions_and_validation_metrics(tiny_registry):
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["Decision"]) == ["PNEUMONIA", "PNEUMONIA"] and decision(at) == "PNEUMONIA"
     assert metric(at, "Sensitivity (recall)") == "1.000" and metric(at, "Specificity") == "0.000"
-    assert metric(at, "Precision (PPV)") == f"{labels.mean():.3f}"  # everything called positive
+    assert metric(at, "PPV") == f"{labels.mean():.3f}"  # everything called positive
 
     at.slider(key="diagnose_threshold").set_value(1.0).run()
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["Decision"]) == ["NORMAL", "NORMAL"] and decision(at) == "NORMAL"
     assert metric(at, "Sensitivity (recall)") == "0.000" and metric(at, "Specificity") == "1.000"
-    assert metric(at, "Precision (PPV)") == "n/a"
+    assert metric(at, "PPV") == "n/a"
 
     middle = float(np.median(scores))
     at.slider(key="diagnose_threshold").set_value(middle).run()
     called = scores >= middle
     tp, fp = int(np.sum(called & (labels == 1))), int(np.sum(called & (labels == 0)))
     assert metric(at, "Sensitivity (recall)") == f"{tp / labels.sum():.3f}"
-    assert metric(at, "Precision (PPV)") == f"{tp / (tp + fp):.3f}"
+    assert metric(at, "PPV") == f"{tp / (tp + fp):.3f}"
     matrix = next(m.value for m in at.sidebar.markdown if m.value.startswith("**Confusion matrix**"))
     fn, tn = int(labels.sum()) - tp, int((labels == 0).sum()) - fp
     for count, cell in ((tp, "true positive"), (fn, "false negative"), (fp, "false positive"), (tn, "true negative")):
@@ -362,3 +363,30 @@ def test_the_exact_threshold_is_typed_and_used_unrounded(tiny_registry):
     table = analysis.worklist_csv([analysis.analyse(Registry(tiny_registry).load(), NORMAL_FULLRES.read_bytes(),
                                                     NORMAL_FULLRES.name)], 0.123457)
     assert table.splitlines()[1].split(",")[3] == "0.123457"
+
+
+def test_prevalence_setting_adjusts_probability_ppv_and_npv_but_not_the_decision(tiny_registry):
+    import json
+
+    from xray.prevalence import adjust_to_prevalence, predictive_values
+
+    labels, scores, card = validation_of(tiny_registry)
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    calibrated_at = float(labels.mean())
+    assert at.number_input(key="diagnose_prevalence").value == pytest.approx(calibrated_at)
+    before = decision(at)
+    p = predict(Registry(tiny_registry).load(), [load_image(NORMAL_FULLRES)])[0].p_pneumonia
+    at.number_input(key="diagnose_prevalence").set_value(0.2).run()
+    assert decision(at) == before  # the decision is on the model's probability, whatever the prevalence
+    adjusted = float(adjust_to_prevalence(p, calibrated_at, 0.2))
+    assert any(f"p(pneumonia) {adjusted:.3f}" in m.value for m in at.markdown)
+    from xray.metrics import metrics_at
+
+    figures = metrics_at(labels, scores, at.number_input(key="diagnose_threshold_exact").value)
+    ppv, _ = predictive_values(figures["sensitivity"], figures["specificity"], 0.2)
+    assert next(m.value for m in at.metric if m.label == "PPV at 20% prevalence") == (
+        "n/a" if ppv != ppv else f"{ppv:.3f}")
+    at.button(key="diagnose_save_prevalence").click().run()
+    assert json.loads((tiny_registry / "site.json").read_text())["prevalence"] == 0.2
+    assert start_app().number_input(key="diagnose_prevalence").value == 0.2  # a new session starts from it
+    assert any("Calibration:" in c.value for c in at.caption)

@@ -89,3 +89,29 @@ def test_empty_registry_says_how_to_get_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("XRAY_WEIGHTS", str(tmp_path / "empty"))
     at = open_page()
     assert "No model versions yet" in at.info[0].value
+
+
+def test_calibrate_to_this_site_shows_before_and_after_and_creates_a_version(tiny_registry, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import DATASET
+    from xray import sitecal
+
+    monkeypatch.setattr(sitecal, "MIN_PER_CLASS", 4)
+    monkeypatch.setattr(sitecal, "MIN_IMAGES", 8)
+    monkeypatch.setenv("XRAY_DATA_ROOTS", str(tmp_path))
+    site = tmp_path / "site"
+    shutil.copytree(DATASET, site)
+    registry = Registry(tiny_registry)
+    active = registry.active_version()
+    at = open_page()
+    at.text_input(key="models_calibrate_folder").input(str(site)).run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "after recalibration (cross-validated)" in d.value.columns)
+    assert list(table[""]) == ["threshold", "sensitivity (95% CI)", "specificity (95% CI)", "ECE (10 bins)"]
+    at = click(at, "models_calibrate")
+    new = [v for v in registry.versions() if v not in (active,)][-1]
+    assert any(f"Created {new}" in s.value for s in at.success)
+    assert registry.card(new)["site_calibration"]["parent"] == active and registry.active_version() == active
+    at.text_input(key="models_calibrate_folder").input(str(tmp_path.parent)).run()
+    assert any("outside the allowed data folders" in e.value and "restart the server" in e.value for e in at.error)

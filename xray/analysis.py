@@ -132,7 +132,7 @@ def worklist_rows(analyses: Iterable[Analysis], threshold: float) -> list[dict]:
     return sorted(rows, key=lambda r: (r["label"] == "", -(r["p_pneumonia"] or 0.0)))
 
 
-def worklist_csv(analyses: Iterable[Analysis], threshold: float) -> str:
+def worklist_csv(analyses: Iterable[Analysis], threshold: float, prevalence: tuple[float, float] | None = None) -> str:
     """The worklist as CSV, row for row what ``python -m xray predict`` writes (``pipeline.csv_row``),
     in worklist order, the file name as path."""
     by_sha = {a.sha256: a for a in analyses}
@@ -141,5 +141,5 @@ def worklist_csv(analyses: Iterable[Analysis], threshold: float) -> str:
     writer.writerow(CSV_HEADER)
     for row in worklist_rows(by_sha.values(), threshold):
         a = by_sha[row["sha256"]]
-        writer.writerow(csv_row(a.name, a.prediction, a.error, threshold))
+        writer.writerow(csv_row(a.name, a.prediction, a.error, threshold, prevalence))
     return out.getvalue()

@@ -221,6 +221,15 @@ class ModelCard(Mapping):
     def from_dict(cls, raw: Mapping[str, Any]) -> "ModelCard":
         return cls(raw)
 
+    @property
+    def calibration_prevalence(self) -> float:
+        """The prevalence its probabilities are calibrated at: that of its calibration (validation) set."""
+        if self.validation.labels:
+            return sum(self.validation.labels) / len(self.validation.labels)
+        counts = self.data.counts.get("all") or {}
+        total = sum(counts.values())
+        return counts.get("PNEUMONIA", 0) / total if total else 0.5
+
     # -- the Mapping view of the JSON ---------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
         return self._raw[key]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import events as E
-from . import governance
+from . import governance, sitecal
 from .atomic import atomic_write_json
 from .bench import add_arguments as bench_arguments
 from .bench import main as bench_main
@@ -76,13 +76,17 @@ def cmd_predict(args) -> int:
     if not done:
         writer.writerow(CSV_HEADER)
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
+    site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()
+    if site is not None and not 0.0 < site < 1.0:
+        raise SystemExit("error: --prevalence must lie strictly between 0 and 1")
+    prevalence = (model.card.calibration_prevalence, site if site is not None else model.card.calibration_prevalence)
     paths = (p for p in iter_shard(args.paths, args.shard) if str(p) not in done)
     failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
         for path, prediction, error in score_paths(model, paths, args.batch_size, args.workers):
             failures += prediction is None
             not_xray += prediction is not None and prediction.withheld
-            writer.writerow(csv_row(str(path), prediction, error, threshold))
+            writer.writerow(csv_row(str(path), prediction, error, threshold, prevalence))
             out.flush()  # a crash loses at most the row being written; --resume continues after it
             bar.update(1)
     if args.csv:
@@ -91,6 +95,21 @@ def cmd_predict(args) -> int:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
     if not_xray:
         print(f"{not_xray} file(s) do not look like chest X-rays: no label given; see the error column", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    registry = Registry(args.registry or None)
+    try:
+        version, result = sitecal.calibrate(registry, args.data_dir, args.model or None, args.rule or None,
+                                            args.workers)
+    except (ModelFileError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    print(sitecal.describe(result), file=sys.stderr)
+    for name, why in result.data.unreadable:
+        print(f"  unreadable, skipped: {name}: {why}", file=sys.stderr)
+    print(f"new version {version} (weights of {result.parent}, unchanged); not active: "
+          f"python -m xray activate {version}", file=sys.stderr)
     return 0
 
 
@@ -246,7 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --csv: skip files already in that CSV and append the rest (same path arguments)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per CPU core)")
+    p.add_argument("--prevalence", type=float, default=None,
+                   help="pneumonia prevalence at this site, for the p_pneumonia_at_prevalence column (default: the "
+                        "site's saved setting, else the version's calibration prevalence); the label never depends on it")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("calibrate", help="recalibrate a version on a site's labelled folder (new inactive version, same weights)")
+    p.add_argument("data_dir", help="folder with NORMAL/ and PNEUMONIA/ at any depth, at least "
+                                    f"{sitecal.MIN_IMAGES} images with {sitecal.MIN_PER_CLASS} of each class")
+    p.add_argument("--model", default="", help="version to recalibrate (default: the active one)")
+    p.add_argument("--registry", default="", help="registry folder (default: the site registry, or $XRAY_WEIGHTS)")
+    p.add_argument("--rule", default="", help="threshold rule (default: the version's own, e.g. sensitivity>=0.97)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: automatic)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics on a labelled folder")
     p.add_argument("data_dir")

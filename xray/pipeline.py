@@ -22,9 +22,12 @@ from . import metrics as M
 from .data import IMAGE_EXTENSIONS, scan_dataset
 from .inference import Prediction, predict
 from .preprocess import ModelInput, try_read_model_input
+from .prevalence import adjust_to_prevalence
 from .registry import LoadedModel
 
-CSV_HEADER = ["path", "p_pneumonia", "label", "threshold", "error"]
+# label: the decision at threshold, made on p_pneumonia (the version's calibrated probability);
+# p_pneumonia_at_prevalence: the same evidence at the prevalence column's value (Bayes' rule), for reading
+CSV_HEADER = ["path", "p_pneumonia", "label", "threshold", "error", "prevalence", "p_pneumonia_at_prevalence"]
 
 
 def iter_image_paths(paths: list[str]) -> Iterator[Path]:
@@ -58,18 +61,25 @@ def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1)) -> Iterator[Pa
                 yield path
 
 
-def csv_row(path: str, prediction: Prediction | None, error: str, threshold: float) -> list[str]:
+def csv_row(path: str, prediction: Prediction | None, error: str, threshold: float,
+            prevalence: tuple[float, float] | None = None) -> list[str]:
     """The one CSV row (columns ``CSV_HEADER``) for a scored, withheld or unreadable file.
 
-    ``label`` is ``decision.decide(p, threshold)`` for a verdict, empty when the verdict was withheld
-    (``p_pneumonia`` stays, for research; ``error`` says why) or the file could not be read.
+    ``label`` is ``Prediction.decision(threshold)`` (PNEUMONIA / NORMAL / BORDERLINE) for a verdict, empty
+    when the verdict was withheld (``p_pneumonia`` stays, for research; ``error`` says why) or the file
+    could not be read. ``prevalence``: (the version's calibration prevalence, the site's), for the last
+    two columns; the decision never depends on it.
     """
+    calibrated_at, site = prevalence if prevalence is not None else (None, None)
+    tail = [f"{site:.4f}" if site is not None else "", ""]
     if prediction is None:
-        return [path, "", "", f"{threshold:.6f}", " ".join(str(error).split())]
+        return [path, "", "", f"{threshold:.6f}", " ".join(str(error).split()), *tail]
+    if site is not None and calibrated_at is not None:
+        tail[1] = f"{float(adjust_to_prevalence(prediction.p_pneumonia, calibrated_at, site)):.6f}"
     if prediction.withheld:  # no verdict, but the score stays visible (docs/ood.md)
         return [path, f"{prediction.p_pneumonia:.6f}", "", f"{threshold:.6f}",
-                "not a chest X-ray: " + " ".join(prediction.ood_reason.split())]
-    return [path, f"{prediction.p_pneumonia:.6f}", prediction.decision(threshold), f"{threshold:.6f}", ""]
+                "not a chest X-ray: " + " ".join(prediction.ood_reason.split()), tail[0], ""]
+    return [path, f"{prediction.p_pneumonia:.6f}", prediction.decision(threshold), f"{threshold:.6f}", "", *tail]
 
 
 def write_csv_rows(out, rows: Iterable[list[str]], header: bool = True) -> None:

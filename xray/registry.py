@@ -286,13 +286,18 @@ class Registry:
                      extras: dict[str, bytes] | None = None) -> str:
         """Write weights + card (+ extra files, checksummed in the card) as a new, inactive version."""
         version = version or self.new_version_id()
-        final = self.version_dir(version)
-        if final.exists():
-            raise ValueError(f"model version {version} already exists")
         buffer = io.BytesIO()
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         torch.save(state, buffer)
-        data = buffer.getvalue()
+        return self._write_version(buffer.getvalue(), card, version, extras)
+
+    def _write_version(self, data: bytes, card: Mapping[str, Any], version: str,
+                       extras: dict[str, bytes] | None) -> str:
+        if not VERSION_PATTERN.match(version):
+            raise ValueError(f"invalid version id {version!r}")
+        final = self.versions_dir / version
+        if final.exists() or self.is_shipped(version):
+            raise ValueError(f"model version {version} already exists")
         extras = extras or {}
         card = {**card, "version": version, "weights_sha256": sha256_bytes(data),
                 "weights_bytes": len(data), "extra_files": {n: sha256_bytes(b) for n, b in extras.items()}}
@@ -310,6 +315,12 @@ class Registry:
         atomic_write_json(staging / "card.json", card)
         os.replace(staging, final)  # the version appears whole or not at all
         return version
+
+    def save_version_bytes(self, weights: bytes, card: Mapping[str, Any], version: str,
+                           extras: dict[str, bytes] | None = None) -> str:
+        """``save_version`` with the weights file given as bytes, written unchanged (a version derived
+        from another with the same weights, byte for byte: site calibration)."""
+        return self._write_version(weights, card, version, extras)
 
     def update_card(self, version: str, updates: Mapping[str, Any]) -> ModelCard:
         """Merge ``updates`` into a version's card atomically; the protected keys (``card.PROTECTED_KEYS``)

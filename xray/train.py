@@ -44,10 +44,10 @@ from .distributed import (  # noqa: F401
 )
 from .model import (
     EnsembleNet,
-    build_net,
     ModelConfig,
     PneumoniaNet,
     autocast_for,
+    build_net,
     count_macs,
     count_parameters,
     place,
