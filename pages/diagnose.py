@@ -304,6 +304,8 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
                 st.caption(f"Outside the borderline band {limits[0]:.3f}-{limits[1]:.3f}.")
     st.caption(f"Model version {prediction.model_version}. Image {result.image.size[0]} x {result.image.size[1]} "
                f"pixels, {result.image.format}.")
+    if result.image.notes:  # how the file was read: VOI rule, TIFF page, inferred transfer syntax
+        st.caption("Read as: " + escape_markdown("; ".join(result.image.notes)) + ".")
     header = result.image.dicom_header
     if header:
         st.markdown("**DICOM header** (shown, not stored)")
@@ -405,7 +407,8 @@ st.caption(f"Model {model.version}. Decision support for pediatric AP chest radi
 st.caption(calibration_in_force(model))
 
 # No type filter: DICOM files often come without an extension; unreadable files get a clear message.
-uploads = st.file_uploader("Drop chest X-rays here (PNG, JPEG or DICOM), one or many", accept_multiple_files=True,
+uploads = st.file_uploader("Drop chest X-rays here (DICOM with or without extension, PNG, JPEG, TIFF, HEIC), one "
+                           "or many", accept_multiple_files=True,
                            key="diagnose_uploads")
 samples = sorted(SAMPLES_DIR.glob("*/*.jp*g")) + sorted(SAMPLES_DIR.glob("*/*.png"))
 if samples:

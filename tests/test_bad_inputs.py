@@ -207,7 +207,7 @@ def test_retrain_folder_check_reports_each_broken_file_with_its_reason(tmp_path)
         shutil.copy(BAD / name, root / "PNEUMONIA" / name)
     (root / "NORMAL" / "notes.txt").write_text("not an image")
     scan = scan_dataset(root)
-    assert scan.skipped == [("NORMAL/notes.txt", "not an image file extension")]
+    assert scan.skipped == [("NORMAL/notes.txt", "not an image or DICOM file")]
     images, errors = decode_images([s.path for s in scan.samples], 64, workers=1)
     by_name = {s.path.name: (image, error) for s, image, error in zip(scan.samples, images, errors)}
     assert set(by_name) == set(EXPECTED) | {p.name for p in root.rglob("*.jpeg")}

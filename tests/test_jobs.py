@@ -102,7 +102,7 @@ def test_inspect_lists_broken_files_and_duplicates(roots, tmp_path):
     assert sorted(name for name, _ in report.unreadable) == ["NORMAL/truncated.jpeg", "PNEUMONIA/text_renamed.png"]
     assert all(why for _, why in report.unreadable)
     assert report.duplicates == [["PNEUMONIA/copy.jpeg", "PNEUMONIA/person1000_bacteria_2931.jpeg"]]
-    assert report.skipped == [("NORMAL/notes.txt", "not an image file extension")]
+    assert report.skipped == [("NORMAL/notes.txt", "not an image or DICOM file")]
     assert report.counts["all"] == {"NORMAL": 8, "PNEUMONIA": 9}  # readable images only
 
 

@@ -80,10 +80,12 @@ def cmd_predict(args) -> int:
     if site is not None and not 0.0 < site < 1.0:
         raise SystemExit("error: --prevalence must lie strictly between 0 and 1")
     prevalence = (model.card.calibration_prevalence, site if site is not None else model.card.calibration_prevalence)
-    paths = (p for p in iter_shard(args.paths, args.shard) if str(p) not in done)
-    failures = not_xray = 0
+    skipped: list[tuple[str, str]] = []
+    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
+    found = failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
         for path, prediction, error in score_paths(model, paths, args.batch_size, args.workers):
+            found += 1
             failures += prediction is None
             not_xray += prediction is not None and prediction.withheld
             writer.writerow(csv_row(str(path), prediction, error, threshold, prevalence))
@@ -91,10 +93,19 @@ def cmd_predict(args) -> int:
             bar.update(1)
     if args.csv:
         out.close()
+    print(f"{found} image file(s) found and scored or reported" + (f" ({len(done)} already in the CSV)" if done else "")
+          + (f"; {len(skipped)} other file(s) skipped:" if skipped else ""), file=sys.stderr)
+    for path, reason in skipped:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
     if failures:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
     if not_xray:
-        print(f"{not_xray} file(s) do not look like chest X-rays: no label given; see the error column", file=sys.stderr)
+        print(f"{not_xray} file(s) got no verdict (withheld); see the error column", file=sys.stderr)
+    if found == failures and not done:
+        where = ", ".join(args.paths)
+        raise SystemExit(f"error: nothing readable in {where}: " + (
+            f"{found} file(s) could not be read" if found else "no image or DICOM file found")
+            + (f", {len(skipped)} skipped (listed above)" if skipped else ""))
     return 0
 
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from . import settings
 from .atomic import atomic_write
+from .imageio import IMAGE_EXTENSIONS, sniff  # noqa: F401 (IMAGE_EXTENSIONS: part of this module's interface)
 from .preprocess import try_read_model_input
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SMALL_VAL = 100  # a val/ part smaller than this is supplemented by a patient split of train/
 
 
@@ -119,8 +119,13 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
                 rel = str(path.relative_to(root))
                 if name.startswith("."):
                     continue
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.append((rel, "not an image file extension"))
+                try:
+                    kind = sniff(path)  # by content: extensionless DICOM counts, a renamed text file does not
+                except OSError as exc:
+                    skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+                    continue
+                if kind not in ("image", "DICOM"):
+                    skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
                     continue
                 try:
                     data = path.read_bytes()

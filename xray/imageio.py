@@ -1,5 +1,17 @@
-"""The one image loader: PNG/JPEG/DICOM (and other still formats Pillow reads) in, a normalised
-single-channel array out, or a ValueError that names what is wrong with the file."""
+"""The one image loader: PNG/JPEG/TIFF/HEIC/DICOM (and other still formats Pillow reads) in, a
+normalised single-channel array out, or a ValueError that names the step that failed and what to do.
+
+Files are recognised by their content, never by their name alone (``sniff``): DICOM with or without
+the Part 10 preamble (ACR-NEMA style datasets that start at byte 0, with the transfer syntax inferred
+from how the dataset parsed), DICOMDIR indexes, and the image formats' magic numbers.
+
+DICOM (PS3.3 C.11 and C.7.6.3, PS3.4 N.2): compressed transfer syntaxes are decoded by pydicom's
+pylibjpeg plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE); grey levels go through
+the Modality LUT, then the first usable VOI rule (VOI LUT sequence, then the window, then the
+pixel range: a window narrower than 1 or lying outside the stored values is skipped, and the
+image's ``notes`` say which rule was used); MONOCHROME1 or a Presentation LUT Shape of INVERSE
+makes bone white. A multi-page TIFF (a scan and its thumbnail) gives its largest page.
+"""
 from __future__ import annotations
 
 import io
@@ -11,6 +23,14 @@ from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # HEIC/HEIF from phones (pillow-heif registers a Pillow opener)
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # optional: without it HEIC files get a clear message
+    HEIF_SUPPORTED = False
 
 # Limits that keep a hostile or broken file from exhausting memory. A 30 MB DICOM is common; 128 MB
 # is well above any plain radiograph. 60 megapixels covers 7000x8500 detector images.
@@ -29,6 +49,12 @@ DICOM_DISPLAY_FIELDS = ("Modality", "ViewPosition", "BodyPartExamined", "Patient
 
 # Magic numbers of the still-image formats Pillow reads, so a PNG named .dcm is not parsed as DICOM.
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif")
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".heic",
+                    ".heif"}
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (PS3.10)
+# Group 0x0008 elements an ACR-NEMA style dataset (no preamble, no file meta) starts with
+_ACR_NEMA_FIRST_GROUPS = (0x0008, 0x0010, 0x0018, 0x0020, 0x0028)
 
 
 @dataclass
@@ -41,6 +67,7 @@ class XrayImage:
     # Hasler-Suesstrunk colourfulness of the file's colour pixels before grey conversion, on the
     # 0-255 scale (0 = grey; about 15 is "slightly colourful", 33 "moderately"). An X-ray is grey.
     colourfulness: float = 0.0
+    notes: list[str] = field(default_factory=list)  # how it was decoded: VOI rule, TIFF page, inferred syntax
 
     @property
     def size(self) -> tuple[int, int]:
@@ -121,12 +148,78 @@ def _describe_non_image(data: bytes) -> str:
     return "not a recognised image format (PNG, JPEG or DICOM expected)"
 
 
+def _looks_like_acr_nema(data: bytes) -> bool:
+    """A DICOM dataset written from byte 0 (no preamble, no DICM, no file meta): its first element is
+    a small group (0008, 0010, ...) in little endian, with an implicit 4-byte length or an explicit VR."""
+    if len(data) < 16:
+        return False
+    group = int.from_bytes(data[0:2], "little")
+    if group not in _ACR_NEMA_FIRST_GROUPS:
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True  # explicit VR little endian
+    length = int.from_bytes(data[4:8], "little")
+    return length < len(data)  # implicit VR: a plausible length
+
+
+def _is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
 def _is_dicom(data: bytes, name: str) -> bool:
+    """DICOM by content: the Part 10 marker, or an ACR-NEMA style dataset; a name alone is not enough."""
     if data[128:132] == b"DICM":
         return True
-    if data.startswith(_IMAGE_MAGIC):  # a PNG/JPEG that merely carries a .dcm name
+    if data.startswith(_IMAGE_MAGIC) or _is_heif(data):  # a PNG/JPEG that merely carries a .dcm name
         return False
-    return name.lower().endswith((".dcm", ".dicom"))  # headerless (raw dataset) DICOM files exist
+    return _looks_like_acr_nema(data)
+
+
+def sniff(path: str | os.PathLike) -> str | None:
+    """What a file is, from its first bytes (and its name only for image formats Pillow sniffs itself):
+    "DICOMDIR", "DICOM", "image", or None when it is not something the loader reads.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[128:132] == b"DICM":
+        return "DICOMDIR" if DICOMDIR_CLASS.encode() in head else "DICOM"
+    if path.name.upper() == "DICOMDIR":
+        return "DICOMDIR"
+    if head.startswith(_IMAGE_MAGIC) or _is_heif(head) or head[:4] == b"RIFF":
+        return "image"
+    if _looks_like_acr_nema(head):
+        return "DICOM"
+    if path.suffix.lower() in IMAGE_EXTENSIONS - {".dcm", ".dicom"}:
+        return "image"  # a named image format: the loader will say precisely what is wrong with it
+    return None
+
+
+def dicomdir_files(path: str | os.PathLike) -> list[Path]:
+    """The image files a DICOMDIR lists (its IMAGE records' Referenced File IDs), in order.
+
+    Raises:
+        ValueError: the DICOMDIR cannot be read.
+    """
+    import pydicom
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        raise ValueError(f"unreadable DICOMDIR: {exc}") from None
+    files = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        file_id = record.get("ReferencedFileID")
+        if file_id is None:
+            continue
+        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        files.append(path.parent.joinpath(*[str(p) for p in parts]))
+    return files
 
 
 def _check_shape(width: int, height: int) -> None:
@@ -173,10 +266,25 @@ def _open_pillow(data: bytes) -> Image.Image:
 def _load_pillow(data: bytes) -> XrayImage:
     image = _open_pillow(data)
     fmt = image.format or "image"
-    _check_shape(*image.size)  # before decoding: a bomb is refused from its header alone
+    notes: list[str] = []
     frames = getattr(image, "n_frames", 1)
+    if frames > 1 and fmt == "TIFF":
+        # a scanner's page and its thumbnail: use the largest page; equal pages are a real sequence
+        sizes = []
+        for index in range(frames):
+            image.seek(index)
+            sizes.append(image.size[0] * image.size[1])
+        if len(set(sizes)) > 1:
+            largest = int(np.argmax(sizes))
+            image.seek(largest)
+            notes.append(f"multi-page TIFF: page {largest + 1} of {frames} (the largest) used")
+            frames = 1
+        else:
+            image.seek(0)
+    _check_shape(*image.size)  # before decoding: a bomb is refused from its header alone
     if frames > 1 and fmt != "MPO":  # MPO: a phone JPEG with a preview frame; the first is the photo
-        raise ValueError(f"animated or multi-frame {fmt} ({frames} frames): upload a single still radiograph")
+        raise ValueError(f"animated or multi-frame {fmt} ({frames} frames of the same size): upload a single "
+                         "still radiograph")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -192,7 +300,7 @@ def _load_pillow(data: bytes) -> XrayImage:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        return XrayImage(_finish(array, None), fmt)
+        return XrayImage(_finish(array, None), fmt, notes=notes)
     try:
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
             # Transparent parts are shown as black, as a viewer on a dark background would.
@@ -204,7 +312,7 @@ def _load_pillow(data: bytes) -> XrayImage:
         raise ValueError(f"unsupported colour mode {mode} in {fmt} file: {exc}") from None
     colour = colourfulness(np.asarray(image)) if image.mode == "RGB" else 0.0
     array = np.asarray(image.convert("L"))  # uint8
-    return XrayImage(_finish(array, 255.0), fmt, colourfulness=colour)
+    return XrayImage(_finish(array, 255.0), fmt, colourfulness=colour, notes=notes)
 
 
 def _dicom_syntax(ds) -> tuple[str, bool]:
@@ -222,7 +330,25 @@ def _load_dicom(data: bytes) -> XrayImage:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise ValueError(f"unreadable DICOM file: {exc}") from None
+        raise ValueError(f"reading the DICOM header failed: {exc}") from None
+    notes: list[str] = []
+    if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) is None:
+        # ACR-NEMA style file: no file meta. The encoding is known once the dataset has been parsed.
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import (
+            ExplicitVRBigEndian,
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+        )
+
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+        notes.append(f"no DICOM file meta: transfer syntax inferred from the dataset ({syntax.name})")
+    if str(getattr(ds.file_meta, "MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        raise ValueError("this is a DICOMDIR (the index of a CD or PACS export), not an image: give its folder "
+                         "to score every image it lists")
     header = {}
     for key in DICOM_DISPLAY_FIELDS:
         try:
@@ -232,7 +358,8 @@ def _load_dicom(data: bytes) -> XrayImage:
         if value:
             header[key] = value
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ValueError("DICOM file has no pixel data (not an image object)")
+        raise ValueError("DICOM file has no pixel data (not an image object: a report, a structured report or "
+                         "an index?)")
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -248,13 +375,13 @@ def _load_dicom(data: bytes) -> XrayImage:
     except Exception as exc:  # pydicom raises several types for missing decoders or bad data
         syntax, compressed = _dicom_syntax(ds)
         message = str(exc)
-        if compressed and "missing dependencies" in message:
-            raise ValueError(f"DICOM compressed as {syntax}: no decoder for it is installed here; "
-                             "export the image uncompressed") from None
+        if compressed and ("missing dependencies" in message or "no decoding plugin" in message.lower()):
+            raise ValueError(f"decoding the DICOM pixel data failed: no decoder for {syntax} is installed here; "
+                             "export the image uncompressed or with another transfer syntax") from None
         if compressed:
-            raise ValueError(f"DICOM compressed as {syntax} could not be decoded (damaged data?): "
-                             f"{message.splitlines()[-1].strip()}") from None
-        raise ValueError(f"DICOM pixel data cannot be decoded: {message}") from None
+            raise ValueError(f"decoding the DICOM pixel data ({syntax}) failed: the data look damaged "
+                             f"({message.splitlines()[-1].strip()}); export the image again") from None
+        raise ValueError(f"decoding the DICOM pixel data failed: {message}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     colour = 0.0
     try:
@@ -267,18 +394,69 @@ def _load_dicom(data: bytes) -> XrayImage:
             raise ValueError(f"DICOM pixel data has unexpected shape {array.shape}")
         array = np.asarray(array)
         if not np.issubdtype(array.dtype, np.floating):
-            array = apply_modality_lut(array, ds)
-            if "WindowCenter" in ds or "VOILUTSequence" in ds:
-                array = apply_voi_lut(array, ds)
+            try:
+                array = apply_modality_lut(array, ds)
+            except Exception as exc:  # a malformed Modality LUT: the stored values still show the image
+                notes.append(f"Modality LUT/rescale ignored (malformed: {_one_line(str(exc))[:80]})")
+            array, rule = _apply_voi(np.asarray(array, dtype=np.float64), ds, apply_voi_lut)
+            notes.append(f"grey levels: {rule}")
     except ValueError:
         raise
-    except Exception as exc:  # malformed LUT or window fields
-        raise ValueError(f"DICOM intensity (LUT/window) fields are malformed: {exc}") from None
+    except Exception as exc:  # anything else in the intensity fields
+        raise ValueError(f"applying the DICOM grey-level (LUT/window) fields failed: {exc}") from None
     array = np.asarray(array, dtype=np.float64)
     pixels = _finish(array, None)
-    if photometric == "MONOCHROME1":  # high values are dark: invert so bone is white
+    inverse = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
+    # MONOCHROME1 (high values dark) and a Presentation LUT Shape of INVERSE each mean "show inverted";
+    # for MONOCHROME1 an INVERSE shape states the same inversion again (PS3.3 C.8.11.6.1.2), not a second one
+    if photometric == "MONOCHROME1" or inverse:
         pixels = 1.0 - pixels
-    return XrayImage(pixels.astype(np.float32), "DICOM", header, colour)
+        if inverse and photometric != "MONOCHROME1":
+            notes.append("Presentation LUT Shape INVERSE applied (bone shown white)")
+    return XrayImage(pixels.astype(np.float32), "DICOM", header, colour, notes)
+
+
+def _visible_fraction(windowed: np.ndarray) -> float:
+    """Share of pixels strictly between the darkest and the brightest value after a VOI transform."""
+    low, high = float(windowed.min()), float(windowed.max())
+    if high <= low:
+        return 0.0
+    return float(np.mean((windowed > low) & (windowed < high)))
+
+
+def _apply_voi(array: np.ndarray, ds, apply_voi_lut) -> tuple[np.ndarray, str]:
+    """The first usable VOI rule of PS3.4 N.2.1.1: the VOI LUT sequence, then the window, then the pixel
+    range. A rule is skipped when its fields are invalid (a window width below 1) or when it leaves
+    fewer than 1% of the pixels between black and white (a window lying outside the stored values)."""
+    skipped = []
+    if "VOILUTSequence" in ds:
+        try:
+            windowed = np.asarray(apply_voi_lut(array, ds, prefer_lut=True), dtype=np.float64)
+            if _visible_fraction(windowed) >= 0.01:
+                return windowed, "VOI LUT"
+            skipped.append("VOI LUT leaves nothing visible")
+        except Exception as exc:
+            skipped.append(f"VOI LUT unusable ({_one_line(str(exc))[:60]})")
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            center, width = ds.WindowCenter, ds.WindowWidth
+            center = float(center[0] if hasattr(center, "__len__") and not isinstance(center, str) else center)
+            width = float(width[0] if hasattr(width, "__len__") and not isinstance(width, str) else width)
+        except (TypeError, ValueError, IndexError):
+            center, width = None, None
+            skipped.append("window fields unreadable")
+        if width is not None and width < 1:
+            skipped.append(f"window width {width:g} below 1")
+        elif width is not None:
+            try:
+                windowed = np.asarray(apply_voi_lut(array, ds, prefer_lut=False), dtype=np.float64)
+                if _visible_fraction(windowed) >= 0.01:
+                    return windowed, f"window (centre {center:g}, width {width:g})"
+                skipped.append(f"window (centre {center:g}, width {width:g}) lies outside the pixel values")
+            except Exception as exc:
+                skipped.append(f"window unusable ({_one_line(str(exc))[:60]})")
+    rule = "pixel range"
+    return array, rule + (f" ({'; '.join(skipped)})" if skipped else "")
 
 
 def load_image(source: Source, name: str | None = None) -> XrayImage:
@@ -299,6 +477,10 @@ def load_image(source: Source, name: str | None = None) -> XrayImage:
             raise ValueError("empty file (0 bytes)")
         if _is_dicom(data, name):
             return _load_dicom(data)
+        if _is_heif(data) and not HEIF_SUPPORTED:
+            raise ValueError("a HEIC/HEIF photo: its decoder (pillow-heif) is not installed here; export it as JPEG")
+        if not data.startswith(_IMAGE_MAGIC) and not _is_heif(data) and name.lower().endswith((".dcm", ".dicom")):
+            return _load_dicom(data)  # named DICOM, no recognisable content: let the DICOM reader say why
         return _load_pillow(data)
     except ValueError as exc:
         raise ValueError(_one_line(str(exc))) from None

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .data import IMAGE_EXTENSIONS, scan_dataset
+from .data import scan_dataset
+from .imageio import dicomdir_files, sniff
 from .inference import Prediction, predict
 from .preprocess import ModelInput, try_read_model_input
 from .prevalence import adjust_to_prevalence
@@ -30,18 +31,59 @@ from .registry import LoadedModel
 CSV_HEADER = ["path", "p_pneumonia", "label", "threshold", "error", "prevalence", "p_pneumonia_at_prevalence"]
 
 
-def iter_image_paths(paths: list[str]) -> Iterator[Path]:
-    """Files as given, and image files found recursively under folders, in a stable order."""
+def iter_image_paths(paths: list[str], skipped: list[tuple[str, str]] | None = None) -> Iterator[Path]:
+    """Files as given, and every image or DICOM file found recursively under folders, in a stable order.
+
+    Files are recognised by content (``imageio.sniff``): extensionless DICOM from CD and PACS exports
+    included. A DICOMDIR given as a file yields the images it lists; inside a folder it is an index
+    whose images the walk finds anyway. Everything passed over is appended to ``skipped`` as
+    (path, reason): nothing is skipped silently.
+    """
+    def skip(path: Path, reason: str) -> None:
+        if skipped is not None:
+            skipped.append((str(path), reason))
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
-                dirnames.sort()
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
-                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                        yield Path(dirpath) / name
+                    file = Path(dirpath) / name
+                    if name.startswith("."):
+                        skip(file, "hidden file")
+                        continue
+                    try:
+                        kind = sniff(file)
+                    except OSError as exc:
+                        skip(file, f"cannot read: {exc.strerror or exc}")
+                        continue
+                    if kind == "DICOMDIR":
+                        skip(file, "DICOMDIR index: the images it lists are scored from this folder")
+                    elif kind is None:
+                        skip(file, "not an image or DICOM file")
+                    else:
+                        yield file
+        elif path.is_file() and _is_dicomdir(path):
+            try:
+                listed = dicomdir_files(path)
+            except ValueError as exc:
+                skip(path, str(exc))
+                continue
+            for file in listed:
+                if file.is_file():
+                    yield file
+                else:
+                    skip(file, f"listed in {path} but missing")
         else:
             yield path
+
+
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        return sniff(path) == "DICOMDIR"
+    except OSError:
+        return False
 
 
 def shard_of(key: str, count: int) -> int:
@@ -50,13 +92,18 @@ def shard_of(key: str, count: int) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
 
 
-def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1)) -> Iterator[Path]:
+def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1),
+               skipped: list[tuple[str, str]] | None = None) -> Iterator[Path]:
     """``iter_image_paths``, keeping only shard ``index`` of ``count`` (lazily: nothing is listed ahead)."""
     index, count = shard
     for raw in paths:
         root = Path(raw)
-        for path in iter_image_paths([raw]):
-            key = path.relative_to(root).as_posix() if path != root else root.as_posix()
+        base = root if root.is_dir() else root.parent
+        for path in iter_image_paths([raw], skipped):
+            try:
+                key = path.relative_to(base).as_posix() if path != root else root.as_posix()
+            except ValueError:
+                key = path.as_posix()
             if count == 1 or shard_of(key, count) == index:
                 yield path
 
