@@ -2,6 +2,8 @@
 threshold and where the evidence lies (HiResCAM heatmap on a fixed scale); the sidebar trades sensitivity against precision."""
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import streamlit as st
 from pages.common import (
     PRESET_MIN_GAP,
     PRESET_RULES,
+    audit_trail,
     current_threshold,
     escape_markdown,
     record_shown,
@@ -18,11 +21,12 @@ from pages.common import (
     set_threshold,
     validation_predictions,
 )
-from xray import analysis, metrics
+from xray import analysis, metrics, report
 from xray.audit import record_event
 from xray.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.gradcam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.gradcam import legend as heatmap_legend
+from xray.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, WHAT_TO_DO
 from xray.imageio import DICOM_DISPLAY_FIELDS
 from xray.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.registry import LoadedModel, Registry, sha256_bytes
@@ -39,7 +43,8 @@ HEATMAP_LEGEND = (f"Same scale on every image: no colour below {EVIDENCE_FLOOR} 
 SAMPLES_KEY = "diagnose_samples"
 PREVALENCE_KEY = "diagnose_prevalence"  # the session's prevalence (from the site's saved setting)
 EM_MIN_IMAGES = 30
-WORKLIST_ORDER_KEY = "diagnose_worklist_order"  # sha256 of each worklist row, in display order
+WORKLIST_ORDER_KEY = "diagnose_worklist_order"
+DICOM_HEADERS_KEY = "diagnose_dicom_headers"  # {sha256: the DICOM input's header (no pixels) or None}  # sha256 of each worklist row, in display order
 REVIEW_PICK_KEY = "diagnose_review_pick"  # the row a click chose, applied before the review selectbox  # bundled sample paths the clinician chose to try
 DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPartExamined": "Body part",
                 "PatientAge": "Patient age", "PatientSex": "Patient sex",
@@ -57,6 +62,8 @@ def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
     if key not in results:
         result = analysis.analyse(model, data, name)
         thumbnail = analysis.thumbnail_data_uri(result.image) if result.image is not None else None
+        header = report.read_dicom_header(data) if result.image is not None and result.image.format == "DICOM" else None
+        st.session_state.setdefault(DICOM_HEADERS_KEY, {})[result.sha256] = header
         results[key] = {"analysis": result, "thumbnail": thumbnail}
     return results[key]
 
@@ -272,8 +279,11 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
         return
     if analysis.is_out_of_distribution(prediction):
         reason = getattr(prediction, "ood_reason", "")
-        st.warning("This does not look like a chest X-ray" + (f": {escape_markdown(reason)}" if reason else ".")
-                   + "  \nNo pneumonia verdict is given for it.", icon=":material/block:")
+        outcome = getattr(prediction, "outcome", OUTSIDE_INTENDED_USE)
+        title = "Not a chest radiograph" if outcome == NOT_A_CHEST_RADIOGRAPH else "Outside the intended use"
+        st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
+                   + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(outcome, ""),
+                   icon=":material/block:")
         with st.expander("Show the model's output anyway (not for clinical use)"):  # withheld means withheld
             st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
     else:
@@ -349,8 +359,45 @@ def image_detail(model: LoadedModel, result: analysis.Analysis, threshold: float
     image_column, verdict_column = st.columns([3, 2], gap="large")
     with verdict_column:
         verdict_panel(model, result, threshold)
+        report_downloads(model, result, threshold)
     with image_column:
         heatmap_view(model, result)
+
+
+def report_input(model: LoadedModel, result: analysis.Analysis, threshold: float) -> report.ReportInput:
+    """The report of one image at the settings on screen: threshold, prevalence, the DICOM source."""
+    header = st.session_state.get(DICOM_HEADERS_KEY, {}).get(result.sha256)
+    return report.ReportInput(result, threshold, site_prevalence(model), header)
+
+
+def report_downloads(model: LoadedModel, result: analysis.Analysis, threshold: float) -> None:
+    """PDF report (and DICOM results for DICOM inputs) of what the screen shows; each download is audited."""
+    item = report_input(model, result, threshold)
+    trail = audit_trail()
+
+    def pdf() -> bytes:
+        trail.shown(result.sha256, result.prediction, threshold, "report")
+        return report.pdf_bytes(model, [item])
+
+    def dicom_results() -> bytes:
+        trail.shown(result.sha256, result.prediction, threshold, "report")
+        sc = report.secondary_capture(model, item)
+        sr = report.structured_report(model, item, item.dicom)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr(f"{stem}.sc.dcm", report.dicom_bytes(sc))
+            archive.writestr(f"{stem}.sr.dcm", report.dicom_bytes(sr))
+        return buffer.getvalue()
+
+    stem = Path(result.name).stem or "xray"
+    st.download_button("Download report (PDF)", data=pdf, file_name=f"{stem}-report.pdf", mime="application/pdf",
+                       on_click="ignore", icon=":material/picture_as_pdf:", key=f"diagnose_report_{result.sha256[:12]}")
+    if item.dicom is not None:
+        st.download_button("Download DICOM results", data=dicom_results, file_name=f"{stem}-results.zip",
+                           mime="application/zip", on_click="ignore", icon=":material/download:",
+                           key=f"diagnose_dicom_results_{result.sha256[:12]}",
+                           help="A Secondary Capture with the heatmap and the result, and a structured report, in "
+                                "this image's study, for the PACS")
 
 
 def review_selected_row() -> None:
@@ -375,7 +422,7 @@ def worklist(model: LoadedModel, results: list[dict], threshold: float) -> None:
     def decision_text(row: dict) -> str:
         if row["label"]:
             return row["label"]
-        return "withheld" if row["p_pneumonia"] is not None else "unreadable"
+        return row["error"].split(":")[0] if row["p_pneumonia"] is not None else "unreadable"
 
     st.dataframe(
         {"Image": [thumbnails.get(r["sha256"]) for r in rows], "File": [r["path"] for r in rows],
@@ -393,6 +440,18 @@ def worklist(model: LoadedModel, results: list[dict], threshold: float) -> None:
                                                                                    (model_prevalence, prevalence)),
                        file_name="worklist.csv", mime="text/csv", on_click="ignore", icon=":material/download:",
                        key="diagnose_download_csv")
+    readable = [a for a in analyses if a.ok]
+
+    trail = audit_trail()
+
+    def worklist_pdf() -> bytes:
+        for a in readable:
+            trail.shown(a.sha256, a.prediction, threshold, "report")
+        return report.worklist_pdf_bytes(model, [report_input(model, a, threshold) for a in readable])
+
+    st.download_button("Download worklist report (PDF)", data=worklist_pdf, file_name="worklist-report.pdf",
+                       mime="application/pdf", on_click="ignore", icon=":material/picture_as_pdf:",
+                       key="diagnose_download_worklist_pdf", disabled=not readable)
 
 
 # -- the page -------------------------------------------------------------------------------------

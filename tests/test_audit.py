@@ -44,7 +44,7 @@ def test_a_shown_result_writes_exactly_one_line_with_the_audit_fields(tiny_model
     assert line["threshold"] == threshold  # exactly the value in force, not rounded
     assert line["ood"] is result.prediction.ood
     assert line["decision"] == result.prediction.decision(threshold)
-    assert line["outcome"] == ("withheld" if result.prediction.ood else "verdict")
+    assert line["outcome"] == result.prediction.outcome
     assert line["time"].endswith("+00:00")
     raw = log.read_text()
     for secret in ("Doe_Jane", "chest 2024", ".dcm", "Doe^Jane", "PATIENT-12345", "CHEST", "003Y"):
@@ -80,7 +80,7 @@ def test_withheld_images_are_logged_without_a_decision_and_with_the_reason(tiny_
     assert result.prediction.ood
     audit.AuditTrail().shown(result.sha256, result.prediction, 0.5)
     [entry] = _lines(log)
-    assert entry["ood"] is True and entry["decision"] is None and entry["outcome"] == "withheld"
+    assert entry["ood"] is True and entry["decision"] is None and entry["outcome"] == result.prediction.outcome != "verdict"
     assert entry["reason"] == result.prediction.ood_reason
 
 

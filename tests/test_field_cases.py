@@ -103,7 +103,8 @@ def test_cd_export_folder_and_its_dicomdir_are_scored_in_full(tmp_path):
         assert result.returncode == 0, result.stderr
         rows = [line.split(",") for line in result.stdout.splitlines()[1:]]
         assert [Path(r[0]).name for r in rows] == ["IM000000", "IM000001"]
-        assert [r[2] for r in rows] == ["NORMAL", "PNEUMONIA"]
+        # IM000000 is an adult's film (case 1): outside intended use; IM000001 a child's
+        assert [r[2] for r in rows] == ["", "PNEUMONIA"] and rows[0][4].lstrip('"').startswith("outside intended use: ")
         assert "2 image file(s) found" in result.stderr
 
 

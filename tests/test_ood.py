@@ -1,4 +1,4 @@
-"""The "not a chest X-ray" check: statistics, the registry file that carries them, predict, the CLI."""
+"""The out-of-distribution part of the intended-use guard: statistics, the registry file that carries them, predict, the CLI."""
 from __future__ import annotations
 
 import csv
@@ -72,13 +72,13 @@ def test_threshold_is_the_chosen_percentile_of_validation_distances():
 
 def test_stats_survive_a_round_trip_and_reject_damage():
     rng = np.random.default_rng(0)
-    stats = O.fit_stats(rng.normal(size=(50, 8)), rng.normal(size=(20, 8)))
+    stats = O.fit_stats(rng.normal(size=(50, 32)), rng.normal(size=(20, 32)))
     again = O.OodStats.from_bytes(stats.to_bytes())
     np.testing.assert_array_equal(again.precision, stats.precision)
-    assert again.threshold == stats.threshold and again.n_train == 50 and again.grid == O.DEFAULT_GRID == 2
+    assert again.threshold == stats.threshold and again.n_train == 50 and again.grid == O.DEFAULT_GRID == 4
     with pytest.raises(ValueError, match="damaged"):
         O.OodStats.from_bytes(stats.to_bytes()[:-40])
-    with pytest.raises(ValueError, match="inconsistent"):  # 3 features cannot come from a 2x2 grid
+    with pytest.raises(ValueError, match="inconsistent"):  # 3 features cannot come from a 4x4 grid
         O.OodStats.from_bytes(O.fit_stats(rng.normal(size=(50, 3)), rng.normal(size=(20, 3))).to_bytes())
 
 
@@ -131,7 +131,7 @@ def test_training_saves_checksummed_ood_stats_with_the_version(tiny_registry):
     model = registry.load()
     assert model.ood_stats is not None and model.ood_stats.threshold == pytest.approx(card["ood"]["threshold"], abs=1e-4)
     # the last stage's channels on a 2x2 grid: layout counts (an upside-down chest is caught)
-    assert model.ood_stats.grid == 2 and model.ood_stats.mean.shape == (4 * model.net.classifier.in_features,)
+    assert model.ood_stats.grid == 4 and model.ood_stats.mean.shape == (16 * model.net.classifier.in_features,)
 
 
 def test_damaged_or_missing_ood_file_refuses_the_version(tiny_registry):
@@ -161,7 +161,7 @@ def test_predict_keeps_logits_identical_and_flags_from_the_same_pass(tiny_model)
     stats = tiny_model.ood_stats
     for p, d, u in zip(predictions, stats.distances(features), stats.upside_down_scores(features)):
         assert p.ood == (d > stats.threshold or u > stats.upside_down_threshold)
-        assert ("features" in p.ood_reason) == p.ood
+        assert ("feature distance" in p.ood_reason or "upside down" in p.ood_reason) == p.ood
 
 
 def test_upside_down_check_fires_on_its_own_threshold(tiny_model):
@@ -169,7 +169,7 @@ def test_upside_down_check_fires_on_its_own_threshold(tiny_model):
     assert tiny_model.ood_stats.upside_down is not None  # fitted at the end of training
     strict = dataclasses.replace(tiny_model.ood_stats, threshold=np.inf, upside_down_threshold=-np.inf)
     flagged = predict(dataclasses.replace(tiny_model, ood_stats=strict), images)
-    assert all(p.ood and "upside-down chest X-ray" in p.ood_reason for p in flagged)
+    assert all(p.ood and "turned upside down" in p.ood_reason and p.outcome == "outside intended use" for p in flagged)
 
 
 def test_upside_down_direction_separates_turned_features_at_the_chosen_percentile():
@@ -177,7 +177,7 @@ def test_upside_down_direction_separates_turned_features_at_the_chosen_percentil
     shift = np.zeros(8)
     shift[[0, 5]] = (5.0, -4.0)  # what turning the images does to the features, in this toy (6.4 sd)
     train, val = rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8))
-    stats = O.fit_upside_down(O.fit_stats(train, val), train, train + shift, val, percentile=99.0)
+    stats = O.fit_upside_down(O.fit_stats(train, val, grid=2), train, train + shift, val, percentile=99.0)
     assert np.mean(stats.upside_down_scores(val) > stats.upside_down_threshold) == pytest.approx(0.01, abs=0.002)
     assert np.mean(stats.upside_down_scores(rng.normal(size=(500, 8)) + shift) > stats.upside_down_threshold) > 0.95
     again = O.OodStats.from_bytes(stats.to_bytes())
@@ -190,7 +190,7 @@ def test_feature_check_fires_and_a_model_without_stats_skips_it(tiny_model):
     images = [load_image(p) for p in XRAYS[:4]]
     strict = dataclasses.replace(tiny_model.ood_stats, threshold=0.0)  # every image is "far"
     flagged = predict(dataclasses.replace(tiny_model, ood_stats=strict), images)
-    assert all(p.ood and "unlike the training X-rays" in p.ood_reason for p in flagged)
+    assert all(p.ood and "unlike the pediatric training films" in p.ood_reason for p in flagged)
     plain = predict(dataclasses.replace(tiny_model, ood_stats=None), images)
     assert not any(p.ood for p in plain)
     assert [p.p_pneumonia for p in plain] == [p.p_pneumonia for p in flagged]  # the score never changes
@@ -257,5 +257,5 @@ def test_cli_marks_not_chest_xray_rows_with_score_but_no_label(tiny_registry, tm
     assert rows[0] == CSV_HEADER and CSV_HEADER[:5] == ["path", "p_pneumonia", "label", "threshold", "error"]
     photo_row = dict(zip(CSV_HEADER, rows[1]))
     assert photo_row["label"] == "" and 0.0 <= float(photo_row["p_pneumonia"]) <= 1.0
-    assert photo_row["error"].startswith("not a chest X-ray: a colour image")
+    assert photo_row["error"].startswith("not a chest radiograph: a colour image")
     assert "got no verdict (withheld)" in result.stderr

@@ -104,7 +104,7 @@ def test_worklist_csv_has_cli_columns_sorted_by_probability(tiny_model):
     flagged = {a.name for a in analyses if a.ok and getattr(a.prediction, "ood", False)}
     for row in rows[1:]:
         if row[0] in flagged:  # out of distribution: score kept, no verdict, reason as the CLI writes it
-            assert row[1] and row[2] == "" and row[4].startswith("not a chest X-ray: ")
+            assert row[1] and row[2] == "" and row[4].startswith(("not a chest radiograph: ", "outside intended use: "))
     assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", "truncated or damaged JPEG file", "", ""]
 
 
@@ -119,7 +119,7 @@ def test_upload_shows_probability_decision_version_and_heatmap(tiny_registry):
     images = [i for i in at.image if not any("Same scale on every image" in c for c in i.captions)]
     assert len(images) == 1 and len(at.image) == 2  # the overlay, on by default, and the colour legend
     assert at.toggle(key="diagnose_heatmap_on").value is True
-    assert [b.label for b in at.download_button] == ["Download overlay (PNG)"]
+    assert [b.label for b in at.download_button] == ["Download report (PDF)", "Download overlay (PNG)"]
 
 
 def test_dicom_header_fields_are_shown(tiny_registry):
@@ -293,9 +293,9 @@ def test_out_of_distribution_images_get_no_verdict(tiny_registry, monkeypatch):
 
     monkeypatch.setattr(analysis, "analyse", flagging_analyse)
     at = drop(start_app(), upload(NORMAL_FULLRES))
-    assert "does not look like a chest X-ray: looks like a photograph" in at.warning[0].value
+    assert "**Outside the intended use**: looks like a photograph" in at.warning[0].value
     assert not [m for m in at.markdown if "-background[" in m.value]  # no PNEUMONIA / NORMAL verdict
-    assert any(m.value.startswith(":gray[p(pneumonia)") for m in at.markdown)
+    assert any(m.value.startswith(":gray[p(pneumonia)") for m in at.markdown)  # inside the collapsed expander
     assert not at.toggle  # no heatmap controls either
 
 

@@ -124,7 +124,7 @@ def worklist_rows(analyses: Iterable[Analysis], threshold: float) -> list[dict]:
         elif is_out_of_distribution(a.prediction):
             reason = " ".join(str(getattr(a.prediction, "ood_reason", "")).split())
             rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": a.prediction.p_pneumonia, "label": "",
-                         "threshold": threshold, "error": f"not a chest X-ray: {reason}".strip()})  # as the CLI
+                         "threshold": threshold, "error": f"{a.prediction.outcome}: {reason}".strip()})  # as the CLI
         else:
             rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": a.prediction.p_pneumonia,
                          "label": a.prediction.decision(threshold), "threshold": threshold, "error": ""})

@@ -49,7 +49,7 @@ def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen
         "p_pneumonia": round(float(prediction.p_pneumonia), 6),
         "threshold": float(threshold),  # exact: the screen and the CSV decide at this very value
         "decision": prediction.decision(threshold),  # None when withheld: no verdict was shown
-        "outcome": WITHHELD if withheld else VERDICT,
+        "outcome": getattr(prediction, "outcome", VERDICT) if withheld else VERDICT,
         "reason": " ".join(str(prediction.ood_reason).split()) if withheld else "",
         "ood": withheld,
         "shown_in": shown_in,

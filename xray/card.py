@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .calibration import parameters as calibration_parameters
+from .guard import DEFAULT_SPEC
 from .model import ModelConfig
 
 # Keys written by the registry from the files themselves: no card update may change them.
@@ -287,6 +288,7 @@ def build(*, config: ModelConfig, parameters: int, macs: int, image_size: int, t
         "environment": dict(environment),
         "ood": dict(ood),
         "intended_use": INTENDED_USE,
+        "intended_use_spec": dict(DEFAULT_SPEC),
         "limits": list(LIMITS),
     }
     if test is not None:

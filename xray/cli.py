@@ -109,6 +109,66 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """PDF reports (and with --dicom, a Secondary Capture and a structured report) per image."""
+    from . import analysis as A
+    from . import report as R
+    from .audit import AuditTrail
+
+    model = _load_model(args)
+    threshold = model.default_threshold if args.threshold is None else float(args.threshold)
+    site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()
+    prevalence = site if site is not None else model.card.calibration_prevalence
+    out = Path(args.out)
+    skipped: list[tuple[str, str]] = []
+    paths = list(iter_shard(args.paths, (0, 1), skipped))
+    for path, reason in skipped:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    if not paths:
+        raise SystemExit("error: no image or DICOM file found in " + ", ".join(args.paths))
+    stems: dict[str, int] = {}
+    plan = []
+    for path in paths:
+        stem = path.stem or path.name
+        stems[stem] = stems.get(stem, 0) + 1
+        stem = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"  # two files of one name: both reported
+        targets = [out / f"{stem}.pdf"] + ([out / f"{stem}.sc.dcm", out / f"{stem}.sr.dcm"] if args.dicom else [])
+        plan.append((path, stem, targets))
+    existing = [t for _, _, targets in plan for t in targets if t.exists()]
+    if len(plan) > 1 and (out / "worklist.pdf").exists():
+        existing.append(out / "worklist.pdf")
+    if existing and not args.force:
+        raise SystemExit(f"error: {len(existing)} report file(s) exist already (first: {existing[0]}); "
+                         "nothing was written. Use --force to overwrite them")
+    out.mkdir(parents=True, exist_ok=True)
+    trail, items = AuditTrail(), []
+    for path, stem, targets in plan:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            data, error = b"", f"cannot read: {exc.strerror or exc}"
+        result = A.analyse(model, data, path.name) if data else A.Analysis(path.name, "0" * 64, None, None, error)
+        header = R.read_dicom_header(data) if data else None
+        item = R.ReportInput(result, threshold, prevalence, header)
+        if result.prediction is not None:
+            trail.shown(result.sha256, result.prediction, threshold, "report")  # what the report states
+        R.write(targets[0], R.pdf_bytes(model, [item]), args.force)
+        if args.dicom and result.image is not None and result.prediction is not None:
+            sc = R.secondary_capture(model, item)
+            R.write(targets[1], R.dicom_bytes(sc), args.force)
+            R.write(targets[2], R.dicom_bytes(R.structured_report(model, item, header if header is not None else sc)),
+                    args.force)
+        elif args.dicom:
+            print(f"  {path.name}: no DICOM results (the file could not be analysed: {result.error})", file=sys.stderr)
+        items.append(item)
+        print(f"{path} -> {targets[0]}" + (" (+ .sc.dcm, .sr.dcm)" if args.dicom and result.prediction else ""),
+              file=sys.stderr)
+    if len(items) > 1:
+        R.write(out / "worklist.pdf", R.worklist_pdf_bytes(model, items), args.force)
+        print(f"worklist -> {out / 'worklist.pdf'}", file=sys.stderr)
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     registry = Registry(args.registry or None)
     try:
@@ -280,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pneumonia prevalence at this site, for the p_pneumonia_at_prevalence column (default: the "
                         "site's saved setting, else the version's calibration prevalence); the label never depends on it")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="PDF report per image (and DICOM Secondary Capture + SR with --dicom)")
+    p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for the reports (created if needed)")
+    model_options(p)
+    p.add_argument("--prevalence", type=float, default=None,
+                   help="site prevalence for the adjusted probability (default: the site's setting, else the version's)")
+    p.add_argument("--dicom", action="store_true", help="also write <stem>.sc.dcm and <stem>.sr.dcm")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="recalibrate a version on a site's labelled folder (new inactive version, same weights)")
     p.add_argument("data_dir", help="folder with NORMAL/ and PNEUMONIA/ at any depth, at least "

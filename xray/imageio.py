@@ -68,6 +68,8 @@ class XrayImage:
     # 0-255 scale (0 = grey; about 15 is "slightly colourful", 33 "moderately"). An X-ray is grey.
     colourfulness: float = 0.0
     notes: list[str] = field(default_factory=list)  # how it was decoded: VOI rule, TIFF page, inferred syntax
+    # DICOM fields the intended-use guard reads (xray.guard), never shown or stored: age, dates, view code
+    guard_fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -357,6 +359,20 @@ def _load_dicom(data: bytes) -> XrayImage:
             continue
         if value:
             header[key] = value
+    guard_fields = {k: v for k, v in header.items() if k in ("Modality", "BodyPartExamined", "PatientAge", "ViewPosition")}
+    for key in ("PatientBirthDate", "StudyDate", "AcquisitionDate"):
+        try:
+            value = str(ds.get(key, "")).strip()
+        except Exception:
+            continue
+        if value:
+            guard_fields[key] = value
+    try:
+        code = ds.get("ViewCodeSequence")
+        if code:
+            guard_fields["ViewCodeValue"] = str(code[0].get("CodeValue", "")).strip()
+    except Exception:  # a malformed sequence: the view falls back to ViewPosition
+        pass
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ValueError("DICOM file has no pixel data (not an image object: a report, a structured report or "
                          "an index?)")
@@ -413,7 +429,7 @@ def _load_dicom(data: bytes) -> XrayImage:
         pixels = 1.0 - pixels
         if inverse and photometric != "MONOCHROME1":
             notes.append("Presentation LUT Shape INVERSE applied (bone shown white)")
-    return XrayImage(pixels.astype(np.float32), "DICOM", header, colour, notes)
+    return XrayImage(pixels.astype(np.float32), "DICOM", header, colour, notes, guard_fields)
 
 
 def _visible_fraction(windowed: np.ndarray) -> float:

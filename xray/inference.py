@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import calibration as C
+from . import guard
 from . import ood as O
 from .decision import decide
 from .model import autocast_for, to_input, tta_logits
@@ -27,9 +28,10 @@ class Prediction:
 
     p_pneumonia: float  # calibrated probability of pneumonia, in [0, 1]
     model_version: str
-    ood: bool = False  # a safety check withheld the verdict: show no decision
+    ood: bool = False  # the intended-use guard withheld the verdict: show no decision
     ood_reason: str = ""  # one line saying why, when ``ood``
     band: tuple[float, float] | None = None  # the version's borderline band (log-odds), ``ModelCard.borderline``
+    outcome: str = guard.VERDICT  # guard.VERDICT, guard.OUTSIDE_INTENDED_USE or guard.NOT_A_CHEST_RADIOGRAPH
 
     @property
     def withheld(self) -> bool:
@@ -81,6 +83,7 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
         One ``Prediction`` per image, in order (score and checks; decide with ``Prediction.decision``).
     """
     stats = getattr(model, "ood_stats", None)
+    spec = guard.spec_of(model.card)
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         batch = [model_input(im, model.image_size) for im in images[start:start + batch_size]]
@@ -88,15 +91,28 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
         distances = stats.distances(features) if stats is not None else [None] * len(batch)
         turned = stats.upside_down_scores(features) if stats is not None else [None] * len(batch)
         for prepared, p, distance, upside_down in zip(batch, probabilities(model, logits), distances, turned):
-            reason = ood_reason(prepared, distance, stats, upside_down)
-            out.append(Prediction(float(p), model.version, bool(reason), reason, model.card.borderline))
+            outcome, reason = guard_outcome(prepared, distance, stats, upside_down, spec)
+            out.append(Prediction(float(p), model.version, outcome != guard.VERDICT, reason, model.card.borderline,
+                                  outcome))
     return out
+
+
+def guard_outcome(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None",
+                  upside_down: float | None, spec: dict) -> tuple[str, str]:
+    """(outcome, reason) of the intended-use guard (``xray.guard``): the DICOM header first, then the
+    cheap input checks, then the feature checks."""
+    outcome, reason = guard.header_outcome(prepared.guard_fields, spec)
+    if outcome != guard.VERDICT:
+        return outcome, reason
+    input_reason = O.input_reason(prepared.pixels, prepared.shape, prepared.colourfulness)
+    feature_reason = ""
+    if not input_reason and stats is not None and distance is not None:
+        feature_reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf),
+                                          stats)
+    return guard.image_outcome(input_reason, feature_reason)
 
 
 def ood_reason(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None",
                upside_down: float | None = None) -> str:
-    """Why this image does not look like a chest X-ray, or '' (cheap checks first, then features)."""
-    reason = O.input_reason(prepared.pixels, prepared.shape, prepared.colourfulness)
-    if not reason and stats is not None and distance is not None:
-        reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf), stats)
-    return reason
+    """The guard's reason for withholding, or '' (``guard_outcome`` without the header)."""
+    return guard_outcome(prepared, distance, stats, upside_down, guard.DEFAULT_SPEC)[1]

@@ -24,7 +24,7 @@ from .model import to_input
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
 UPSIDE_DOWN_PERCENTILE = 99.9  # of validation X-rays' upside-down scores; that check's threshold
-DEFAULT_GRID = 2  # last-stage features pooled on a GRID x GRID grid; 1 = global pooling (versions before it)
+DEFAULT_GRID = 4  # last-stage features pooled on a GRID x GRID grid; 1 = global pooling, 2 = versions before issue 13 (docs/ood.md)
 # Input-check limits, chosen with margin from the training X-rays (docs/ood.md, scripts/measure_ood.py).
 MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, photos 20-100
 MAX_ASPECT = 2.5  # radiographs in the data set are 1.0-1.8 : 1; the loader refuses beyond 4
@@ -174,11 +174,11 @@ def input_reason(inputs: np.ndarray, shape: tuple[int, int], colour: float) -> s
 def feature_reason(distance: float, upside_down: float, stats: OodStats) -> str:
     """The feature checks' reason for one image ('' when it passes)."""
     if distance > stats.threshold:
-        return (f"its image features are unlike the training X-rays (distance {distance:.1f}; "
-                f"limit {stats.threshold:.1f})")
+        return (f"the film is unlike the pediatric training films: another kind of equipment or exposure, an "
+                f"adult, or another view (feature distance {distance:.1f}; limit {stats.threshold:.1f})")
     if upside_down > stats.upside_down_threshold:
-        return (f"its image features look like an upside-down chest X-ray (score {upside_down:.1f}; "
-                f"limit {stats.upside_down_threshold:.1f})")
+        return (f"the film appears to be turned upside down (score {upside_down:.1f}; limit "
+                f"{stats.upside_down_threshold:.1f}): re-orient it and upload it again")
     return ""
 
 

@@ -125,7 +125,7 @@ def csv_row(path: str, prediction: Prediction | None, error: str, threshold: flo
         tail[1] = f"{float(adjust_to_prevalence(prediction.p_pneumonia, calibrated_at, site)):.6f}"
     if prediction.withheld:  # no verdict, but the score stays visible (docs/ood.md)
         return [path, f"{prediction.p_pneumonia:.6f}", "", f"{threshold:.6f}",
-                "not a chest X-ray: " + " ".join(prediction.ood_reason.split()), tail[0], ""]
+                f"{prediction.outcome}: " + " ".join(prediction.ood_reason.split()), tail[0], ""]
     return [path, f"{prediction.p_pneumonia:.6f}", prediction.decision(threshold), f"{threshold:.6f}", "", *tail]
 
 

@@ -3,7 +3,7 @@ input (``ModelInput``), then per-image intensity normalisation. No other copy of
 Floor 1: imports only ``imageio``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
@@ -74,6 +74,7 @@ class ModelInput:
     pixels: np.ndarray  # (S, S) uint8, squashed to the model's input like the training set
     shape: tuple[int, int]  # (H, W) of the decoded image
     colourfulness: float = 0.0  # XrayImage.colourfulness
+    guard_fields: dict = field(default_factory=dict)  # XrayImage.guard_fields: what the DICOM header says
 
 
 def model_input(image: "ImageLike | ModelInput", image_size: int) -> ModelInput:
@@ -84,7 +85,8 @@ def model_input(image: "ImageLike | ModelInput", image_size: int) -> ModelInput:
         return image
     array = image.pixels if isinstance(image, XrayImage) else np.asarray(image)
     colour = image.colourfulness if isinstance(image, XrayImage) else 0.0
-    return ModelInput(resize_to_input(array, image_size), tuple(array.shape[:2]), colour)
+    fields = dict(image.guard_fields) if isinstance(image, XrayImage) else {}
+    return ModelInput(resize_to_input(array, image_size), tuple(array.shape[:2]), colour, fields)
 
 
 def read_model_input(source, image_size: int) -> ModelInput:

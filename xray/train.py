@@ -42,6 +42,7 @@ from .distributed import (  # noqa: F401
     gather_logits,
     raise_together,
 )
+from .guard import DEFAULT_SPEC
 from .model import (
     EnsembleNet,
     ModelConfig,
@@ -493,6 +494,7 @@ def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, 
     new_card["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     new_card["derived_from"] = {"version": model.version, "change": "added OOD statistics (same weights)"}
     new_card["ood"] = summary
+    new_card.setdefault("intended_use_spec", dict(DEFAULT_SPEC))
     new_version = registry.save_version(model.net, new_card, registry.new_version_id("ood"),
                                         extras={O.OOD_FILE: stats.to_bytes()})
     if activate:
