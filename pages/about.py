@@ -74,4 +74,4 @@ st.markdown(f"- {data.train_images if data.train_images is not None else '?'} im
 training = card.training
 if training.command:
     st.caption(f"Trained for {training.epochs_run or '?'} epochs (best {training.best_epoch or '?'}) "
-               f"in {training.seconds if training.seconds is not None else '?'} s; command: `{training.command}`")
+               f"in {training.seconds if training.seconds is not None else '?'} s; recipe: `{training.recipe}`")

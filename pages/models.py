@@ -3,6 +3,7 @@ version for the Diagnose page, or roll back to the previous one."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -34,7 +35,8 @@ def summary(card: ModelCard) -> dict[str, str]:
            **{label: number(validation.figure(key)) for label, key in FIGURES},
            "Validation images": str(validation.n or "-"),
            "Validation split": validation.split or "-",
-           "Trained on": data.root or "-",
+           "Trained on": (f"{Path(data.root).name} (folder '{data.root}' on the training machine)"
+                          if data.root else "-"),
            "Data fingerprint": (data.fingerprint or "-")[:12],
            "Training images": str(data.train_images if data.train_images is not None else "-"),
            "Image size": str(card.image_size),

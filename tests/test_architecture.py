@@ -11,7 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "xray"
-LAZY_ALLOWED = {"pydicom", "pytorch_grad_cam", "torchvision", "torch.distributed", "tqdm", "pillow_heif"}
+# optional heavy packages, imported where they are used: DICOM, Grad-CAM, the bench's reference network,
+# DDP, the terminal progress bar, and the report writers (fpdf2, highdicom: only `report` and the page's
+# downloads need them)
+LAZY_ALLOWED = {"pydicom", "pytorch_grad_cam", "torchvision", "torch.distributed", "tqdm", "pillow_heif", "fpdf",
+                "highdicom"}
 
 
 def _graph():

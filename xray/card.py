@@ -16,6 +16,7 @@ Shape follows torchxrayvision's weights-with-thresholds (``op_threshs``) and Mit
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,6 +150,27 @@ class TrainingRecord:
     epochs_run: int | None = None
     parent: str | None = None  # the version it was fine-tuned from
     history: tuple = ()
+
+    @property
+    def recipe(self) -> str:
+        """The training command without where this machine kept its files (--run-dir, --registry,
+        --events) and with DATA_DIR for its data folder: the recipe, for people (the card keeps the
+        full command)."""
+        try:
+            words = shlex.split(self.command)
+        except ValueError:
+            return self.command
+        kept, skip = [], False
+        for word in words:
+            if skip:
+                skip = False
+            elif word in ("--run-dir", "--registry", "--events"):
+                skip = True
+            else:
+                kept.append(word)
+        if len(kept) > 4 and kept[:4] == ["python", "-m", "xray", "train"]:
+            kept[4] = "DATA_DIR"
+        return shlex.join(kept)
 
     @classmethod
     def from_dict(cls, block: Any) -> "TrainingRecord":

@@ -14,9 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from . import analysis as A
 from . import events as E
 from . import governance, sitecal
+from . import report as R
 from .atomic import atomic_write_json
+from .audit import AuditTrail
 from .bench import add_arguments as bench_arguments
 from .bench import main as bench_main
 from .jobs import cancel_job, current_job, describe, list_jobs
@@ -111,10 +114,6 @@ def cmd_predict(args) -> int:
 
 def cmd_report(args) -> int:
     """PDF reports (and with --dicom, a Secondary Capture and a structured report) per image."""
-    from . import analysis as A
-    from . import report as R
-    from .audit import AuditTrail
-
     model = _load_model(args)
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
     site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()

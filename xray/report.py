@@ -2,8 +2,8 @@
 for the PACS (a Secondary Capture of the radiograph with its heatmap and a result banner, and a
 Comprehensive SR), all made from the same ``Prediction``, threshold and prevalence as the screen.
 
-PDF: fpdf2 (pure Python, embeds TrueType fonts, so any Unicode name prints; DejaVu Sans ships in
-``xray/fonts`` under its free licence). DICOM: highdicom (SC Image, PS3.3 A.8; Comprehensive SR,
+PDF: fpdf2 (pure Python, embeds TrueType fonts, so any Unicode name prints; DejaVu Sans and, for the
+scripts it lacks (CJK), Droid Sans Fallback ship in ``xray/fonts`` under their free licences). DICOM: highdicom (SC Image, PS3.3 A.8; Comprehensive SR,
 PS3.3 A.35.3, with the Measurement Report template TID 1500/1501 and Algorithm Identification
 TID 4019). Pneumonia is SNOMED CT 233604007; present/absent/indeterminate are SCT 52101004 / 2667000 /
 82334004. Nothing is written over an existing file unless asked; every file is written atomically.
@@ -29,6 +29,7 @@ from .registry import LoadedModel
 
 FONT_DIR = Path(__file__).resolve().parent / "fonts"
 FONT, FONT_BOLD = FONT_DIR / "DejaVuSans.ttf", FONT_DIR / "DejaVuSans-Bold.ttf"
+FONT_FALLBACK = FONT_DIR / "DroidSansFallbackFull.ttf"  # CJK and other scripts DejaVu lacks (Apache 2.0)
 MANUFACTURER = "Pneumonia X-ray assistant"
 ALGORITHM = "Pneumonia X-ray assistant CNN"
 DISCLAIMER = "Decision support, not a diagnosis: the decision stays with the clinician who reads the image."
@@ -97,6 +98,8 @@ def _pdf():
     pdf.set_auto_page_break(auto=True, margin=12)
     pdf.add_font("DejaVu", "", str(FONT))
     pdf.add_font("DejaVu", "B", str(FONT_BOLD))
+    pdf.add_font("DroidFallback", "", str(FONT_FALLBACK))
+    pdf.set_fallback_fonts(["DroidFallback"], exact_match=False)  # a character DejaVu lacks is never dropped
     pdf.set_title("Pneumonia X-ray assistant report")
     pdf.set_creator(MANUFACTURER)
     return pdf
