@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from xray import analysis
 from xray.audit import AuditTrail
 from xray.registry import LoadedModel, ModelFileError, Registry
 
@@ -41,9 +42,12 @@ def ensure_app_navigation() -> None:
         # to /about on a fresh server lands on About, not on Diagnose)
         import inspect
 
-        caller = Path(inspect.stack()[1].filename).resolve()
-        if caller.parent.name == "pages":
-            st.session_state[RETURN_TO_KEY] = f"pages/{caller.name}"
+        here = Path(__file__).resolve()
+        for frame in inspect.stack()[1:]:  # the page script that is running (not this helper module)
+            caller = Path(frame.filename).resolve()
+            if caller.parent == here.parent and caller != here:
+                st.session_state[RETURN_TO_KEY] = f"pages/{caller.name}"
+                break
         st.switch_page("app.py")
 
 
@@ -66,7 +70,9 @@ def model_cache_key() -> tuple[str, str | None, int, int]:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
 def _load(root: str, version: str | None, card_mtime_ns: int, site_mtime_ns: int) -> tuple[LoadedModel, list[str]]:
     # The arguments are the cache key only; load_with_fallback reads the registry itself.
-    return Registry(root).load_with_fallback()
+    model, problems = Registry(root).load_with_fallback()
+    analysis.warm_up(model)  # the first upload then costs what every later one does
+    return model, problems
 
 
 def get_model() -> tuple[LoadedModel, list[str]]:

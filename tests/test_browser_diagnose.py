@@ -81,3 +81,17 @@ def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
                 shutil.copy(shot, Path(os.environ["XRAY_SCREENSHOT_DIR"]) / shot.name)
         finally:
             browser.close()
+
+
+def test_a_bookmark_to_a_page_opens_that_page_on_a_fresh_server(app_url):
+    """The first visit to /about on a new server runs in Streamlit's legacy pages/ mode; the app sends it
+    through app.py and on to the page asked for (pages/common.py ensure_app_navigation)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser, page = new_page(p)
+        try:
+            page.goto(app_url + "/about", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="About this model").wait_for(timeout=120_000)
+            assert "Diagnose" not in page.locator('[data-testid="stMain"] h1').first.inner_text()
+        finally:
+            browser.close()
