@@ -7,7 +7,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from xray import analysis
 from xray.audit import AuditTrail
 from xray.registry import LoadedModel, ModelFileError, Registry
 
@@ -70,9 +69,7 @@ def model_cache_key() -> tuple[str, str | None, int, int]:
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
 def _load(root: str, version: str | None, card_mtime_ns: int, site_mtime_ns: int) -> tuple[LoadedModel, list[str]]:
     # The arguments are the cache key only; load_with_fallback reads the registry itself.
-    model, problems = Registry(root).load_with_fallback()
-    analysis.warm_up(model)  # the first upload then costs what every later one does
-    return model, problems
+    return Registry(root).load_with_fallback()
 
 
 def get_model() -> tuple[LoadedModel, list[str]]:

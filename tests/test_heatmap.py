@@ -23,7 +23,7 @@ def test_cells_add_up_to_the_calibrated_logit(tiny_model):
         image = load_image(path)
         evidence = G.evidence_map(tiny_model, image)
         assert evidence.shape == (4, 4)  # 64 px input, last stage at 1/16
-        logit = evidence.sum() + scale * float(tiny_model.net.classifier.bias[0]) + bias
+        logit = evidence.sum() + scale * float(tiny_model.net.classifier.bias.detach()[0]) + bias
         assert 1 / (1 + np.exp(-logit)) == pytest.approx(predict(tiny_model, [image])[0].p_pneumonia, abs=1e-5)
 
 

@@ -65,16 +65,6 @@ def analyse(model: LoadedModel, data: bytes, name: str) -> Analysis:
     return Analysis(name, digest, image, prediction, "")
 
 
-def warm_up(model: LoadedModel) -> None:
-    """Run the analysis path once on a synthetic film, so that a server's first upload does not pay for
-    the first call's kernel set-up and lazy imports (measured in benchmarks/idle_and_first_use.py)."""
-    ramp = np.tile(np.linspace(0.1, 0.9, 256, dtype=np.float32), (256, 1))
-    image = XrayImage(ramp, "warm-up")
-    predict(model, [image])
-    heatmap(model, image, longest=256)
-    overlay_jpeg(display_pixels(image, 256), heatmap(model, image, longest=256), 0.4)
-
-
 def is_out_of_distribution(prediction: Prediction | None) -> bool:
     """True when a safety check flagged the image as not a chest radiograph (field may be absent)."""
     return bool(getattr(prediction, "ood", False))
