@@ -159,3 +159,15 @@ def test_bad_hash_is_refused(tmp_path):
 
     with pytest.raises(ValueError):
         audit.record("Doe_Jane.dcm", Prediction(0.5, "v"), 0.5, path=tmp_path / "a.jsonl")
+
+
+def test_a_report_of_a_result_already_on_screen_is_its_own_record(tiny_model, log):
+    from xray.inference import Prediction
+
+    trail = audit.AuditTrail()
+    p = Prediction(0.5, tiny_model.version)
+    assert trail.shown("b" * 64, p, 0.4)["shown_in"] == "screen"
+    assert trail.shown("b" * 64, p, 0.4, "worklist") is None  # the same display
+    assert trail.shown("b" * 64, p, 0.4, "report")["shown_in"] == "report"  # an export: recorded
+    assert trail.shown("b" * 64, p, 0.4, "report") is None
+    assert [e["shown_in"] for e in _lines(log)] == ["screen", "report"]

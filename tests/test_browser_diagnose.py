@@ -95,3 +95,32 @@ def test_a_bookmark_to_a_page_opens_that_page_on_a_fresh_server(app_url):
             assert "Diagnose" not in page.locator('[data-testid="stMain"] h1').first.inner_text()
         finally:
             browser.close()
+
+
+def test_report_download_in_chromium_is_the_pdf_of_what_the_screen_shows(app_url, tmp_path):
+    import json
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser, page = new_page(p)
+        try:
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.locator('input[type="file"]').set_input_files(str(SAMPLE))
+            button = page.get_by_role("button", name="Download report (PDF)")
+            button.wait_for(timeout=120_000)
+            settled(page)
+            with page.expect_download(timeout=120_000) as download:
+                button.click()
+            path = tmp_path / "report.pdf"
+            download.value.save_as(path)
+        finally:
+            browser.close()
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF") and len(data) > 20_000
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    shown = [e for e in lines if e.get("shown_in") == "screen"]
+    reported = [e for e in lines if e.get("shown_in") == "report"]
+    # the download is logged as what it reports: the file, threshold and decision the screen showed
+    assert shown and reported
+    keys = ("sha256", "model_version", "threshold", "decision", "outcome")
+    assert [reported[-1][k] for k in keys] == [shown[-1][k] for k in keys]

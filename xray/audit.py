@@ -101,7 +101,10 @@ class AuditTrail:
         Raises:
             OSError: the log cannot be written: the caller must not show the result.
         """
-        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.ood)
+        # the screen and the worklist are one display; a report or download is its own record
+        channel = "export" if shown_in in ("report", "csv") else "screen"
+        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.ood,
+               channel)
         if key in self.logged:
             return None
         entry = record(sha256, prediction, threshold, shown_in, self.path)
