@@ -15,11 +15,12 @@ GENERATED = FIXTURES / "generated"
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep the decode cache and audit log of test runs out of the user's home."""
+    """Keep the decode cache, audit log and site registry of test runs out of the user's home."""
     cache = tmp_path_factory.mktemp("cache")
-    old = {k: os.environ.get(k) for k in ("XRAY_CACHE", "XRAY_AUDIT_LOG")}
+    old = {k: os.environ.get(k) for k in ("XRAY_CACHE", "XRAY_AUDIT_LOG", "XRAY_DATA")}
     os.environ["XRAY_CACHE"] = str(cache)
     os.environ["XRAY_AUDIT_LOG"] = str(cache / "audit.jsonl")
+    os.environ["XRAY_DATA"] = str(cache / "user-data")
     yield
     for k, v in old.items():
         if v is None:
