@@ -31,8 +31,7 @@ def encoded_files(folder: Path) -> dict[str, Path]:
     import pydicom
     from PIL import Image
     from pydicom.encaps import encapsulate
-    from pydicom.uid import (JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
-                             RLELossless)
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
     files = {"JPEG Lossless SV1 (real file)": SOURCE}
     ds = pydicom.dcmread(SOURCE)
@@ -65,7 +64,6 @@ def encoded_files(folder: Path) -> dict[str, Path]:
     path = folder / "jpeg_baseline.dcm"
     copy.save_as(path, enforce_file_format=False)
     files["JPEG Baseline (8-bit, quality 90)"] = path
-    del ExplicitVRLittleEndian
     return files
 
 

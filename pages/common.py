@@ -2,6 +2,7 @@
 threshold (one owner: ``THRESHOLD_KEY``) and the session's audit trail (what was shown is what is logged)."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -39,8 +40,6 @@ def ensure_app_navigation() -> None:
     if legacy and not st.session_state.get(APP_NAVIGATION_KEY):
         # remember which page was asked for: app.py opens it once its navigation exists (a bookmark
         # to /about on a fresh server lands on About, not on Diagnose)
-        import inspect
-
         here = Path(__file__).resolve()
         for frame in inspect.stack()[1:]:  # the page script that is running (not this helper module)
             caller = Path(frame.filename).resolve()

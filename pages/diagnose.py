@@ -155,7 +155,7 @@ def prevalence_sidebar(model: LoadedModel, readable: list) -> None:
 
 def calibration_in_force(model: LoadedModel) -> str:
     """One line: which calibration the probabilities carry."""
-    site = model.card.get("site_calibration")
+    site = model.card.site_calibration
     if site:
         counts = site.get("counts", {})
         return (f"Calibration: refitted on this site's {sum(counts.values())} labelled images "

@@ -20,7 +20,7 @@ from . import settings
 
 FIELDS = ("time", "sha256", "model_version", "p_pneumonia", "threshold", "decision", "outcome", "reason",
           "ood", "shown_in")
-VERDICT, WITHHELD = "verdict", "withheld"
+VERDICT = "verdict"
 
 
 def audit_path() -> Path | None:
@@ -49,7 +49,7 @@ def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen
         "p_pneumonia": round(float(prediction.p_pneumonia), 6),
         "threshold": float(threshold),  # exact: the screen and the CSV decide at this very value
         "decision": prediction.decision(threshold),  # None when withheld: no verdict was shown
-        "outcome": getattr(prediction, "outcome", VERDICT) if withheld else VERDICT,
+        "outcome": prediction.outcome,
         "reason": " ".join(str(prediction.ood_reason).split()) if withheld else "",
         "ood": withheld,
         "shown_in": shown_in,
@@ -92,7 +92,6 @@ class AuditTrail:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = path
         self.logged: set[tuple] = set()
-        self.last: dict | None = None  # the last entry written (tests, the page's caption)
 
     def shown(self, sha256: str, prediction, threshold: float, shown_in: str = "screen") -> dict | None:
         """Record that this result was displayed at ``threshold``; returns the new entry or None when
@@ -109,8 +108,6 @@ class AuditTrail:
             return None
         entry = record(sha256, prediction, threshold, shown_in, self.path)
         self.logged.add(key)
-        if entry is not None:
-            self.last = entry
         return entry
 
 

@@ -234,6 +234,10 @@ class ModelCard(Mapping):
             self.borderline = (below, above)
         self.test: Mapping[str, Any] | None = raw.get("test") if isinstance(raw.get("test"), Mapping) else None
         self.derived_from: Mapping[str, Any] | None = raw.get("derived_from") if isinstance(raw.get("derived_from"), Mapping) else None
+        site = raw.get("site_calibration")
+        self.site_calibration: Mapping[str, Any] | None = site if isinstance(site, Mapping) else None
+        spec = raw.get("intended_use_spec")
+        self.intended_use_spec: dict[str, Any] = {**DEFAULT_SPEC, **(spec if isinstance(spec, Mapping) else {})}
         self.weights_sha256: str = str(raw.get("weights_sha256", ""))
         extra = raw.get("extra_files") or {}
         if not isinstance(extra, Mapping):
@@ -269,6 +273,15 @@ class ModelCard(Mapping):
     def to_dict(self) -> dict[str, Any]:
         """The JSON object to write (a copy: the card itself never changes)."""
         return dict(self._raw)
+
+    def derived(self, change: str, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """The card of a new version made from this one without training (same network weights): its
+        JSON minus the registry's keys and the activation overrides (those were this version's), with
+        ``created``, ``derived_from`` and ``updates``."""
+        card = {k: v for k, v in self._raw.items() if k not in PROTECTED_KEYS and k != "activation_overrides"}
+        card.setdefault("intended_use_spec", dict(DEFAULT_SPEC))
+        return {**card, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "derived_from": {"version": self.version, "change": change}, **updates}
 
     def updated(self, updates: Mapping[str, Any]) -> "ModelCard":
         """A new card with ``updates`` merged in (validated); protected keys cannot change."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import settings
 from .atomic import atomic_write
-from .imageio import IMAGE_EXTENSIONS, sniff  # noqa: F401 (IMAGE_EXTENSIONS: part of this module's interface)
+from .imageio import IMAGE_EXTENSIONS, sniff_bytes  # noqa: F401 (IMAGE_EXTENSIONS: part of this module's interface)
 from .preprocess import try_read_model_input
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
@@ -120,17 +120,13 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
                 if name.startswith("."):
                     continue
                 try:
-                    kind = sniff(path)  # by content: extensionless DICOM counts, a renamed text file does not
-                except OSError as exc:
-                    skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
-                    continue
-                if kind not in ("image", "DICOM"):
-                    skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
-                    continue
-                try:
                     data = path.read_bytes()
                 except OSError as exc:
                     skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+                    continue
+                kind = sniff_bytes(data[:512], name)  # by content: extensionless DICOM counts, renamed text not
+                if kind not in ("image", "DICOM"):
+                    skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
                     continue
                 digest = hashlib.sha256(data).hexdigest()
                 by_hash[digest].append(rel)

@@ -34,12 +34,6 @@ WHAT_TO_DO = {
 }
 
 
-def spec_of(card: Mapping[str, Any] | None) -> dict:
-    """A version's intended-use specification (``DEFAULT_SPEC`` for cards that do not state one)."""
-    spec = (card or {}).get("intended_use_spec") if card is not None else None
-    return {**DEFAULT_SPEC, **(spec or {})}
-
-
 def age_in_years(fields: Mapping[str, str]) -> float | None:
     """Age from PatientAge (nnnY/M/W/D) or from PatientBirthDate and StudyDate/AcquisitionDate; None when unknown."""
     age = str(fields.get("PatientAge", "")).strip().upper()

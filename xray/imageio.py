@@ -187,7 +187,12 @@ def sniff(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     with open(path, "rb") as f:
-        head = f.read(512)
+        return sniff_bytes(f.read(512), path.name)
+
+
+def sniff_bytes(head: bytes, name: str) -> str | None:
+    """``sniff`` on a file's first bytes (at least 512 when the file has them) and its name."""
+    path = Path(name)
     if head[128:132] == b"DICM":
         return "DICOMDIR" if DICOMDIR_CLASS.encode() in head else "DICOM"
     if path.name.upper() == "DICOMDIR":

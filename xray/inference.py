@@ -83,7 +83,7 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
         One ``Prediction`` per image, in order (score and checks; decide with ``Prediction.decision``).
     """
     stats = getattr(model, "ood_stats", None)
-    spec = guard.spec_of(model.card)
+    spec = model.card.intended_use_spec
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         batch = [model_input(im, model.image_size) for im in images[start:start + batch_size]]
@@ -110,9 +110,3 @@ def guard_outcome(prepared: ModelInput, distance: float | None, stats: "O.OodSta
         feature_reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf),
                                           stats)
     return guard.image_outcome(input_reason, feature_reason)
-
-
-def ood_reason(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None",
-               upside_down: float | None = None) -> str:
-    """The guard's reason for withholding, or '' (``guard_outcome`` without the header)."""
-    return guard_outcome(prepared, distance, stats, upside_down, guard.DEFAULT_SPEC)[1]

@@ -129,14 +129,6 @@ def csv_row(path: str, prediction: Prediction | None, error: str, threshold: flo
     return [path, f"{prediction.p_pneumonia:.6f}", prediction.decision(threshold), f"{threshold:.6f}", "", *tail]
 
 
-def write_csv_rows(out, rows: Iterable[list[str]], header: bool = True) -> None:
-    writer = csv.writer(out)
-    if header:
-        writer.writerow(CSV_HEADER)
-    writer.writerows(rows)
-
-
-
 def done_paths(csv_path: Path) -> set[str]:
     """Paths already in a predict CSV (for --resume); a last line torn by a crash is cut off first."""
     with open(csv_path, "r+b") as f:

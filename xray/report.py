@@ -270,8 +270,6 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
     present = {PNEUMONIA: hd.sr.CodedConcept("52101004", "SCT", "Present"),
                "NORMAL": hd.sr.CodedConcept("2667000", "SCT", "Absent"),
                BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
-    algorithm = hd.AlgorithmIdentificationSequence(name=ALGORITHM, version=model.version,
-                                                   family=codes.cid7162.ArtificialIntelligence)
     p = item.analysis.prediction
     measurements = [
         hd.sr.Measurement(name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
@@ -302,7 +300,6 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
                                series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
                                manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
                                series_description="Pneumonia assistant result (structured report)")
-    del algorithm
     return sr
 
 

@@ -11,7 +11,6 @@ the card and the page say so. Floor 5: imports ``data``, ``inference``, ``regist
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 
 from . import calibration as C
 from . import metrics as M
-from .card import PROTECTED_KEYS
 from .data import CLASSES, decoded_dataset, scan_dataset
 from .inference import logits_of
 from .registry import LoadedModel, Registry
@@ -66,13 +64,14 @@ def score_folder(model: LoadedModel, data_dir: str, workers: int = 0) -> SiteDat
     return SiteData(str(scan.root), scan.fingerprint(), logits, labels, counts, unreadable, scan.skipped)
 
 
-def _figures(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    """Sensitivity, specificity (with n and Wilson 95% intervals), ROC AUC and ECE (10 bins) at ``threshold``."""
+def _figures(labels: np.ndarray, p: np.ndarray, called: np.ndarray) -> dict:
+    """Sensitivity, specificity (with n and Wilson 95% intervals) of the calls ``called`` (N,) bool, and
+    ROC AUC and ECE (10 bins) of the probabilities ``p``."""
     positives, negatives = int(labels.sum()), int((1 - labels).sum())
-    tp = int(np.sum((p >= threshold) & (labels == 1)))
-    tn = int(np.sum((p < threshold) & (labels == 0)))
+    tp = int(np.sum(called & (labels == 1)))
+    tn = int(np.sum(~called & (labels == 0)))
     sensitivity, specificity = tp / positives, tn / negatives
-    return {"n": int(len(labels)), "threshold": float(threshold),
+    return {"n": int(len(labels)),
             "sensitivity": sensitivity, "sensitivity_ci": list(M.wilson_interval(tp, positives)),
             "specificity": specificity, "specificity_ci": list(M.wilson_interval(tn, negatives)),
             "roc_auc": M.roc_auc(labels, p), "ece": M.expected_calibration_error(labels, p, bins=10)}
@@ -115,16 +114,13 @@ def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> 
     rule = rule or model.card.threshold_rule
     if rule not in M.THRESHOLD_RULES and not rule.startswith(("sensitivity>=", "specificity>=")):
         raise ValueError(f"unknown threshold rule {rule!r}")
-    before = _figures(data.labels, C.apply(data.logits, *model.calibration), model.threshold)
+    p_before = C.apply(data.logits, *model.calibration)
+    before = {**_figures(data.labels, p_before, p_before >= model.threshold), "threshold": model.threshold}
     scale, bias = C.fit_platt(data.logits, data.labels)
     threshold = M.choose_threshold(data.labels, C.apply(data.logits, scale, bias), rule)
     p, called = crossfit_decisions(data, rule)
-    after = _figures(data.labels, p, 0.5)
-    positives, negatives = int(data.labels.sum()), int((1 - data.labels).sum())
-    tp, tn = int(np.sum(called & (data.labels == 1))), int(np.sum(~called & (data.labels == 0)))
-    after.update(threshold=None, sensitivity=tp / positives, sensitivity_ci=list(M.wilson_interval(tp, positives)),
-                 specificity=tn / negatives, specificity_ci=list(M.wilson_interval(tn, negatives)),
-                 method=f"{FOLDS}-fold cross-validation: calibration and threshold fitted on the other folds")
+    after = {**_figures(data.labels, p, called), "threshold": None,
+             "method": f"{FOLDS}-fold cross-validation: calibration and threshold fitted on the other folds"}
     return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data)
 
 
@@ -135,13 +131,10 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
     weights = (parent_dir / "model.pt").read_bytes()
     extras = {name: (parent_dir / name).read_bytes() for name in model.card.extra_files}
     old_scale, old_bias = model.calibration
-    card = {k: v for k, v in model.card.items() if k not in PROTECTED_KEYS and k != "activation_overrides"}
     data = result.data
     p_local = C.apply(data.logits, result.scale, result.bias)
     band = model.card.borderline
-    card.update({
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "derived_from": {"version": model.version, "change": "calibrated to a site (same weights)"},
+    card = model.card.derived("calibrated to a site (same weights)", {
         "threshold": result.threshold,
         "threshold_rule": f"{result.rule} on the site's images",
         "calibration": {"method": METHOD, "scale": result.scale, "bias": result.bias,

@@ -25,7 +25,6 @@ from . import metrics as M
 from . import ood as O
 from .atomic import atomic_write
 from .augment import PRESETS, augment
-from .card import PROTECTED_KEYS
 from .data import (
     CLASSES,
     SMALL_VAL,
@@ -42,7 +41,6 @@ from .distributed import (  # noqa: F401
     gather_logits,
     raise_together,
 )
-from .guard import DEFAULT_SPEC
 from .model import (
     EnsembleNet,
     ModelConfig,
@@ -490,13 +488,10 @@ def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, 
                          "could not be reproduced")
     stats, summary = O.fit_for_images(model.net, torch.from_numpy(splits.images), splits.train, splits.val,
                                     model.device, percentile)
-    new_card = {k: v for k, v in card.items() if k not in PROTECTED_KEYS}
-    new_card["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    new_card["derived_from"] = {"version": model.version, "change": "added OOD statistics (same weights)"}
-    new_card["ood"] = summary
-    new_card.setdefault("intended_use_spec", dict(DEFAULT_SPEC))
-    new_version = registry.save_version(model.net, new_card, registry.new_version_id("ood"),
-                                        extras={O.OOD_FILE: stats.to_bytes()})
+    new_card = card.derived("added OOD statistics (same weights)", {"ood": summary})
+    weights = (registry.version_dir(model.version) / "model.pt").read_bytes()  # byte for byte
+    new_version = registry.save_version_bytes(weights, new_card, registry.new_version_id("ood"),
+                                              extras={O.OOD_FILE: stats.to_bytes()})
     if activate:
         registry.activate(new_version)
     return new_version
