@@ -30,7 +30,7 @@ def test_bench_reports_every_section(tiny_registry, tmp_path, capsys):
     _numbers_positive(forward, ["ours_contiguous", "ours_channels_last", "ours_channels_last_bn_folded",
                                 "reference_contiguous", "reference_channels_last"])
     assert 0 < forward["fraction_of_matmul_peak"]
-    assert "mobilenet_v3_small" in forward["reference"] and "64x64" in forward["reference"]
+    assert "mobilenet_v3_small" in forward["reference"] and "224x224" in forward["reference"]  # issue #15's reference
 
     assert [e["folder"] for e in result["end_to_end"]] == [str(DATASET), str(FULLRES)]
     for e2e in result["end_to_end"]:

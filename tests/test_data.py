@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DATASET, GENERATED
-from xray.data import Sample, patient_id, patient_split, scan_dataset
+from xray.data import Sample, acquisition_batch, id_range_split, patient_id, patient_split, scan_dataset
 
 NORMALS = sorted((DATASET / "NORMAL").iterdir())
 PNEUMONIAS = sorted((DATASET / "PNEUMONIA").iterdir())
@@ -67,6 +67,57 @@ def test_patient_split_is_deterministic_per_seed():
     samples = _synthetic_samples()
     assert patient_split(samples, 0.2, 3) == patient_split(samples, 0.2, 3)
     assert patient_split(samples, 0.2, 3) != patient_split(samples, 0.2, 4)
+
+
+# -- id-range split (validation that imitates acquisition drift) ----------------------------------------
+@pytest.mark.parametrize("patient, batch", [
+    ("im-0115", ("im-", 115)), ("normal2-im-0383", ("normal2-im-", 383)), ("person12", ("person", 12)),
+    ("scan", ("scan", None)),
+])
+def test_acquisition_batch_and_number(patient, batch):
+    assert acquisition_batch(patient) == batch
+
+
+def _two_batch_samples() -> list[Sample]:
+    """Normals in two acquisition batches (IM-, NORMAL2-IM-) and pneumonia patients, 1-3 images each."""
+    rng = np.random.default_rng(3)
+    names = []
+    for p in range(100, 160):
+        names += [(f"IM-{p:04d}-{k:04d}.jpeg", 0) for k in range(int(rng.integers(1, 3)))]
+    for p in range(400, 480):
+        names.append((f"NORMAL2-IM-{p:04d}-0001.jpeg", 0))
+    for p in range(1, 200):
+        names += [(f"person{p}_bacteria_{k}.jpeg", 1) for k in range(int(rng.integers(1, 4)))]
+    return [Sample(Path(n), label, "", patient_id(n), n) for n, label in names]
+
+
+def test_id_range_split_holds_out_both_ends_of_each_batch():
+    samples = _two_batch_samples()
+    train, val = id_range_split(samples, 0.2, 0)
+    assert sorted(train + val) == list(range(len(samples)))
+    assert not {samples[i].patient for i in train} & {samples[i].patient for i in val}
+    for prefix in ("im-", "normal2-im-", "person"):
+        def numbers(side):
+            return sorted({acquisition_batch(samples[i].patient)[1] for i in side
+                           if acquisition_batch(samples[i].patient)[0] == prefix})
+        held, kept = numbers(val), numbers(train)
+        assert held and kept
+        # every held-out patient lies before or after every training patient of its batch, and both ends are used
+        assert all(n < min(kept) or n > max(kept) for n in held)
+        assert min(held) < min(kept) and max(held) > max(kept)
+        # about the requested share of the batch's images (whole patients make it approximate)
+        in_batch = [i for i, s in enumerate(samples) if acquisition_batch(s.patient)[0] == prefix]
+        share = np.isin(in_batch, val).mean()
+        assert 0.15 <= share <= 0.3, (prefix, share)
+
+
+def test_id_range_split_splits_unnumbered_files_by_patient_at_random():
+    samples = _two_batch_samples() + [Sample(Path(f"scan{c}.png"), i % 2, "", patient_id(f"scan{c}.png"), str(i))
+                                      for i, c in enumerate("abcdefghijklmnopqrst")]
+    train, val = id_range_split(samples, 0.2, 0)
+    unnumbered = {i for i, s in enumerate(samples) if s.path.name.startswith("scan")}
+    assert unnumbered & set(val) and unnumbered & set(train)
+    assert id_range_split(samples, 0.2, 0) == (train, val)
 
 
 def test_patient_split_on_the_fixture_dataset():

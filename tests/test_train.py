@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import DATASET, TINY_SETTINGS, train_tiny
+from xray import calibration as C
 from xray import metrics as M
+from xray.augment import PERTURBATIONS
 from xray.cli import build_parser
 from xray.registry import Registry
 from xray.train import Cancelled, main
@@ -52,9 +54,15 @@ def test_trained_version_has_a_complete_card(tiny_registry):
     assert len(predictions["p_pneumonia"]) == len(predictions["label"]) == validation["n"] == card["data"]["val_images"]
     assert card["data"]["train_images"] + card["data"]["val_images"] == 16
     assert sum(validation["confusion_matrix"].values()) == validation["n"]
-    # the stored validation predictions reproduce the threshold (by its rule) and the figures at it
+    # the stored calibration set (validation + its acquisition perturbations) reproduces the threshold by
+    # its rule; the stored validation predictions reproduce the figures at it
+    fitted = validation["calibration_set"]
+    assert len(fitted["label"]) == len(fitted["p_pneumonia"]) == validation["n"] * (1 + len(PERTURBATIONS))
+    assert fitted["p_pneumonia"][:validation["n"]] == predictions["p_pneumonia"]
+    assert M.choose_threshold(fitted["label"], fitted["p_pneumonia"], card["threshold_rule"]) == pytest.approx(
+        card["threshold"], abs=1e-5)
+    assert card["calibration"]["method"] == C.PLATT_PERTURBED
     y, p = predictions["label"], predictions["p_pneumonia"]
-    assert M.choose_threshold(y, p, card["threshold_rule"]) == pytest.approx(card["threshold"], abs=1e-5)
     assert M.metrics_at(y, p, card["threshold"])["confusion_matrix"] == validation["confusion_matrix"]
     assert M.roc_auc(y, p) == pytest.approx(validation["roc_auc"], abs=1e-6)
     for library in ("python", "torch", "numpy", "pillow"):

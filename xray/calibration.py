@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import metrics as M
 
 PLATT = "Platt scaling fitted on validation"
+PLATT_PERTURBED = "Platt scaling fitted on validation and its acquisition perturbations"
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -166,6 +166,66 @@ def patient_split(samples: list[Sample], val_fraction: float, seed: int) -> tupl
     return train, sorted(val_set)
 
 
+_NUMBERED_PATIENT = re.compile(r"^(.*?)(\d+)$")
+
+
+def acquisition_batch(patient: str) -> tuple[str, int | None]:
+    """A patient id -> (acquisition batch, patient number): ``im-0115`` -> (``im-``, 115),
+    ``normal2-im-0383`` -> (``normal2-im-``, 383), ``person12`` -> (``person``, 12); an id without a
+    trailing number -> (id, None)."""
+    m = _NUMBERED_PATIENT.match(patient)
+    return (m.group(1), int(m.group(2))) if m else (patient, None)
+
+
+def id_range_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val) for a validation that imitates acquisition drift: within each acquisition
+    batch of each class (``IM-``, ``NORMAL2-IM-``, ``person``), the patients with the lowest and the
+    highest numbers (half of ``val_fraction`` of the batch's images at each end) are held out, so the
+    validation patients were imaged before or after every training patient of their batch (patient
+    numbers are a proxy for acquisition time; the official test and validation splits of the Kermany
+    set lie outside the training ids at both ends). Patients without a number are split at random
+    (``patient_split``). Whole patients go to one side."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be between 0 and 1")
+    patients: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        patients[s.patient].append(i)
+    val: list[int] = []
+    unnumbered: list[int] = []
+    for label in (0, 1):
+        batches: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for p, idx in patients.items():
+            if round(np.mean([samples[i].label for i in idx])) != label:
+                continue
+            batch, number = acquisition_batch(p)
+            if number is None:
+                unnumbered.extend(idx)
+            else:
+                batches[batch].append((number, p))
+        for batch in sorted(batches):
+            ordered = [p for _, p in sorted(batches[batch])]
+            target = val_fraction * sum(len(patients[p]) for p in ordered)
+            low, high, taken_low, taken_high = 0, len(ordered) - 1, 0, 0
+            while low <= high and (taken_low < target / 2 or taken_high < target / 2):
+                if taken_low <= taken_high:  # alternate ends, the one with fewer images first
+                    val.extend(patients[ordered[low]])
+                    taken_low += len(patients[ordered[low]])
+                    low += 1
+                else:
+                    val.extend(patients[ordered[high]])
+                    taken_high += len(patients[ordered[high]])
+                    high -= 1
+    if unnumbered:
+        _, va = patient_split([samples[i] for i in unnumbered], val_fraction, seed)
+        val.extend(unnumbered[i] for i in va)
+    val_set = set(val)
+    train = [i for i in range(len(samples)) if i not in val_set]
+    return train, sorted(val_set)
+
+
+SPLITS = {"patients": patient_split, "id-range": id_range_split}  # TrainConfig.split -> function
+
+
 # -- decoding once ----------------------------------------------------------------------------------
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str]:
     """(path, size) -> ((S, S) uint8 model input or None, error): the same path as ``predict``'s."""

@@ -24,13 +24,13 @@ from . import events as E
 from . import metrics as M
 from . import ood as O
 from .atomic import atomic_write
-from .augment import PRESETS, augment
+from .augment import PERTURBATIONS, PRESETS, augment
 from .data import (
     CLASSES,
     SMALL_VAL,
     DatasetScan,
+    SPLITS,
     decoded_dataset,
-    patient_split,
     scan_dataset,
 )
 from .distributed import (  # noqa: F401
@@ -96,10 +96,16 @@ def load_data(cfg: TrainConfig, emit: Callback) -> Splits:
         train, val = train_pool, given_val
         description = f"the folder's val/ part ({len(val)} images)"
     else:
-        tr, va = patient_split([samples[i] for i in train_pool], cfg.val_fraction, cfg.seed)
+        if cfg.split not in SPLITS:
+            raise ValueError(f"unknown split {cfg.split!r}; one of {sorted(SPLITS)}")
+        tr, va = SPLITS[cfg.split]([samples[i] for i in train_pool], cfg.val_fraction, cfg.seed)
         train, val = train_pool[tr], np.concatenate([train_pool[va], given_val]).astype(int)
-        description = (f"patient-level split of the training images ({cfg.val_fraction:.0%} of patients, "
-                       f"seed {cfg.seed}, {len(va)} images)")
+        if cfg.split == "id-range":
+            description = (f"patient-level split of the training images by patient number: the lowest and highest "
+                           f"numbers of each acquisition batch ({cfg.val_fraction:.0%} of images, {len(va)} images)")
+        else:
+            description = (f"patient-level split of the training images ({cfg.val_fraction:.0%} of patients, "
+                           f"seed {cfg.seed}, {len(va)} images)")
         if len(given_val):
             description += f" plus the folder's small val/ part ({len(given_val)} images)"
     for name, idx in (("training", train), ("validation", val)):
@@ -415,9 +421,14 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     images = torch.from_numpy(splits.images)
     y_val = splits.labels[splits.val]
     val_logits = predict_logits(net, images, splits.val, device, tta=cfg.tta)
-    scale, bias = C.fit_platt(val_logits, y_val)
+    fit_logits, fit_labels = val_logits, y_val
+    if cfg.calibrate_on == "perturbed":  # the operating point has to hold when the exposure changes
+        fit_logits, fit_labels = perturbed_logits(net, images[splits.val], device, cfg.tta), np.tile(y_val, 1 + len(PERTURBATIONS))
+    elif cfg.calibrate_on != "clean":
+        raise ValueError(f"unknown calibrate_on {cfg.calibrate_on!r}; perturbed or clean")
+    scale, bias = C.fit_platt(fit_logits, fit_labels)
     p_val = C.apply(val_logits, scale, bias)
-    threshold = M.choose_threshold(y_val, p_val, cfg.threshold_rule)
+    threshold = M.choose_threshold(fit_labels, C.apply(fit_logits, scale, bias), cfg.threshold_rule)
     band = fit_borderline(net, images[splits.val], scale, bias, device, cfg.tta)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
@@ -434,11 +445,15 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     card = model_card.build(
         config=net.config, parameters=count_parameters(net), macs=count_macs(copy.deepcopy(net).cpu(), cfg.image_size),
         image_size=cfg.image_size, tta=cfg.tta, threshold=threshold, threshold_rule=cfg.threshold_rule,
-        calibration={"method": C.PLATT, "scale": scale, "bias": bias,
-                     "ece_crossfit": C.crossfit_ece(val_logits, y_val, cfg.seed)},
+        calibration={"method": C.PLATT if cfg.calibrate_on == "clean" else C.PLATT_PERTURBED, "scale": scale,
+                     "bias": bias, "ece_crossfit": C.crossfit_ece(val_logits, y_val, cfg.seed)},
         validation={"split": splits.description, **_eval_block(y_val, p_val, threshold),
                     "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
-                                    "label": [int(v) for v in y_val]}},
+                                    "label": [int(v) for v in y_val]},
+                    **({} if cfg.calibrate_on == "clean" else {"calibration_set": {
+                        "images": "validation, then under each of " + ", ".join(PERTURBATIONS),
+                        "p_pneumonia": [round(float(v), 6) for v in C.apply(fit_logits, scale, bias)],
+                        "label": [int(v) for v in fit_labels]}})},
         training={"config": cfg.to_dict(), "command": command_line(cfg), "argv": sys.argv,
                   "best_epoch": best_epoch, "epochs_run": len(history), "seconds": round(seconds, 1),
                   "history": history, "parent": parent},
@@ -458,6 +473,18 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     emit({"event": E.DONE, "version": version, "threshold": threshold, "activated": activated,
           "gate": gate_message, "val_metrics": {k: v for k, v in card["validation"].items() if k != "predictions"}})
     return version
+
+
+def perturbed_logits(net: torch.nn.Module, val_images: torch.Tensor, device: torch.device,
+                     tta: str = "none") -> np.ndarray:
+    """(N, S, S) uint8 validation images -> ((1 + P) * N,) logits: the images as they are, then under each
+    of the P acquisition perturbations of ``xray.augment.PERTURBATIONS`` (the robustness checks' set)."""
+    x = val_images.unsqueeze(1).float()
+    out = [predict_logits(net, val_images, np.arange(len(val_images)), device, tta=tta)]
+    for fn in PERTURBATIONS.values():
+        y = fn(x).clamp(0, 255).round().to(torch.uint8)[:, 0]
+        out.append(predict_logits(net, y, np.arange(len(y)), device, tta=tta))
+    return np.concatenate(out)
 
 
 def fit_borderline(net: PneumoniaNet, val_images: torch.Tensor, scale: float, bias: float, device: torch.device,

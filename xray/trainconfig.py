@@ -24,6 +24,8 @@ class TrainConfig:
     weight_decay: float = 5e-4  # AdamW decoupled weight decay
     val_fraction: float = 0.15  # patients held out for validation when the folder has no val/ part
     seed: int = 0  # the validation split's seed (and the weights' when init_seed is -1)
+    split: str = "id-range"  # id-range | patients: how validation patients are chosen (xray.data.SPLITS)
+    calibrate_on: str = "perturbed"  # perturbed | clean: the validation images Platt scaling and the threshold see
     init_seed: int = -1  # seed of the weights, augmentation and batch order; -1 = seed (ensemble members differ here)
     patience: int = 8  # epochs without validation improvement before stopping
     label_smoothing: float = 0.05
@@ -57,6 +59,7 @@ class TrainConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        d = {**LEGACY, **d}  # a card written before a setting existed ran with the old behaviour
         d = {k: tuple(v) if k == "widths" else v for k, v in d.items()}
         return cls(**d)
 
@@ -64,6 +67,9 @@ class TrainConfig:
         d = asdict(self)
         d["widths"] = list(self.widths)
         return d
+
+
+LEGACY = {"split": "patients", "calibrate_on": "clean"}  # what cards without these settings did
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -83,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction,
                         help=f"fraction of patients held out for validation (default {d.val_fraction})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"validation split seed (default {d.seed})")
+    parser.add_argument("--split", choices=("id-range", "patients"), default=d.split,
+                        help="validation patients: id-range = the lowest and highest patient numbers of each "
+                             "acquisition batch (imitates acquisition drift); patients = at random (default "
+                             f"{d.split})")
+    parser.add_argument("--calibrate-on", choices=("perturbed", "clean"), default=d.calibrate_on,
+                        help="validation images that Platt scaling and the threshold rule see: perturbed = "
+                             "the images plus their acquisition perturbations (xray.augment.PERTURBATIONS); "
+                             f"clean = the images alone (default {d.calibrate_on})")
     parser.add_argument("--init-seed", type=int, default=d.init_seed,
                         help="seed of the initial weights, augmentation and batch order; -1 = --seed "
                              f"(default {d.init_seed}); members of an ensemble share --seed and differ here")
