@@ -68,3 +68,25 @@ def test_expected_calibration_error_hand_computed():
     # bin of 0.9: accuracy 0.5, confidence 0.9 (half the data); bin of 0.1: accuracy 0, confidence 0.1
     assert M.expected_calibration_error([1, 0, 0, 0], [0.9, 0.9, 0.1, 0.1]) == pytest.approx(0.25)
     assert M.expected_calibration_error([1, 0], [1.0, 0.0]) == pytest.approx(0.0)
+
+
+def test_min_sensitivity_rule_holds_the_floor_in_every_condition():
+    # two conditions of the same 4 positives and 2 negatives; the second lowers two positives' scores
+    y = np.array([1, 1, 1, 1, 0, 0] * 2)
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2,
+                  0.9, 0.8, 0.5, 0.4, 0.3, 0.2])
+    groups = np.repeat([0, 1], 6)
+    # 0.75 of the positives at or above the threshold in each condition: condition 1 needs t <= 0.5
+    t = M.choose_threshold(y, p, "min-sensitivity>=0.75", groups)
+    assert t == pytest.approx((0.5 + 0.4) / 2)  # midway to the next lower score
+    for g in (0, 1):
+        m = M.metrics_at(y[groups == g], p[groups == g], t)
+        assert m["sensitivity"] >= 0.75
+    # pooled, the plain rule would allow a higher threshold that leaves condition 1 at 0.5
+    pooled = M.choose_threshold(y, p, "sensitivity>=0.75")
+    assert pooled > t and M.metrics_at(y[6:], p[6:], pooled)["sensitivity"] == 0.5
+    # one condition: the same as the plain rule
+    assert M.choose_threshold(y[:6], p[:6], "min-sensitivity>=0.75") == pytest.approx(
+        M.choose_threshold(y[:6], p[:6], "sensitivity>=0.75"))
+    with pytest.raises(ValueError):
+        M.choose_threshold(y, p, "min-sensitivity>=0.75", groups[:3])

@@ -7,6 +7,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,8 +60,9 @@ def test_trained_version_has_a_complete_card(tiny_registry):
     fitted = validation["calibration_set"]
     assert len(fitted["label"]) == len(fitted["p_pneumonia"]) == validation["n"] * (1 + len(PERTURBATIONS))
     assert fitted["p_pneumonia"][:validation["n"]] == predictions["p_pneumonia"]
-    assert M.choose_threshold(fitted["label"], fitted["p_pneumonia"], card["threshold_rule"]) == pytest.approx(
-        card["threshold"], abs=1e-5)
+    conditions = np.repeat(np.arange(1 + len(PERTURBATIONS)), validation["n"])
+    assert M.choose_threshold(fitted["label"], fitted["p_pneumonia"], card["threshold_rule"], conditions) == \
+        pytest.approx(card["threshold"], abs=1e-5)
     assert card["calibration"]["method"] == C.PLATT_PERTURBED
     y, p = predictions["label"], predictions["p_pneumonia"]
     assert M.metrics_at(y, p, card["threshold"])["confusion_matrix"] == validation["confusion_matrix"]

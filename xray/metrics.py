@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-THRESHOLD_RULES = ("youden", "sensitivity>=0.95", "balanced-accuracy")
+THRESHOLD_RULES = ("youden", "sensitivity>=0.95", "min-sensitivity>=0.95", "balanced-accuracy")
 
 
 def _as_arrays(y_true, p) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +89,13 @@ def metrics_at(y_true, p, threshold: float) -> dict:
     }
 
 
-def choose_threshold(y_true, p, rule: str = "youden") -> float:
+def choose_threshold(y_true, p, rule: str = "youden", groups=None) -> float:
     """The operating threshold on validation predictions by a stated rule.
+
+    min-sensitivity>=0.95: the highest threshold whose sensitivity is at least 0.95 in every group
+        of ``groups`` (an (N,) array of condition labels: e.g. the validation images as they are and
+        under each acquisition perturbation), i.e. maximum specificity while the worst condition
+        keeps the floor; placed midway to the next lower score. Without ``groups``: one group.
 
     youden: maximise sensitivity + specificity - 1 (ties: the highest such threshold), placed
         midway to the next lower validation score.
@@ -101,6 +106,21 @@ def choose_threshold(y_true, p, rule: str = "youden") -> float:
     balanced-accuracy: same optimum as youden (kept as an alias people search for).
     """
     y, s = _as_arrays(y_true, p)
+    if rule.startswith("min-sensitivity>="):
+        target = float(rule.split(">=")[1])
+        groups = np.zeros(len(y), int) if groups is None else np.asarray(groups)
+        if groups.shape != y.shape:
+            raise ValueError("groups must give one label per prediction")
+        chosen = np.inf
+        for g in np.unique(groups):
+            positives = np.sort(s[(groups == g) & (y == 1)])[::-1]  # descending
+            if positives.size:  # the k-th highest positive score keeps k of them at or above the threshold
+                k = max(1, int(np.ceil(target * positives.size - 1e-9)))
+                chosen = min(chosen, positives[k - 1])
+        if not np.isfinite(chosen):
+            raise ValueError("min-sensitivity needs positive examples")
+        lower = s[s < chosen]
+        return float((chosen + lower.max()) / 2) if lower.size else float(chosen)
     fpr, tpr, thresholds = roc_curve(y, s)
     finite = np.isfinite(thresholds)
     if rule.startswith("specificity>="):

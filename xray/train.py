@@ -222,7 +222,8 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
         raise ValueError("fine-tuning starts from one version's weights: train an ensemble from scratch")
     if cfg.augment not in PRESETS:
         raise ValueError(f"augment must be one of {sorted(PRESETS)}")
-    if cfg.threshold_rule not in M.THRESHOLD_RULES and not cfg.threshold_rule.startswith("sensitivity>="):
+    if cfg.threshold_rule not in M.THRESHOLD_RULES and not cfg.threshold_rule.startswith(("sensitivity>=",
+                                                                                         "min-sensitivity>=")):
         raise ValueError(f"threshold_rule must be one of {M.THRESHOLD_RULES}")
     device = pick_device()
     if distributed:
@@ -428,7 +429,8 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         raise ValueError(f"unknown calibrate_on {cfg.calibrate_on!r}; perturbed or clean")
     scale, bias = C.fit_platt(fit_logits, fit_labels)
     p_val = C.apply(val_logits, scale, bias)
-    threshold = M.choose_threshold(fit_labels, C.apply(fit_logits, scale, bias), cfg.threshold_rule)
+    conditions = np.repeat(np.arange(len(fit_labels) // len(y_val)), len(y_val))  # 0 = as they are, then each perturbation
+    threshold = M.choose_threshold(fit_labels, C.apply(fit_logits, scale, bias), cfg.threshold_rule, conditions)
     band = fit_borderline(net, images[splits.val], scale, bias, device, cfg.tta)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
