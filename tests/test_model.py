@@ -27,7 +27,7 @@ def test_strides_bring_the_last_stages_to_a_sixteenth_of_the_input():
 
 
 def test_the_default_patch_stem_costs_a_quarter_of_the_conv_stem_net():
-    default = PneumoniaNet(model_config(TrainConfig()))
+    default = PneumoniaNet(model_config(TrainConfig()).member)
     first = PneumoniaNet(ModelConfig())  # conv stem, widths 32-256: a card without "stem" builds this
     assert default.config.stem == "patch4" and first.config.stem == "conv"
     assert count_macs(default, 128) * 4 < count_macs(first, 128)

@@ -201,3 +201,46 @@ def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         main(TrainConfig(data_dir=str(tmp_path / "absent"), registry=str(tmp_path), run_dir=str(tmp_path / "r"),
                          **{**TINY_SETTINGS, "epochs": 1}))
+
+
+def test_a_deep_ensemble_is_one_version_whose_logit_is_the_members_mean(tmp_path):
+    from xray.gradcam import GradCam
+    from xray.imageio import load_image
+    from xray.inference import predict
+    from xray.model import EnsembleNet
+
+    root = tmp_path / "weights"
+    version = train_tiny(root, members=2, epochs=2)
+    registry = Registry(root)
+    model = registry.load(version, torch.device("cpu"))
+    net = model.net
+    assert isinstance(net, EnsembleNet) and len(net.members) == 2
+    card = registry.card(version)
+    assert card["architecture"]["config"]["members"] == 2
+    assert len(card["training"]["best_epoch"]) == 2  # one best epoch per member
+    x = torch.rand(3, 1, 64, 64) * 255
+    with torch.no_grad():
+        members = torch.stack([m(x) for m in net.members])
+        torch.testing.assert_close(net(x), members.mean(dim=0))
+        assert not torch.allclose(members[0], members[1])  # differently seeded members
+        # the combined head on the pooled concatenated features is exactly the mean logit (CAM stays exact)
+        torch.testing.assert_close(net.classifier(net.features(x)).squeeze(1), net(x), rtol=1e-5, atol=1e-5)
+    image = load_image(sorted((DATASET / "PNEUMONIA").iterdir())[0])
+    prediction = predict(model, [image])[0]
+    with GradCam(model) as cam:
+        heat = cam(image)
+    assert 0.0 <= prediction.p_pneumonia <= 1.0 and heat is not None
+    # the OOD features fit the feature budget: 2 members x 64 channels -> a 2x2 grid (512 features)
+    assert card["ood"]["features"] == 512
+
+
+def test_fine_tuning_an_ensemble_keeps_its_members(tmp_path):
+    root = tmp_path / "weights"
+    registry = Registry(root)
+    source = train_tiny(root, members=2, epochs=1)
+    version = train_tiny(root, init_from=source, epochs=1, lr=1e-12, weight_decay=0.0, members=1)
+    assert registry.card(version)["architecture"]["config"]["members"] == 2  # the source's architecture
+    parent, child = registry.load(source, torch.device("cpu")).net, registry.load(version, torch.device("cpu")).net
+    for name, weight in parent.state_dict().items():
+        if name.endswith("weight") and weight.dim() > 1:  # member k starts from the source's member k
+            torch.testing.assert_close(child.state_dict()[name], weight, rtol=0, atol=1e-6)

@@ -30,7 +30,7 @@ from .data import IMAGE_EXTENSIONS
 from .gradcam import GradCam
 from .imageio import load_image
 from .inference import predict
-from .model import PneumoniaNet, count_macs, count_parameters, fold_batchnorm, place
+from .model import PneumoniaNet, build_net, count_macs, count_parameters, fold_batchnorm, place
 from .optim import EMA, make_optimizer
 from .pipeline import _prepare_chunk, pipeline_split, score_paths
 from .registry import LoadedModel, ModelFileError, Registry, pick_device
@@ -112,7 +112,7 @@ def bench_model(registry: str, version: str, device: torch.device) -> tuple[Load
     except (ModelFileError, ValueError):
         pass
     d = TrainConfig()
-    net = place(PneumoniaNet(model_config(d)), device).eval()
+    net = place(build_net(model_config(d)), device).eval()
     card = ModelCard.from_dict({"version": "untrained", "threshold": 0.5, "preprocessing": {"image_size": d.image_size},
                                 "architecture": {"config": net.config.to_dict()}})
     return LoadedModel(net, card, device), "untrained PneumoniaNet at TrainConfig defaults (no active model)"
@@ -273,7 +273,7 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
             else:
                 os.environ["XRAY_CACHE"] = old_cache
     torch.manual_seed(cfg.seed)
-    model = place(PneumoniaNet(model_config(cfg)), device)
+    model = place(PneumoniaNet(model_config(cfg).member), device)  # one member: an ensemble trains its members one after the other
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, steps_per_epoch)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None

@@ -24,6 +24,9 @@ from .model import to_input
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
 UPSIDE_DOWN_PERCENTILE = 99.9  # of validation X-rays' upside-down scores; that check's threshold
+MAX_FEATURES = 1024  # the largest grid whose C * grid^2 features stay within this (the shipped p4s net's 64 x 4 x 4);
+# beyond it the precision matrix grows as the square (an ensemble of three 128-channel nets on 4x4: 6,144
+# features, a 280 MB file) while the training set stays at about 4,400 images to estimate it from
 DEFAULT_GRID = 4  # last-stage features pooled on a GRID x GRID grid; 1 = global pooling, 2 = versions before issue 13 (docs/ood.md)
 # Input-check limits, chosen with margin from the training X-rays (docs/ood.md, scripts/measure_ood.py).
 MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, photos 20-100
@@ -150,6 +153,18 @@ def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
 
 
+@torch.no_grad()
+def feature_channels(net: torch.nn.Module, images: torch.Tensor, device: torch.device) -> int:
+    """Channels C of the net's last-stage map, from one (1, S, S) uint8 image."""
+    net.eval()
+    return int(net.feature_map(to_input(images[:1].unsqueeze(1), device, net.config)).shape[1])
+
+
+def grid_for(channels: int) -> int:
+    """The largest grid <= DEFAULT_GRID whose ``channels * grid^2`` features fit MAX_FEATURES (at least 1)."""
+    return max([g for g in range(1, DEFAULT_GRID + 1) if channels * g * g <= MAX_FEATURES] or [1])
+
+
 def input_reason(inputs: np.ndarray, shape: tuple[int, int], colour: float) -> str:
     """Cheap checks on one image; '' when it passes.
 
@@ -197,10 +212,11 @@ def fit_for_images(net: torch.nn.Module, images: torch.Tensor, train: np.ndarray
                    device: torch.device, percentile: float = DEFAULT_PERCENTILE) -> tuple[OodStats, dict]:
     """All OOD statistics of a trained net from its (N, S, S) uint8 training set and split; with the
     card's summary (including the share of validation X-rays the feature checks flag)."""
-    train_features = features_of(net, images[train], device)
-    val_features = features_of(net, images[val], device)
-    turned = features_of(net, torch.flip(images[train], dims=(1, 2)), device)  # 180 degrees
-    stats = fit_upside_down(fit_stats(train_features, val_features, percentile), train_features, turned,
+    grid = grid_for(feature_channels(net, images[:1], device))
+    train_features = features_of(net, images[train], device, grid)
+    val_features = features_of(net, images[val], device, grid)
+    turned = features_of(net, torch.flip(images[train], dims=(1, 2)), device, grid)  # 180 degrees
+    stats = fit_upside_down(fit_stats(train_features, val_features, percentile, grid), train_features, turned,
                             val_features)
     flagged = ((stats.distances(val_features) > stats.threshold)
                | (stats.upside_down_scores(val_features) > stats.upside_down_threshold))

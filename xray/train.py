@@ -218,8 +218,6 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
 
     if cfg.members < 1:
         raise ValueError("members must be at least 1")
-    if cfg.members > 1 and cfg.init_from:
-        raise ValueError("fine-tuning starts from one version's weights: train an ensemble from scratch")
     if cfg.augment not in PRESETS:
         raise ValueError(f"augment must be one of {sorted(PRESETS)}")
     if cfg.threshold_rule not in M.THRESHOLD_RULES and not cfg.threshold_rule.startswith(("sensitivity>=",
@@ -260,6 +258,8 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
             source = registry.load(None if cfg.init_from == "active" else cfg.init_from, torch.device("cpu"))
             if source.image_size != cfg.image_size:
                 raise ValueError(f"fine-tuning needs the source model's image size {source.image_size}")
+            # fine-tuning keeps the source's architecture, its number of ensemble members included
+            cfg = replace(cfg, members=source.net.config.members)
     except (ValueError, Cancelled) as exc:
         failure = exc
     raise_together(failure, world)
@@ -313,9 +313,10 @@ def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source
     torch.manual_seed(seed)
     model_cfg = model_config(cfg).member
     model = PneumoniaNet(model_cfg)
-    if source is not None:
-        model = copy.deepcopy(source.net).float()
-        model_cfg = source.net.config
+    if source is not None:  # fine-tuning: this member starts from the source's net (or its member of the same number)
+        start = source.net.members[member] if isinstance(source.net, EnsembleNet) else source.net
+        model = copy.deepcopy(start).float()
+        model_cfg = start.config
     model = place(model, device)
     train_model = model
     if distributed:

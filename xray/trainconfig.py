@@ -34,9 +34,9 @@ class TrainConfig:
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
     normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
-    widths: tuple[int, ...] = (32, 48, 64)
+    widths: tuple[int, ...] = (32, 64, 128)
     stem: str = "patch4"  # patch4 | conv (xray.model.STEMS); stage strides follow from it (docs/experiments.md: p4s)
-    threshold_rule: str = "sensitivity>=0.97"  # max specificity with validation sensitivity >= 0.97
+    threshold_rule: str = "min-sensitivity>=0.95"  # max specificity with sensitivity >= 0.95 under every perturbation
     tta: str = "none"  # none | shift: test-time augmentation stored in the card
     init_from: str = ""  # "" = from scratch; "active" or a version id = fine-tune from it
     registry: str = ""  # registry folder; "" = weights/ or $XRAY_WEIGHTS
@@ -47,7 +47,7 @@ class TrainConfig:
     workers: int = 0  # decoding processes; 0 = automatic
     max_minutes: float = 0.0  # stop after this many minutes of training; 0 = no limit
     tag: str = ""  # appended to the version id
-    members: int = 1  # > 1: a deep ensemble of this many nets from different seeds, one version (docs/experiments.md)
+    members: int = 3  # > 1: a deep ensemble of this many nets from different seeds, one version (docs/experiments.md)
 
     @property
     def run_seed(self) -> int:
