@@ -30,7 +30,7 @@ def _isolated_cache(tmp_path_factory):
 
 
 TINY_SETTINGS = dict(epochs=3, image_size=64, batch_size=8, widths=(8, 16, 32, 64), patience=10,
-                     val_fraction=0.3, threads=1, workers=1, ema=0.0, augment="standard", members=1)
+                     val_fraction=0.3, threads=1, workers=1, ema=0.0, augment="standard", members=1, split="patients")
 
 
 def train_tiny(registry: Path, data_dir: Path = DATASET, **overrides) -> str:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 # The conv stem: its BatchNorm statistics over 4 vs 8 images differ less than the tiny patch4 stem's
 # (4 channels at 16x16), whose 3-step trajectories drift apart by more than the tolerance below.
 SETTINGS = ["--image-size", "64", "--epochs", "3", "--widths", "8,16,32,64", "--stem", "conv", "--threads", "1", "--workers", "1",
-            "--ema", "0", "--seed", "0", "--val-fraction", "0.3", "--augment", "none", "--dropout", "0"]
+            "--ema", "0", "--seed", "0", "--val-fraction", "0.3", "--augment", "none", "--dropout", "0", "--members", "1",
+            "--split", "patients"]
 
 
 def _val_losses(registry: Path) -> tuple[list[float], dict]:

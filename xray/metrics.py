@@ -147,8 +147,14 @@ def choose_threshold(y_true, p, rule: str = "youden", groups=None) -> float:
     return float((high + lower.max()) / 2) if lower.size else float(high)
 
 
-def expected_calibration_error(y_true, p, bins: int = 15) -> float:
-    """ECE with equal-width bins: mean |accuracy - confidence| weighted by bin size."""
+ECE_BINS = 10  # the bins of every ECE the product reports (issue 15 measures the hidden split with 10);
+# cards written before 2026-11-29 23:00 hold 15-bin figures
+
+
+def expected_calibration_error(y_true, p, bins: int = ECE_BINS) -> float:
+    """ECE with ``bins`` equal-width bins of p(pneumonia): the mean |observed frequency - mean
+    predicted probability| over the bins, weighted by bin size (Naeini et al., AAAI 2015; Guo et al.,
+    ICML 2017 use the same with bins of the top-class confidence)."""
     y, s = _as_arrays(y_true, p)
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)

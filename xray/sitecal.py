@@ -74,7 +74,7 @@ def _figures(labels: np.ndarray, p: np.ndarray, called: np.ndarray) -> dict:
     return {"n": int(len(labels)),
             "sensitivity": sensitivity, "sensitivity_ci": list(M.wilson_interval(tp, positives)),
             "specificity": specificity, "specificity_ci": list(M.wilson_interval(tn, negatives)),
-            "roc_auc": M.roc_auc(labels, p), "ece": M.expected_calibration_error(labels, p, bins=10)}
+            "roc_auc": M.roc_auc(labels, p), "ece": M.expected_calibration_error(labels, p)}
 
 
 def crossfit_decisions(data: SiteData, rule: str, folds: int = FOLDS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +141,7 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
                         "ece_crossfit": result.after["ece"]},
         "validation": {"split": f"the site's labelled images ({data.root}), {FOLDS}-fold cross-fitted",
                        **{k: v for k, v in M.metrics_at(data.labels, p_local, result.threshold).items()},
-                       "ece": M.expected_calibration_error(data.labels, p_local, bins=10),
+                       "ece": M.expected_calibration_error(data.labels, p_local),
                        "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_local],
                                        "label": [int(v) for v in data.labels]}},
         "site_calibration": {
