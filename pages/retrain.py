@@ -222,6 +222,10 @@ with st.form("retrain_settings"):
         stem = st.selectbox("Stem", sorted(STEMS), index=sorted(STEMS).index(DEFAULTS.stem), key="retrain_stem",
                             format_func=STEM_LABELS.get,
                             help="The network's first layer; ignored when fine-tuning (docs/scaling.md compares them).")
+        members = st.number_input("Ensemble members", 1, 8, DEFAULTS.members, key="retrain_members",
+                                  help="Nets trained from different seeds and averaged: steadier probabilities on new "
+                                       "images, at that many times the training and prediction time "
+                                       "(docs/experiments.md). Fine-tuning keeps the active model's members.")
     start = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
                                   disabled=running is not None or report is None)
 if running is not None:
@@ -236,7 +240,7 @@ if start:
         cfg = TrainConfig(data_dir=report.root, epochs=int(epochs), image_size=int(image_size),
                           batch_size=int(batch_size), lr=float(lr), val_fraction=float(val_fraction), seed=int(seed),
                           init_from="active" if start_from == FROM_ACTIVE else "", widths=parse_widths(widths),
-                          stem=stem)
+                          stem=stem, members=int(members))
         job = jobs.start_job(registry_root, cfg)
     except ValueError as exc:  # JobRefused included: another job runs, or a setting is unusable
         st.error(f"Training did not start: {exc}.", icon=":material/block:")

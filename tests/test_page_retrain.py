@@ -114,11 +114,14 @@ def test_start_tiny_training_from_the_form_and_see_it_finish(page_env):
     tiny_settings(at, epochs=2)
     assert at.selectbox(key="retrain_stem").value == "patch4"  # the CLI's default
     at.selectbox(key="retrain_stem").set_value("conv")
+    assert at.number_input(key="retrain_members").value == 3  # the CLI's default: the shipped recipe's ensemble
+    at.number_input(key="retrain_members").set_value(2)
     at = click(at, "Start training")
     job = jobs.current_job(page_env)
     assert job is not None and job.config.epochs == 2 and job.config.widths == (8, 16, 32, 64)
     assert job.config.stem == "conv" and job.record["argv"][job.record["argv"].index("--stem") + 1] == "conv"
     assert job.config.image_size == 64 and job.config.init_from == ""
+    assert job.config.members == 2 and job.record["argv"][job.record["argv"].index("--members") + 1] == "2"
     job = jobs.wait_for_job(page_env, job.id, TIMEOUT_S)
     assert job.state == jobs.SUCCEEDED, job.reason
     at = open_page()  # what anyone opening the page now sees
