@@ -155,6 +155,10 @@ class PneumoniaNet(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, C, S/16, S/16): the last stage (Grad-CAM's layer; the OOD check pools it)."""
         x = normalise(x, self.config.normalisation)  # preprocessing travels with the weights
+        return self.trunk(x)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) already normalised -> (B, C, S/16, S/16): ``feature_map`` without the normalisation."""
         return self.stages(self.stem(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,8 +250,10 @@ class EnsembleNet(nn.Module):
         return head.eval()
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) -> (B, K * C, S/16, S/16): every member's last stage."""
-        return torch.cat([m.feature_map(x) for m in self.members], dim=1)
+        """(B, 1, S, S) -> (B, K * C, S/16, S/16): every member's last stage (the members share the
+        normalisation, so it runs once)."""
+        x = normalise(x, self.config.normalisation)
+        return torch.cat([m.trunk(x) for m in self.members], dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.feature_map(x)).flatten(1)
@@ -258,7 +264,8 @@ class EnsembleNet(nn.Module):
         return torch.stack([m.classify(features[:, i * c:(i + 1) * c]) for i, m in enumerate(self.members)]).mean(dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+        x = normalise(x, self.config.normalisation)
+        return torch.stack([m.classify(m.pool(m.trunk(x)).flatten(1)) for m in self.members]).mean(dim=0)
 
 
 def build_net(config: ModelConfig) -> nn.Module:

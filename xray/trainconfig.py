@@ -34,7 +34,7 @@ class TrainConfig:
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
     normalisation: str = "standardise"  # per-image intensity normalisation: standardise | equalise
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (32, 48, 64)
     stem: str = "patch4"  # patch4 | conv (xray.model.STEMS); stage strides follow from it (docs/experiments.md: p4s)
     threshold_rule: str = "min-sensitivity>=0.95"  # max specificity with sensitivity >= 0.95 under every perturbation
     tta: str = "none"  # none | shift: test-time augmentation stored in the card
