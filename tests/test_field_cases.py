@@ -19,12 +19,9 @@ from xray.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "tests" / "fixtures" / "field-cases"
-SHIPPED = "20261129-005749"
-
-
 @pytest.fixture(scope="module")
 def shipped():
-    return Registry(ROOT / "weights").load(SHIPPED)
+    return Registry(ROOT / "weights").load()  # the active shipped version: the product as a user gets it
 
 
 def p_of(model, path, name=None) -> float:
