@@ -34,13 +34,13 @@ def png(array: np.ndarray) -> bytes:
 
 def validation_paths(card: dict, data_dir: str) -> list[Path]:
     """The model's validation images, reproduced from its card's training settings."""
-    from xray.data import patient_split, scan_dataset
+    from xray.data import SPLITS, scan_dataset
 
     cfg = TrainConfig.from_dict({**card["training"]["config"], "data_dir": data_dir})
     scan = scan_dataset(data_dir)
     if scan.fingerprint() != card["data"]["fingerprint"]:
         raise SystemExit("DATA_DIR differs from the model's training data")
-    _, val = patient_split(scan.samples, cfg.val_fraction, cfg.seed)  # no val/ part in this data set
+    _, val = SPLITS[cfg.split](scan.samples, cfg.val_fraction, cfg.seed)  # no val/ part in this data set
     return [scan.samples[i].path for i in val]
 
 

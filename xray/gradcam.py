@@ -89,7 +89,9 @@ class GradCam:
 
         _CAM_LOCK.acquire()
         try:
-            self._cam = GradCAM(model=self.model.net, target_layers=[self.model.net.target_layer])
+            net = self.model.net  # an ensemble: every member's last stage (pytorch-grad-cam averages the layers' maps)
+            layers = [m.target_layer for m in net.members] if hasattr(net, "members") else [net.target_layer]
+            self._cam = GradCAM(model=net, target_layers=layers)
         except BaseException:
             _CAM_LOCK.release()
             raise
