@@ -1,5 +1,6 @@
-"""The shipped model's behaviour is pinned: its predictions on every readable fixture and sample are the
-ones recorded before the layering refactor (tests/fixtures/shipped_predictions.json)."""
+"""The shipped models' behaviour is pinned: their predictions on every readable fixture and sample are the
+ones recorded before the layering refactor (tests/fixtures/shipped_predictions.json, the single net shipped
+then) and when the ensemble of issue 15 shipped (shipped_predictions_20261129-225647.json)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,12 @@ from xray.inference import predict
 from xray.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD = json.loads((ROOT / "tests" / "fixtures" / "shipped_predictions.json").read_text())
+RECORDS = ["shipped_predictions.json", "shipped_predictions_20261129-225647.json"]
 
 
-def test_shipped_predictions_are_unchanged(monkeypatch):
+@pytest.mark.parametrize("record", RECORDS)
+def test_shipped_predictions_are_unchanged(monkeypatch, record):
+    RECORD = json.loads((ROOT / "tests" / "fixtures" / record).read_text())
     monkeypatch.chdir(ROOT)
     model = Registry(ROOT / "weights").load(RECORD["version"])
     paths = sorted(RECORD["predictions"])
