@@ -30,15 +30,19 @@ def minutes(seconds: float | None) -> str:
 
 
 def learning_curves(history: list[dict]) -> go.Figure:
-    """Training and validation loss on the left, validation AUC and accuracy on the right, per epoch."""
-    epochs = [row["epoch"] for row in history]
+    """Training and validation loss on the left, validation AUC and accuracy on the right, per epoch;
+    one set of lines per ensemble member."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation AUC and accuracy"))
-    fig.add_scatter(x=epochs, y=[r["train_loss"] for r in history], name="training loss", mode="lines+markers", row=1, col=1)
-    fig.add_scatter(x=epochs, y=[r["val_loss"] for r in history], name="validation loss", mode="lines+markers", row=1, col=1)
-    fig.add_scatter(x=epochs, y=[r["val_auc"] for r in history], name="validation AUC", mode="lines+markers", row=1, col=2)
-    fig.add_scatter(x=epochs, y=[r["val_accuracy"] for r in history], name="validation accuracy (at 0.5)",
-                    mode="lines+markers", row=1, col=2)
-    fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None)
+    members = sorted({row.get("member", 0) for row in history})
+    for member in members:
+        rows = [r for r in history if r.get("member", 0) == member]
+        epochs = [r["epoch"] for r in rows]
+        suffix = f" (member {member + 1})" if len(members) > 1 else ""
+        for key, name, col in (("train_loss", "training loss", 1), ("val_loss", "validation loss", 1),
+                               ("val_auc", "validation AUC", 2), ("val_accuracy", "validation accuracy (at 0.5)", 2)):
+            fig.add_scatter(x=epochs, y=[r[key] for r in rows], name=name + suffix, mode="lines+markers", row=1, col=col)
+    longest = max((sum(1 for r in history if r.get("member", 0) == m) for m in members), default=0)
+    fig.update_xaxes(title_text="epoch", dtick=1 if longest <= 20 else None)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
     return fig
@@ -88,7 +92,8 @@ def job_panel(registry_root: str) -> None:
         elif progress.phase == "starting" or not progress.steps:
             st.progress(0.0, text="Starting..." if progress.phase == "starting" else "Preparing the first epoch...")
         else:
-            st.progress(progress.fraction, text=f"Epoch {progress.epoch} of {progress.epochs}, "
+            member = (f"Member {progress.member + 1} of {progress.members}: " if progress.members > 1 else "")
+            st.progress(progress.fraction, text=f"{member}Epoch {progress.epoch} of {progress.epochs}, "
                                                 f"step {progress.step} of {progress.steps} ({progress.phase})")
         elapsed, left, phase = st.columns(3)
         elapsed.metric("Elapsed", minutes(progress.elapsed_s))

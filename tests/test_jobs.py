@@ -234,6 +234,31 @@ def test_summarize_progress_and_eta_by_hand():
     assert done.phase == "finished" and done.fraction == 1.0 and done.eta_s is None
 
 
+def test_summarize_an_ensemble_member_by_member():
+    def step(member, epoch, step, t, eta):
+        return {"event": "step", "epoch": epoch, "step": step, "steps": 4, "loss": 0.5, "time": t, "epoch_eta_s": eta,
+                "member": member, "members": 3}
+
+    def epoch(member, n, seconds):
+        return {"event": "epoch", "epoch": n, "epochs": 4, "train_loss": 0.6, "val_loss": 0.5, "val_auc": 0.8,
+                "val_accuracy": 0.7, "seconds": seconds, "time": 0, "member": member, "members": 3}
+
+    record = {"started": 100.0, "config": {"epochs": 4, "members": 3}}
+    # member 1 stops early after 2 of 4 epochs; member 2 has done 1 of the 4 steps of its first epoch
+    events = [{"event": "data", "time": 101}, step(0, 1, 1, 102, 10), epoch(0, 1, 20), epoch(0, 2, 20),
+              {"event": "early_stop", "epoch": 2, "best_epoch": 1, "member": 0, "members": 3, "time": 150},
+              step(1, 1, 1, 160, 10)]
+    p = jobs.summarize(events, record, now=170.0)
+    assert p.phase == "training" and (p.member, p.members, p.epoch, p.step) == (1, 3, 1, 1)
+    assert p.fraction == pytest.approx((1 + (0 + 1 / 4) / 4) / 3)  # member 2's first epoch, a quarter done
+    # rest of this epoch, 3 more epochs of this member, then at most 4 epochs of member 3, at 20 s each
+    assert p.eta_s == pytest.approx(10 + (4 - 1 + 4) * 20)
+    assert [r["member"] for r in p.history] == [0, 0]
+    # the last member's early stop means saving comes next
+    last = events + [step(2, 1, 1, 200, 5), {"event": "early_stop", "epoch": 1, "member": 2, "members": 3, "time": 210}]
+    assert jobs.summarize(last, record, now=211.0).phase == "saving"
+
+
 def test_recent_folders_newest_first_without_repeats(tmp_path):
     for folder in ["/a", "/b", "/a"] + [f"/f{i}" for i in range(10)]:
         jobs.remember_folder(tmp_path, folder)

@@ -403,15 +403,17 @@ class Progress:
     """A running or finished job in the words the page shows."""
 
     phase: str  # starting | reading images | training | saving | finished
+    member: int = 0  # the ensemble member being trained, from 0
+    members: int = 1
     epoch: int = 0
     epochs: int = 0
     step: int = 0
     steps: int = 0
-    fraction: float = 0.0  # of the planned epochs (early stopping may end sooner)
+    fraction: float = 0.0  # of the planned epochs of all members (early stopping may end sooner)
     elapsed_s: float = 0.0
     eta_s: float | None = None
     decoded: tuple[int, int] = (0, 0)
-    history: list[dict] = field(default_factory=list)  # one row per epoch: train_loss, val_loss, val_auc, ...
+    history: list[dict] = field(default_factory=list)  # one row per epoch: member, epoch, train_loss, val_loss, val_auc, ...
     data: dict = field(default_factory=dict)  # the "data" event: train/val sizes and the split used
     unreadable: list = field(default_factory=list)
     stopped_early: bool = False
@@ -420,8 +422,9 @@ class Progress:
 def summarize(events: list[dict], record: dict, now: float | None = None) -> Progress:
     """Fold the event stream into the progress the page and the CLI show."""
     started = record.get("started") or (events[0]["time"] if events else time.time())
-    p = Progress(phase="starting", epochs=int(record.get("config", {}).get("epochs", 0)))
-    epoch_first_step_time: dict[int, float] = {}
+    config = record.get("config", {})
+    p = Progress(phase="starting", epochs=int(config.get("epochs", 0)), members=int(config.get("members", 1) or 1))
+    epoch_first_step_time: dict[tuple[int, int], float] = {}
     last_step: dict | None = None
     for e in events:
         kind = e.get("event")
@@ -436,22 +439,27 @@ def summarize(events: list[dict], record: dict, now: float | None = None) -> Pro
             p.phase = "training"
         elif kind == E.STEP:
             p.phase, last_step = "training", e
+            p.member, p.members = e.get("member", 0), e.get("members", p.members)
             p.epoch, p.step, p.steps = e["epoch"], e["step"], e["steps"]
-            epoch_first_step_time.setdefault(e["epoch"], e["time"])
+            epoch_first_step_time.setdefault((p.member, e["epoch"]), e["time"])
         elif kind == E.EPOCH:
-            p.history.append({k: e[k] for k in ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "seconds")})
+            p.history.append({"member": e.get("member", 0),
+                              **{k: e[k] for k in ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "seconds")}})
             p.epochs = e.get("epochs", p.epochs)
         elif kind in E.STOPPING:
             p.stopped_early = True
-            p.phase = "saving"
+            if e.get("member", 0) + 1 >= e.get("members", p.members):  # the last member: what follows is saving
+                p.phase = "saving"
         elif kind in E.TERMINAL:
             p.phase = "finished"
-    completed = len(p.history)
-    in_epoch = last_step is not None and last_step["epoch"] > (p.history[-1]["epoch"] if p.history else 0)
+    mine = [r for r in p.history if r["member"] == p.member]  # the current member's finished epochs
+    completed = len(mine)
+    in_epoch = last_step is not None and last_step["epoch"] > (mine[-1]["epoch"] if mine else 0)
     if p.epochs:
         within = p.step / p.steps if in_epoch and p.steps else 0.0
-        p.fraction = min(1.0, (completed + within) / p.epochs)
-    if p.phase == "training" and completed and not in_epoch and completed >= p.epochs:
+        p.fraction = min(1.0, (p.member + min(1.0, (completed + within) / p.epochs)) / p.members)
+    if (p.phase == "training" and completed and not in_epoch and completed >= p.epochs
+            and p.member + 1 >= p.members):
         p.phase = "saving"
     if events and events[-1].get("event") == E.DONE:
         p.fraction = 1.0
@@ -461,9 +469,10 @@ def summarize(events: list[dict], record: dict, now: float | None = None) -> Pro
         if p.history:
             per_epoch = sum(r["seconds"] for r in p.history) / len(p.history)
         else:
-            per_epoch = (last_step["time"] - epoch_first_step_time[p.epoch]) + last_step["epoch_eta_s"]
+            per_epoch = (last_step["time"] - epoch_first_step_time[(p.member, p.epoch)]) + last_step["epoch_eta_s"]
         remaining_in_epoch = last_step["epoch_eta_s"] if in_epoch else 0.0
-        p.eta_s = remaining_in_epoch + (p.epochs - max(completed, p.epoch)) * per_epoch
+        later_members = (p.members - p.member - 1) * p.epochs  # each may stop early: an upper bound
+        p.eta_s = remaining_in_epoch + (p.epochs - max(completed, p.epoch) + later_members) * per_epoch
     return p
 
 
@@ -475,10 +484,11 @@ def describe(job: Job) -> str:
              f"  started: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job.record['started']))}"
              f"  elapsed: {p.elapsed_s / 60:.1f} min"]
     if job.running:
-        lines.append(f"  {p.phase}: epoch {p.epoch}/{p.epochs}, step {p.step}/{p.steps}"
+        lines.append(f"  {p.phase}: " + (f"member {p.member + 1}/{p.members}, " if p.members > 1 else "")
+                     + f"epoch {p.epoch}/{p.epochs}, step {p.step}/{p.steps}"
                      + (f", about {p.eta_s / 60:.1f} min left" if p.eta_s is not None else ""))
     for row in p.history[-3:]:
-        lines.append(f"  epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+        lines.append(f"  {'member ' + str(row['member'] + 1) + ' ' if p.members > 1 else ''}epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                      f"val AUC {row['val_auc']:.4f}, val acc {row['val_accuracy']:.4f}")
     lines.append(f"  events: {job.events_path}\n  output: {job.log_path}")
     return "\n".join(lines)

@@ -305,6 +305,11 @@ def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source
                 started: float) -> tuple[PneumoniaNet, int, list]:
     """Train one net (one member of an ensemble) from ``seed``; returns (best net, best epoch, history).
     Checkpoints go to ``run_dir`` after every epoch (``--resume`` continues from there)."""
+    parent_emit = emit
+
+    def emit(event: dict) -> None:  # every event of this member says which member it is (the progress view)
+        parent_emit({**event, "member": member, "members": cfg.members})
+
     distributed = world > 1
     images = torch.from_numpy(splits.images)
     labels = torch.from_numpy(splits.labels)
@@ -386,8 +391,7 @@ def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}}
         remaining = (cfg.epochs - epoch) * (train_seconds / (epoch - start_epoch + 1))
-        emit({"event": E.EPOCH, **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs,
-              "member": member, "members": cfg.members})
+        emit({"event": E.EPOCH, **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs})
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
