@@ -9,6 +9,14 @@ model = require_model()
 card = model.card  # xray.card.ModelCard: typed, validated when the version was loaded
 validation = card.validation
 
+def network_phrase(members: int) -> str:
+    """How the page names the network: one CNN, or a deep ensemble of several averaged in logit space."""
+    if members > 1:
+        return (f"A deep ensemble of {members} convolutional networks (each from its own random start; their "
+                "outputs averaged)")
+    return "A convolutional network"
+
+
 st.title("About this model")
 st.info("This assistant estimates the probability of pneumonia on a chest radiograph and shows where the "
         "model looked. **It assists a clinician and does not diagnose**: every decision stays with the "
@@ -17,7 +25,7 @@ st.info("This assistant estimates the probability of pneumonia on a chest radiog
 st.header("What it is")
 st.markdown(
     f"- Model version **{model.version}**, created {card.created or 'unknown'}\n"
-    f"- A convolutional network trained from scratch on one-channel radiographs, "
+    f"- {network_phrase(model.net.config.members)} trained from scratch on one-channel radiographs, "
     f"{card.parameters or 0:,} parameters, input {card.image_size} x {card.image_size} pixels\n"
     f"- Heatmaps (Grad-CAM) show which regions of the image raised the probability most\n"
     f"- Default operating threshold **{model.threshold:.6f}** (rule: {card.threshold_rule})\n"
@@ -73,5 +81,7 @@ st.markdown(f"- {data.train_images if data.train_images is not None else '?'} im
             f"- Data fingerprint `{data.fingerprint or 'not recorded'}`")
 training = card.training
 if training.command:
-    st.caption(f"Trained for {training.epochs_run or '?'} epochs (best {training.best_epoch or '?'}) "
+    best = training.best_epoch
+    best = ", ".join(map(str, best)) + " for its members" if isinstance(best, (list, tuple)) else (best or "?")
+    st.caption(f"Trained for {training.epochs_run or '?'} epochs in all (best {best}) "
                f"in {training.seconds if training.seconds is not None else '?'} s; recipe: `{training.recipe}`")

@@ -57,3 +57,16 @@ def test_about_without_a_model_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("XRAY_WEIGHTS", str(tmp_path / "nothing-here"))
     at = about_page()
     assert "No model is available" in at.error[0].value
+
+
+def test_about_names_the_shipped_ensemble(monkeypatch, tmp_path):
+    monkeypatch.setenv("XRAY_WEIGHTS", str(ROOT / "weights"))
+    monkeypatch.setenv("XRAY_AUDIT_LOG", "off")
+    monkeypatch.setenv("XRAY_DATA", str(tmp_path / "data"))
+    card = Registry(ROOT / "weights").card(Registry(ROOT / "weights").active_version())
+    members = card["architecture"]["config"].get("members", 1)
+    text = text_of(about_page())
+    assert members == 3  # the shipped model of issue 15 is a deep ensemble of three nets
+    assert "A deep ensemble of 3 convolutional networks" in text
+    assert ", ".join(map(str, card["training"]["best_epoch"])) + " for its members" in text
+    assert f"{card['architecture']['parameters']:,} parameters" in text
