@@ -96,11 +96,12 @@ def test_id_range_split_holds_out_both_ends_of_each_batch():
     train, val = id_range_split(samples, 0.2, 0)
     assert sorted(train + val) == list(range(len(samples)))
     assert not {samples[i].patient for i in train} & {samples[i].patient for i in val}
+    def numbers(side, prefix):
+        return sorted({acquisition_batch(samples[i].patient)[1] for i in side
+                       if acquisition_batch(samples[i].patient)[0] == prefix})
+
     for prefix in ("im-", "normal2-im-", "person"):
-        def numbers(side):
-            return sorted({acquisition_batch(samples[i].patient)[1] for i in side
-                           if acquisition_batch(samples[i].patient)[0] == prefix})
-        held, kept = numbers(val), numbers(train)
+        held, kept = numbers(val, prefix), numbers(train, prefix)
         assert held and kept
         # every held-out patient lies before or after every training patient of its batch, and both ends are used
         assert all(n < min(kept) or n > max(kept) for n in held)
