@@ -33,15 +33,16 @@ def learning_curves(history: list[dict]) -> go.Figure:
     """Training and validation loss on the left, validation AUC and accuracy on the right, per epoch;
     one set of lines per ensemble member."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation AUC and accuracy"))
-    members = sorted({row.get("member", 0) for row in history})
-    for member in members:
-        rows = [r for r in history if r.get("member", 0) == member]
+    by_member: dict[int, list[dict]] = {}
+    for row in history:
+        by_member.setdefault(row.get("member", 0), []).append(row)
+    for member, rows in sorted(by_member.items()):
         epochs = [r["epoch"] for r in rows]
-        suffix = f" (member {member + 1})" if len(members) > 1 else ""
+        suffix = f" (member {member + 1})" if len(by_member) > 1 else ""
         for key, name, col in (("train_loss", "training loss", 1), ("val_loss", "validation loss", 1),
                                ("val_auc", "validation AUC", 2), ("val_accuracy", "validation accuracy (at 0.5)", 2)):
             fig.add_scatter(x=epochs, y=[r[key] for r in rows], name=name + suffix, mode="lines+markers", row=1, col=col)
-    longest = max((sum(1 for r in history if r.get("member", 0) == m) for m in members), default=0)
+    longest = max((len(rows) for rows in by_member.values()), default=0)
     fig.update_xaxes(title_text="epoch", dtick=1 if longest <= 20 else None)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))

@@ -115,7 +115,7 @@ def bench_model(registry: str, version: str, device: torch.device) -> tuple[Load
     net = place(build_net(model_config(d)), device).eval()
     card = ModelCard.from_dict({"version": "untrained", "threshold": 0.5, "preprocessing": {"image_size": d.image_size},
                                 "architecture": {"config": net.config.to_dict()}})
-    return LoadedModel(net, card, device), "untrained PneumoniaNet at TrainConfig defaults (no active model)"
+    return LoadedModel(net, card, device), "untrained net at TrainConfig defaults (no active model)"
 
 
 def forward_rates(model: LoadedModel, batch: int, repeats: int, compile_: bool) -> dict:

@@ -35,9 +35,15 @@ def fit_band(calibrated_logits: Callable[[torch.Tensor], np.ndarray], inputs: to
         ``{"below": rise, "above": fall, "percentile", "n", "method"}``, offsets in log-odds (>= 0).
     """
     x = inputs.float()
-    base = calibrated_logits(x)
-    moves = np.stack([calibrated_logits(fn(x).clamp(0, 255).round()) - base for fn in PERTURBATIONS.values()])
+    return band_from_logits(np.stack([calibrated_logits(x)] + [calibrated_logits(fn(x).clamp(0, 255).round())
+                                                               for fn in PERTURBATIONS.values()]), percentile)
+
+
+def band_from_logits(conditions: np.ndarray, percentile: float = PERCENTILE) -> dict:
+    """``fit_band`` from logits already computed: (1 + P, N) calibrated log-odds of N validation images
+    as they are (row 0) and under each of the P perturbations of ``augment.PERTURBATIONS`` (rows 1..P)."""
+    moves = conditions[1:] - conditions[0]
     rise = float(np.percentile(np.maximum(moves.max(axis=0), 0.0), percentile))
     fall = float(np.percentile(np.maximum(-moves.min(axis=0), 0.0), percentile))
-    return {"below": round(rise, 4), "above": round(fall, 4), "percentile": percentile, "n": int(len(base)),
+    return {"below": round(rise, 4), "above": round(fall, 4), "percentile": percentile, "n": int(conditions.shape[1]),
             "method": METHOD}

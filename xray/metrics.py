@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 THRESHOLD_RULES = ("youden", "sensitivity>=0.95", "min-sensitivity>=0.95", "balanced-accuracy")
+FLOOR_RULES = ("sensitivity>=", "specificity>=", "min-sensitivity>=")  # followed by any floor, e.g. 0.97
+
+
+def is_threshold_rule(rule: str) -> bool:
+    """Whether ``choose_threshold`` knows ``rule``."""
+    return rule in THRESHOLD_RULES or rule.startswith(FLOOR_RULES)
 
 
 def _as_arrays(y_true, p) -> tuple[np.ndarray, np.ndarray]:

@@ -153,13 +153,6 @@ def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
 
 
-@torch.no_grad()
-def feature_channels(net: torch.nn.Module, images: torch.Tensor, device: torch.device) -> int:
-    """Channels C of the net's last-stage map, from one (1, S, S) uint8 image."""
-    net.eval()
-    return int(net.feature_map(to_input(images[:1].unsqueeze(1), device, net.config)).shape[1])
-
-
 def grid_for(channels: int) -> int:
     """The largest grid <= DEFAULT_GRID whose ``channels * grid^2`` features fit MAX_FEATURES (at least 1)."""
     return max([g for g in range(1, DEFAULT_GRID + 1) if channels * g * g <= MAX_FEATURES] or [1])
@@ -212,7 +205,7 @@ def fit_for_images(net: torch.nn.Module, images: torch.Tensor, train: np.ndarray
                    device: torch.device, percentile: float = DEFAULT_PERCENTILE) -> tuple[OodStats, dict]:
     """All OOD statistics of a trained net from its (N, S, S) uint8 training set and split; with the
     card's summary (including the share of validation X-rays the feature checks flag)."""
-    grid = grid_for(feature_channels(net, images[:1], device))
+    grid = grid_for(net.config.widths[-1] * net.config.members)  # the last stage's channels, every member's
     train_features = features_of(net, images[train], device, grid)
     val_features = features_of(net, images[val], device, grid)
     turned = features_of(net, torch.flip(images[train], dims=(1, 2)), device, grid)  # 180 degrees

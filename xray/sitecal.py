@@ -112,7 +112,7 @@ class Recalibration:
 def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> Recalibration:
     """Fit the new calibration and threshold on all local images; figures before and (cross-validated) after."""
     rule = rule or model.card.threshold_rule
-    if rule not in M.THRESHOLD_RULES and not rule.startswith(("sensitivity>=", "specificity>=", "min-sensitivity>=")):
+    if not M.is_threshold_rule(rule):
         raise ValueError(f"unknown threshold rule {rule!r}")
     p_before = C.apply(data.logits, *model.calibration)
     before = {**_figures(data.labels, p_before, p_before >= model.threshold), "threshold": model.threshold}

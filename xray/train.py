@@ -220,9 +220,8 @@ def main(cfg: TrainConfig, callbacks: list[Callback] | None = None,
         raise ValueError("members must be at least 1")
     if cfg.augment not in PRESETS:
         raise ValueError(f"augment must be one of {sorted(PRESETS)}")
-    if cfg.threshold_rule not in M.THRESHOLD_RULES and not cfg.threshold_rule.startswith(("sensitivity>=",
-                                                                                         "min-sensitivity>=")):
-        raise ValueError(f"threshold_rule must be one of {M.THRESHOLD_RULES}")
+    if not M.is_threshold_rule(cfg.threshold_rule):
+        raise ValueError(f"threshold_rule must be one of {M.THRESHOLD_RULES} (any floor after >=)")
     device = pick_device()
     if distributed:
         import torch.distributed as dist
@@ -426,17 +425,19 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     """Calibrate, choose the threshold, build the card (``xray.card.build``), save the version (inactive)."""
     images = torch.from_numpy(splits.images)
     y_val = splits.labels[splits.val]
-    val_logits = predict_logits(net, images, splits.val, device, tta=cfg.tta)
-    fit_logits, fit_labels = val_logits, y_val
-    if cfg.calibrate_on == "perturbed":  # the operating point has to hold when the exposure changes
-        fit_logits, fit_labels = perturbed_logits(net, images[splits.val], device, cfg.tta), np.tile(y_val, 1 + len(PERTURBATIONS))
-    elif cfg.calibrate_on != "clean":
+    # (1 + P, N) logits: the validation images as they are, then under each acquisition perturbation; the
+    # calibration set (all rows, or row 0 alone) and the borderline band both read them
+    all_logits = perturbed_logits(net, images[splits.val], device, cfg.tta)
+    val_logits = all_logits[0]
+    if cfg.calibrate_on not in ("perturbed", "clean"):
         raise ValueError(f"unknown calibrate_on {cfg.calibrate_on!r}; perturbed or clean")
+    fitted = all_logits if cfg.calibrate_on == "perturbed" else all_logits[:1]  # the operating point has to hold
+    fit_logits, fit_labels = fitted.ravel(), np.tile(y_val, len(fitted))         # when the exposure changes
     scale, bias = C.fit_platt(fit_logits, fit_labels)
     p_val = C.apply(val_logits, scale, bias)
-    conditions = np.repeat(np.arange(len(fit_labels) // len(y_val)), len(y_val))  # 0 = as they are, then each perturbation
+    conditions = np.repeat(np.arange(len(fitted)), len(y_val))  # 0 = as they are, then each perturbation
     threshold = M.choose_threshold(fit_labels, C.apply(fit_logits, scale, bias), cfg.threshold_rule, conditions)
-    band = fit_borderline(net, images[splits.val], scale, bias, device, cfg.tta)
+    band = borderline.band_from_logits(scale * all_logits.astype(np.float64) + bias)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
         ood_stats, ood_summary = O.fit_for_images(net, images, splits.train, splits.val, device)
@@ -484,24 +485,21 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
 
 def perturbed_logits(net: torch.nn.Module, val_images: torch.Tensor, device: torch.device,
                      tta: str = "none") -> np.ndarray:
-    """(N, S, S) uint8 validation images -> ((1 + P) * N,) logits: the images as they are, then under each
-    of the P acquisition perturbations of ``xray.augment.PERTURBATIONS`` (the robustness checks' set)."""
+    """(N, S, S) uint8 validation images -> (1 + P, N) raw logits: the images as they are (row 0), then
+    under each of the P acquisition perturbations of ``xray.augment.PERTURBATIONS`` (the robustness
+    checks' set, rounded back to grey levels)."""
     x = val_images.unsqueeze(1).float()
     out = [predict_logits(net, val_images, np.arange(len(val_images)), device, tta=tta)]
     for fn in PERTURBATIONS.values():
         y = fn(x).clamp(0, 255).round().to(torch.uint8)[:, 0]
         out.append(predict_logits(net, y, np.arange(len(y)), device, tta=tta))
-    return np.concatenate(out)
+    return np.stack(out)
 
 
 def fit_borderline(net: PneumoniaNet, val_images: torch.Tensor, scale: float, bias: float, device: torch.device,
                    tta: str = "none") -> dict:
     """The card's borderline band (``xray.borderline``) from (N, S, S) uint8 validation images."""
-    def calibrated_logits(x: torch.Tensor) -> np.ndarray:  # (N, 1, S, S) float -> (N,) log-odds
-        logits = predict_logits(net, x[:, 0], np.arange(len(x)), device, tta=tta)
-        return scale * logits.astype(np.float64) + bias
-
-    return borderline.fit_band(calibrated_logits, val_images.unsqueeze(1))
+    return borderline.band_from_logits(scale * perturbed_logits(net, val_images, device, tta).astype(np.float64) + bias)
 
 
 # -- OOD statistics for an existing version ----------------------------------------------------------
