@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_app.py [--registry weights] [--image samples/NORMAL/x.jpeg] [--threads 2]
 
-1. Result with heatmap: uploaded bytes -> ``xray.analysis.analyse`` (decode, predict) -> Grad-CAM at
+1. Result with heatmap: uploaded bytes -> ``xray.serve.analysis.analyse`` (decode, predict) -> Grad-CAM at
    display size -> overlay (JPEG for the screen): everything the page computes before it can show
    one new image. Median of ``--runs`` after a warm-up.
 2. Cold start: a fresh interpreter until AppTest has finished the first run of app.py (imports,
@@ -38,8 +38,8 @@ print(time.perf_counter() - t0)
 IMPORT_AND_LOAD = """
 import time
 t0 = time.perf_counter()
-import streamlit, torch, xray.analysis, xray.gradcam
-from xray.registry import Registry
+import streamlit, torch, xray.serve.analysis, xray.serve.hirescam
+from xray.model.registry import Registry
 Registry().load_with_fallback()
 print(time.perf_counter() - t0)
 """
@@ -47,8 +47,8 @@ print(time.perf_counter() - t0)
 
 def tiny_registry(root: Path) -> None:
     """The fixture-trained tiny model the tests use (same settings as tests/conftest.py TINY_SETTINGS)."""
-    from xray.registry import Registry
-    from xray.train import TrainConfig, main
+    from xray.model.registry import Registry
+    from xray.train.loop import TrainConfig, main
 
     cfg = TrainConfig(data_dir=str(ROOT / "tests" / "fixtures" / "dataset"), registry=str(root),
                       run_dir=str(root / "runs" / "tiny"), epochs=3, image_size=64, batch_size=8,
@@ -73,8 +73,8 @@ def main() -> None:
 
     import torch
 
-    from xray import analysis
-    from xray.registry import Registry
+    from xray.serve import analysis
+    from xray.model.registry import Registry
 
     torch.set_num_threads(args.threads)
     registry = Registry(args.registry or None)

@@ -1,7 +1,7 @@
 """Decode cost of each compressed DICOM transfer syntax on a 2-3 megapixel radiograph: figures for the
 README ("Files a hospital exports"). Builds the encoded files in a temporary folder from a real JPEG
 Lossless CR (tests/fixtures/field-cases/jpeg-lossless/RG2_JPLL.dcm, 2140x1760, 10-bit), times
-``xray.imageio.load_image`` (pydicom with its pylibjpeg plugins) on each, and, when python-gdcm is
+``xray.io.loader.load_image`` (pydicom with its pylibjpeg plugins) on each, and, when python-gdcm is
 installed, pydicom's GDCM plugin on the same files for comparison.
 
 Usage: python benchmarks/dicom_decode.py [--repeats 5]
@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xray.imageio import load_image  # noqa: E402
+from xray.io.loader import load_image  # noqa: E402
 
 SOURCE = ROOT / "tests" / "fixtures" / "field-cases" / "jpeg-lossless" / "RG2_JPLL.dcm"
 

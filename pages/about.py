@@ -6,7 +6,7 @@ import streamlit as st
 from pages.common import require_model
 
 model = require_model()
-card = model.card  # xray.card.ModelCard: typed, validated when the version was loaded
+card = model.card  # xray.model.card.ModelCard: typed, validated when the version was loaded
 validation = card.validation
 
 def network_phrase(members: int) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from xray.audit import AuditTrail
-from xray.registry import LoadedModel, ModelFileError, Registry
+from xray.govern.audit import AuditTrail
+from xray.model.registry import LoadedModel, ModelFileError, Registry
 
 # The one owner of the operating threshold in the app: a plain session value, set from the card and
 # changed only by the threshold widgets' callbacks. Everything shown, logged or exported reads it.
@@ -19,7 +19,7 @@ APP_NAVIGATION_KEY = "app_navigation"  # set by app.py: this session has its nav
 PRESET_RULES = {"High sensitivity": "sensitivity>=0.99",  # find at least 99% of validation pneumonia
                 "High specificity": "specificity>=0.98"}  # call at most 2% of validation normals pneumonia
 PRESET_MIN_GAP = 0.02  # presets closer than this to another are not offered: they are the same choice
-AUDIT_KEY = "audit_trail"  # this session's xray.audit.AuditTrail
+AUDIT_KEY = "audit_trail"  # this session's xray.govern.audit.AuditTrail
 RETURN_TO_KEY = "app_return_to"  # the page a visit in legacy mode asked for (see ensure_app_navigation)
 
 
@@ -110,7 +110,7 @@ def set_threshold(value: float) -> None:
 
 
 def validation_predictions(model: LoadedModel) -> tuple[list[int], list[float]] | None:
-    """(labels, p_pneumonia) stored in the card (parsed once, ``xray.card.Validation``), or None."""
+    """(labels, p_pneumonia) stored in the card (parsed once, ``xray.model.card.Validation``), or None."""
     validation = model.card.validation
     if validation.labels is None:
         return None

@@ -21,15 +21,17 @@ from pages.common import (
     set_threshold,
     validation_predictions,
 )
-from xray import analysis, metrics, report
-from xray.audit import record_event
-from xray.decision import BORDERLINE, PNEUMONIA, band_limits
-from xray.gradcam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
-from xray.gradcam import legend as heatmap_legend
-from xray.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, WHAT_TO_DO
-from xray.imageio import DICOM_DISPLAY_FIELDS
-from xray.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
-from xray.registry import LoadedModel, Registry, sha256_bytes
+from xray.serve import analysis
+from xray.decide import metrics
+from xray.report import writers as report
+from xray.govern.audit import record_event
+from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
+from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
+from xray.serve.hirescam import legend as heatmap_legend
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, WHAT_TO_DO
+from xray.io.loader import DICOM_DISPLAY_FIELDS
+from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
+from xray.model.registry import LoadedModel, Registry, sha256_bytes
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 SLIDER_KEY = "diagnose_threshold"  # mirrors pages.common.THRESHOLD_KEY

@@ -9,9 +9,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages.common import ensure_app_navigation
-from xray import governance, jobs, metrics, sitecal
-from xray.card import ModelCard
-from xray.registry import ModelFileError, Registry
+from xray.govern import promotion
+from xray.train import jobs
+from xray.decide import metrics
+from xray.govern import sitecal
+from xray.model.card import ModelCard
+from xray.model.registry import ModelFileError, Registry
 
 MESSAGE_KEY = "models_message"  # what the last button did, shown after the rerun it causes
 SELECTED_KEY = "models_selected"
@@ -69,10 +72,10 @@ def activate(version: str, force: bool = False) -> None:
     """Activate through the promotion gate; with ``force``, the typed override reason is recorded."""
     reason = st.session_state.get(OVERRIDE_REASON_KEY, "")
     try:
-        governance.promote(Registry(), version, force=force, reason=reason)
+        promotion.promote(Registry(), version, force=force, reason=reason)
         note = f" (override recorded: {reason})" if force else ""
         st.session_state[MESSAGE_KEY] = ("success", f"Model {version} is now active: the Diagnose page uses it{note}.")
-    except governance.PromotionRefused as exc:
+    except promotion.PromotionRefused as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}")
     except (ModelFileError, ValueError) as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}.")
@@ -157,7 +160,7 @@ st.dataframe([{"": label, **{name: columns[name][label] for name in names}} for 
              hide_index=True, height=(len(columns[names[0]]) + 1) * 35 + 3)
 
 st.subheader("Promotion gate")
-result = governance.gate(registry, selected) if selected != active else None
+result = promotion.gate(registry, selected) if selected != active else None
 if result is not None:
     rows = [{"figure": name, selected: str(figure), f"{active} (active)": str(result.active_figures.get(name, "-"))}
             for name, figure in result.figures.items()]
@@ -166,9 +169,9 @@ if result is not None:
     if not result.same_acceptance_set and result.active_version:
         st.caption("The two versions were validated on different images: each figure is on its own version's set.")
     if result.passed:
-        st.success(f"{selected} passes the promotion gate (at least {governance.MIN_ACCEPTANCE_IMAGES} acceptance "
-                   f"images, {governance.MIN_PER_CLASS} per class; sensitivity within "
-                   f"{governance.SENSITIVITY_MARGIN:.2f} and AUC within {governance.AUC_MARGIN:.2f} of the active "
+        st.success(f"{selected} passes the promotion gate (at least {promotion.MIN_ACCEPTANCE_IMAGES} acceptance "
+                   f"images, {promotion.MIN_PER_CLASS} per class; sensitivity within "
+                   f"{promotion.SENSITIVITY_MARGIN:.2f} and AUC within {promotion.AUC_MARGIN:.2f} of the active "
                    "version).", icon=":material/verified:")
     else:
         st.error(f"{selected} does not pass the promotion gate: " + "; ".join(result.reasons) + ".",

@@ -9,10 +9,11 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from pages.common import ensure_app_navigation
-from xray import governance, jobs
-from xray.model import STEMS
-from xray.registry import Registry
-from xray.trainconfig import TrainConfig
+from xray.govern import promotion
+from xray.train import jobs
+from xray.model.net import STEMS
+from xray.model.registry import Registry
+from xray.train.config import TrainConfig
 
 DEFAULTS = TrainConfig()  # the same defaults as `python -m xray train`
 FOLDER_KEY = "retrain_folder"
@@ -54,7 +55,7 @@ def show_outcome(job: jobs.Job) -> None:
     if job.state == jobs.SUCCEEDED:
         card = Registry(job.record["registry"]).card(job.version)
         registry = Registry(job.record["registry"])
-        gate = governance.gate(registry, job.version)
+        gate = promotion.gate(registry, job.version)
         figures = "; ".join(f"{name.replace('_', ' ')} {figure}" for name, figure in gate.figures.items())
         text = (f"Training finished: new version **{job.version}** (threshold {card.threshold:.6f}; {figures or 'no validation figures'}). ")
         if gate.passed:

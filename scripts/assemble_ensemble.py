@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xray.registry import Registry  # noqa: E402
-from xray.train import assemble_ensemble, load_data, register  # noqa: E402
-from xray.trainconfig import TrainConfig  # noqa: E402
+from xray.model.registry import Registry  # noqa: E402
+from xray.train.loop import assemble_ensemble, load_data, register  # noqa: E402
+from xray.train.config import TrainConfig  # noqa: E402
 
 
 def main() -> int:

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xray import metrics as M  # noqa: E402
-from xray.data import id_range_split, scan_dataset  # noqa: E402
+from xray.decide import metrics as M  # noqa: E402
+from xray.io.folders import id_range_split, scan_dataset  # noqa: E402
 
 HELD_OUT = "NORMAL2-"
 

@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xray.registry import Registry  # noqa: E402
-from xray.train import fit_borderline, load_data  # noqa: E402
-from xray.trainconfig import TrainConfig  # noqa: E402
+from xray.model.registry import Registry  # noqa: E402
+from xray.train.loop import fit_borderline, load_data  # noqa: E402
+from xray.train.config import TrainConfig  # noqa: E402
 
 
 def main(data_dir: str, version: str) -> int:

@@ -4,7 +4,7 @@ For each validation pneumonia image of a version, the 8x8 cells of the model inp
 heatmap; deletion replaces the top cells, one at a time, with a blurred copy of the image and records
 p(pneumonia) (area under that curve: lower = the map found what the model used); insertion starts from
 the blurred image and puts the top cells back (area: higher = better). Compared: Grad-CAM
-(pytorch-grad-cam, the app's map before) and HiResCAM (xray.gradcam.evidence_map, the app's map now),
+(pytorch-grad-cam, the app's map before) and HiResCAM (xray.serve.hirescam.evidence_map, the app's map now),
 with a random ranking as the floor.
 
 Usage: python scripts/heatmap_faithfulness.py DATA_DIR [--registry weights] [--model VERSION] [--n 200]
@@ -22,11 +22,11 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xray.gradcam import GradCam, evidence_map  # noqa: E402
-from xray.inference import predict  # noqa: E402
-from xray.registry import Registry  # noqa: E402
-from xray.train import load_data  # noqa: E402
-from xray.trainconfig import TrainConfig  # noqa: E402
+from xray.serve.hirescam import GradCam, evidence_map  # noqa: E402
+from xray.serve.inference import predict  # noqa: E402
+from xray.model.registry import Registry  # noqa: E402
+from xray.train.loop import load_data  # noqa: E402
+from xray.train.config import TrainConfig  # noqa: E402
 
 
 def cell_ranking(cell_scores: np.ndarray) -> np.ndarray:

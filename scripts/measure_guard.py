@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import measure_ood as MO  # noqa: E402
-from xray.imageio import load_image  # noqa: E402
-from xray.inference import predict  # noqa: E402
-from xray.registry import Registry  # noqa: E402
+from xray.io.loader import load_image  # noqa: E402
+from xray.serve.inference import predict  # noqa: E402
+from xray.model.registry import Registry  # noqa: E402
 
 
 def outcomes(model, sources) -> list[tuple[str, str]]:

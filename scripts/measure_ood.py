@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from xray import ood as O  # noqa: E402
-from xray.imageio import load_image  # noqa: E402
-from xray.inference import model_inputs, predict  # noqa: E402
-from xray.registry import Registry  # noqa: E402
-from xray.train import TrainConfig  # noqa: E402
+from xray.model import ood as O  # noqa: E402
+from xray.io.loader import load_image  # noqa: E402
+from xray.serve.inference import model_inputs, predict  # noqa: E402
+from xray.model.registry import Registry  # noqa: E402
+from xray.train.loop import TrainConfig  # noqa: E402
 
 
 def png(array: np.ndarray) -> bytes:
@@ -34,7 +34,7 @@ def png(array: np.ndarray) -> bytes:
 
 def validation_paths(card: dict, data_dir: str) -> list[Path]:
     """The model's validation images, reproduced from its card's training settings."""
-    from xray.data import SPLITS, scan_dataset
+    from xray.io.folders import SPLITS, scan_dataset
 
     cfg = TrainConfig.from_dict({**card["training"]["config"], "data_dir": data_dir})
     scan = scan_dataset(data_dir)
@@ -150,7 +150,7 @@ def score(model, named: list[tuple[str, bytes]]) -> list[dict]:
 
 
 def _features(model, images) -> np.ndarray:
-    from xray.inference import logits_and_features
+    from xray.serve.inference import logits_and_features
     return logits_and_features(model, model_inputs(images, model.image_size))[1]
 
 

@@ -14,9 +14,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xray import metrics as M  # noqa: E402
-from xray.augment import PERTURBATIONS  # noqa: E402
-from xray.registry import Registry  # noqa: E402
+from xray.decide import metrics as M  # noqa: E402
+from xray.io.augment import PERTURBATIONS  # noqa: E402
+from xray.model.registry import Registry  # noqa: E402
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ TINY_SETTINGS = dict(epochs=3, image_size=64, batch_size=8, widths=(8, 16, 32, 6
 
 def train_tiny(registry: Path, data_dir: Path = DATASET, **overrides) -> str:
     """A real training run on the fixture images, in about a second."""
-    from xray.train import TrainConfig, main
+    from xray.train.loop import TrainConfig, main
 
     cfg = TrainConfig(data_dir=str(data_dir), registry=str(registry), run_dir=str(registry / "runs" / "tiny"),
                       **{**TINY_SETTINGS, **overrides})
@@ -45,7 +45,7 @@ def train_tiny(registry: Path, data_dir: Path = DATASET, **overrides) -> str:
 @pytest.fixture(scope="session")
 def tiny_registry_template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("registry-template")
-    from xray.registry import Registry
+    from xray.model.registry import Registry
 
     version = train_tiny(root)
     # A 16-image model is unstable under perturbations, so its fitted borderline band is wide; the
@@ -66,6 +66,6 @@ def tiny_registry(tiny_registry_template, tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tiny_model(tiny_registry):
-    from xray.registry import Registry
+    from xray.model.registry import Registry
 
     return Registry(tiny_registry).load()

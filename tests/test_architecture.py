@@ -1,4 +1,4 @@
-"""The layering contract (docs/architecture.md): xray/ imports only downward, never the UI, the CLI or
+"""The layering contract (docs/architecture.md, declared in xray.LAYERS): xray/ imports only downward, never the UI, the CLI or
 the bench; lazy imports only for optional heavy packages; and the one place the app works around
 Streamlit's legacy pages/ mode still matches the Streamlit installed."""
 from __future__ import annotations
@@ -25,10 +25,35 @@ def _graph():
     return module
 
 
-def test_the_engine_has_no_import_cycle_counting_imports_inside_functions():
+def test_the_engine_has_no_import_cycle_between_modules_or_wings_counting_imports_inside_functions():
     tool = _graph()
     graph = {k: v for k, v in tool.edges().items() if k not in ("__init__", "__main__")}
     assert tool.cycles(graph) == []
+    assert tool.cycles({k: v for k, v in tool.wing_edges().items() if k not in ("__init__", "__main__")}) == []
+
+
+def test_every_import_points_down_the_declared_layers():
+    """xray.LAYERS is the one declaration of the order; every module belongs to exactly one layer."""
+    import xray
+
+    rank = {name: i for i, layer in enumerate(xray.LAYERS) for name in layer}
+    tool = _graph()
+    upward = []
+    for module, targets in tool.edges().items():
+        if module == "__init__":
+            continue
+        assert tool.wing_of(module) in rank, f"{module}: add its wing to xray.LAYERS"
+        for target in targets:
+            if rank[tool.wing_of(target)] > rank[tool.wing_of(module)]:
+                upward.append(f"{module} -> {target}")
+    assert upward == []
+
+
+def test_the_package_top_holds_at_most_eight_modules_and_every_wing_is_a_package():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, top
+    for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        assert (folder / "__init__.py").is_file(), folder.name
 
 
 def test_nothing_in_the_engine_imports_the_cli_the_bench_or_streamlit():
@@ -37,7 +62,7 @@ def test_nothing_in_the_engine_imports_the_cli_the_bench_or_streamlit():
         if module not in ("cli", "__main__"):
             assert "cli" not in targets, module
             assert "bench" not in targets or module == "cli", module
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
@@ -46,7 +71,7 @@ def test_nothing_in_the_engine_imports_the_cli_the_bench_or_streamlit():
 
 def test_imports_inside_functions_are_only_optional_heavy_packages():
     offenders = []
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -60,15 +85,24 @@ def test_imports_inside_functions_are_only_optional_heavy_packages():
                     continue
                 for name in names:
                     if not any(name == allowed or name.startswith(allowed + ".") for allowed in LAZY_ALLOWED):
-                        offenders.append(f"{path.name}:{node.lineno} {name}")
+                        offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {name}")
     assert offenders == []
 
 
+def test_no_hand_kept_floor_labels_remain():
+    """The order lives in xray.LAYERS only; docstring labels like "Floor 2" drifted from the code before."""
+    import re
+
+    labelled = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if re.search(r"\bFloor \d", p.read_text())]
+    assert labelled == []
+
+
 def test_import_xray_works_in_a_fresh_interpreter_whatever_module_comes_first():
-    for module in sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__main__",)):
-        name = "xray" if module == "__init__" else f"xray.{module}"
-        result = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, (name, result.stderr[-500:])
+    names = sorted("xray" if m == "__init__" else f"xray.{m}" for m in _graph().modules() if m != "__main__")
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    for m in [k for k in sys.modules if k.startswith('xray')]:\n" \
+           "        del sys.modules[m]\n    importlib.import_module(name)\n"
+    result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-800:]
 
 
 def test_the_legacy_pages_mode_workaround_still_matches_streamlit():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, FULLRES
-from xray import analysis, audit
+from xray.serve import analysis
+from xray.govern import audit
 
 DICOM = FIXTURES / "bad" / "dicom_monochrome2.dcm"  # carries PatientName Doe^Jane, PatientID PATIENT-12345
 XRAY = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
@@ -52,7 +53,7 @@ def test_a_shown_result_writes_exactly_one_line_with_the_audit_fields(tiny_model
 
 
 def test_each_distinct_threshold_and_decision_is_logged_once_per_session(tiny_model, log):
-    from xray.inference import Prediction
+    from xray.serve.inference import Prediction
 
     trail = audit.AuditTrail()
     sha = "a" * 64
@@ -155,14 +156,14 @@ def test_concurrent_writers_never_interleave_lines(tmp_path):
 
 
 def test_bad_hash_is_refused(tmp_path):
-    from xray.inference import Prediction
+    from xray.serve.inference import Prediction
 
     with pytest.raises(ValueError):
         audit.record("Doe_Jane.dcm", Prediction(0.5, "v"), 0.5, path=tmp_path / "a.jsonl")
 
 
 def test_a_report_of_a_result_already_on_screen_is_its_own_record(tiny_model, log):
-    from xray.inference import Prediction
+    from xray.serve.inference import Prediction
 
     trail = audit.AuditTrail()
     p = Prediction(0.5, tiny_model.version)

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES
-from xray.pipeline import CSV_HEADER
-from xray.imageio import load_image
+from xray.serve.pipeline import CSV_HEADER
+from xray.io.loader import load_image
 
 BAD = FIXTURES / "bad"
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def test_decompression_bombs_keep_process_memory_low():
     """Peak RSS of a fresh process refusing both bombs stays near its baseline (C allocations too)."""
     code = (
         "import resource, sys\n"
-        "from xray.imageio import load_image\n"
+        "from xray.io.loader import load_image\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for name in sys.argv[1:]:\n"
         "    try:\n"
@@ -196,7 +196,7 @@ def test_cli_passes_a_shell_hostile_name_through_untouched(tiny_registry, tmp_pa
 
 
 def test_retrain_folder_check_reports_each_broken_file_with_its_reason(tmp_path):
-    from xray.data import decode_images, scan_dataset
+    from xray.io.folders import decode_images, scan_dataset
 
     root = tmp_path / "data"
     for label in ("NORMAL", "PNEUMONIA"):

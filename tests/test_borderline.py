@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import FULLRES
-from xray import borderline
-from xray.decision import BORDERLINE, NORMAL, PNEUMONIA, band_limits, decide
-from xray.registry import Registry
+from xray.decide import borderline
+from xray.decide.decision import BORDERLINE, NORMAL, PNEUMONIA, band_limits, decide
+from xray.model.registry import Registry
 
 
 def _logit(p):

@@ -9,7 +9,7 @@ import pytest
 
 from browser import new_page, require_browser, streamlit_app
 from conftest import DATASET, FIXTURES
-from xray import jobs
+from xray.train import jobs
 
 TRAINING_TIMEOUT_MS = 240_000  # a tiny run takes seconds; two shared cores can make it slow
 

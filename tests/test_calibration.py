@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from xray import metrics as M
-from xray.calibration import apply as calibrated, crossfit_ece, fit_platt
+from xray.decide import metrics as M
+from xray.decide.calibration import apply as calibrated, crossfit_ece, fit_platt
 
 
 def test_platt_recovers_a_known_scale_and_bias():

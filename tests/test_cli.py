@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DATASET, FULLRES, GENERATED
 from xray.cli import main
-from xray.registry import Registry
+from xray.model.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ["path", "p_pneumonia", "label", "threshold", "error", "prevalence", "p_pneumonia_at_prevalence"]
@@ -258,12 +258,12 @@ def test_cli_predict_from_another_working_directory(tiny_registry, tmp_path):
 def test_default_registry_is_the_site_folder_over_the_read_only_shipped_versions(tmp_path):
     """Without $XRAY_WEIGHTS the shipped versions are read from the repository and everything the app
     writes (versions, the active marker, site settings) goes to the user data folder, from any directory."""
-    import xray.registry
+    import xray.model.registry
 
-    assert xray.registry.DEFAULT_REGISTRY == REPO / "weights"
+    assert xray.model.registry.DEFAULT_REGISTRY == REPO / "weights"
     env = {k: v for k, v in os.environ.items() if k not in ("XRAY_WEIGHTS", "PYTHONPATH")}
     env.update(PYTHONPATH=str(REPO), XRAY_DATA=str(tmp_path / "data"))
-    code = ("from xray.registry import Registry; r = Registry(); print(r.root); print(r.shipped); "
+    code = ("from xray.model.registry import Registry; r = Registry(); print(r.root); print(r.shipped); "
             "print(r.active_version()); print(r.is_shipped(r.active_version()))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -274,7 +274,7 @@ def test_default_registry_is_the_site_folder_over_the_read_only_shipped_versions
 
 
 def test_shipped_cards_are_read_only_and_site_choices_live_apart(tmp_path, monkeypatch):
-    from xray.registry import ReadOnlyVersion
+    from xray.model.registry import ReadOnlyVersion
 
     monkeypatch.delenv("XRAY_WEIGHTS", raising=False)
     monkeypatch.setenv("XRAY_DATA", str(tmp_path))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DATASET, GENERATED
-from xray.data import Sample, acquisition_batch, id_range_split, patient_id, patient_split, scan_dataset
+from xray.io.folders import Sample, acquisition_batch, id_range_split, patient_id, patient_split, scan_dataset
 
 NORMALS = sorted((DATASET / "NORMAL").iterdir())
 PNEUMONIAS = sorted((DATASET / "PNEUMONIA").iterdir())

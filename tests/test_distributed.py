@@ -68,9 +68,9 @@ def test_two_process_training_matches_one_process(tmp_path):
     for a, b in zip(losses_two, losses_one):
         assert abs(a - b) < 0.25 * movement, (losses_two, losses_one)
 
-    from xray.imageio import load_image
-    from xray.inference import predict
-    from xray.registry import Registry
+    from xray.io.loader import load_image
+    from xray.serve.inference import predict
+    from xray.model.registry import Registry
 
     model = Registry(two).load(card_two["version"])
     (prediction,) = predict(model, [load_image(next(FULLRES.iterdir()))])

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DATASET
-from xray.inference import predict
-from xray.imageio import load_image
-from xray.registry import ModelFileError, Registry
+from xray.serve.inference import predict
+from xray.io.loader import load_image
+from xray.model.registry import ModelFileError, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 XRAY = DATASET / "NORMAL" / "IM-0115-0001.jpeg"

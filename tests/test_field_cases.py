@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray.imageio import load_image, sniff
-from xray.inference import predict
-from xray.registry import Registry
+from xray.io.loader import load_image, sniff
+from xray.serve.inference import predict
+from xray.model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "tests" / "fixtures" / "field-cases"
@@ -119,7 +119,7 @@ def test_a_folder_with_nothing_readable_is_an_error_that_lists_what_was_skipped(
 
 
 def test_training_scan_finds_extensionless_dicom_and_reports_what_it_skips(tmp_path):
-    from xray.data import scan_dataset
+    from xray.io.folders import scan_dataset
 
     for label in ("NORMAL", "PNEUMONIA"):
         (tmp_path / label).mkdir()

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES, FULLRES, GENERATED
-from xray import guard
-from xray.imageio import load_image
-from xray.inference import predict
-from xray.registry import Registry
+from xray.serve import guard
+from xray.io.loader import load_image
+from xray.serve.inference import predict
+from xray.model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTERNAL = sorted((FIXTURES / "external").glob("*.png"))  # adult films from another hospital (ATTRIBUTION.md)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import DATASET, FULLRES
-from xray import gradcam as G
-from xray.imageio import load_image
-from xray.inference import predict
+from xray.serve import hirescam as G
+from xray.io.loader import load_image
+from xray.serve.inference import predict
 
 IMAGES = sorted(DATASET.rglob("*.jpeg"))
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import DATASET, FULLRES, GENERATED
-from xray.imageio import XrayImage, load_image
+from xray.io.loader import XrayImage, load_image
 
 SOURCE = DATASET / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"  # the image the generated fixtures derive from
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import DATASET, FIXTURES, GENERATED, TINY_SETTINGS
-from xray import jobs
+from xray.train import jobs
 from xray.cli import build_parser
 from xray.cli import main as cli_main
-from xray.registry import Registry
-from xray.train import load_data
-from xray.trainconfig import TrainConfig, config_from_args
+from xray.model.registry import Registry
+from xray.train.loop import load_data
+from xray.train.config import TrainConfig, config_from_args
 
 TIMEOUT_S = 120  # generous: two shared cores; a tiny run takes a few seconds
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xray import metrics as M
+from xray.decide import metrics as M
 
 Y = [0, 0, 1, 1]
 P = [0.1, 0.4, 0.35, 0.8]

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import DATASET, FULLRES
-from xray.pipeline import iter_shard, pipeline_split, score_paths
-from xray.imageio import load_image
-from xray.inference import predict
-from xray.preprocess import ModelInput, model_input, read_model_input
-from xray.model import ModelConfig, PneumoniaNet, count_macs, stage_strides
-from xray.trainconfig import TrainConfig, model_config
+from xray.serve.pipeline import iter_shard, pipeline_split, score_paths
+from xray.io.loader import load_image
+from xray.serve.inference import predict
+from xray.io.preprocess import ModelInput, model_input, read_model_input
+from xray.model.net import ModelConfig, PneumoniaNet, count_macs, stage_strides
+from xray.train.config import TrainConfig, model_config
 
 
 def test_strides_bring_the_last_stages_to_a_sixteenth_of_the_input():

@@ -15,12 +15,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import DATASET, FULLRES
-from xray import ood as O
-from xray.pipeline import CSV_HEADER
-from xray.imageio import load_image
-from xray.inference import Prediction, logits_and_features, model_inputs, predict
-from xray.registry import ModelFileError, Registry
-from xray.train import fit_ood_for_version
+from xray.model import ood as O
+from xray.serve.pipeline import CSV_HEADER
+from xray.io.loader import load_image
+from xray.serve.inference import Prediction, logits_and_features, model_inputs, predict
+from xray.model.registry import ModelFileError, Registry
+from xray.train.loop import fit_ood_for_version
 
 ROOT = Path(__file__).resolve().parent.parent
 XRAYS = sorted(DATASET.rglob("*.jpeg")) + sorted(FULLRES.glob("*.jpeg"))

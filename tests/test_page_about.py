@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xray.registry import Registry
+from xray.model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

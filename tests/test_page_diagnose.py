@@ -1,5 +1,5 @@
 """The Diagnose page through Streamlit's AppTest (uploads, samples, threshold, presets, saving the
-default), and the engine behind it, xray.analysis."""
+default), and the engine behind it, xray.serve.analysis."""
 from __future__ import annotations
 
 import csv
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import DATASET, FULLRES, GENERATED
-from xray import analysis
-from xray.pipeline import CSV_HEADER
-from xray.imageio import load_image
-from xray.inference import Prediction, predict
-from xray.registry import Registry
+from xray.serve import analysis
+from xray.serve.pipeline import CSV_HEADER
+from xray.io.loader import load_image
+from xray.serve.inference import Prediction, predict
+from xray.model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 NORMAL_FULLRES = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
@@ -174,7 +174,7 @@ def test_threshold_slider_moves_decisions_and_validation_metrics(tiny_registry):
 
 def test_presets_are_distinct_operating_points_and_set_the_threshold(tiny_registry):
     from pages.common import PRESET_MIN_GAP, PRESET_RULES
-    from xray.metrics import choose_threshold
+    from xray.decide.metrics import choose_threshold
 
     labels, scores, card = validation_of(tiny_registry)
     at = start_app()
@@ -368,7 +368,7 @@ def test_the_exact_threshold_is_typed_and_used_unrounded(tiny_registry):
 def test_prevalence_setting_adjusts_probability_ppv_and_npv_but_not_the_decision(tiny_registry):
     import json
 
-    from xray.prevalence import adjust_to_prevalence, predictive_values
+    from xray.decide.prevalence import adjust_to_prevalence, predictive_values
 
     labels, scores, card = validation_of(tiny_registry)
     at = drop(start_app(), upload(NORMAL_FULLRES))
@@ -380,7 +380,7 @@ def test_prevalence_setting_adjusts_probability_ppv_and_npv_but_not_the_decision
     assert decision(at) == before  # the decision is on the model's probability, whatever the prevalence
     adjusted = float(adjust_to_prevalence(p, calibrated_at, 0.2))
     assert any(f"p(pneumonia) {adjusted:.3f}" in m.value for m in at.markdown)
-    from xray.metrics import metrics_at
+    from xray.decide.metrics import metrics_at
 
     figures = metrics_at(labels, scores, at.number_input(key="diagnose_threshold_exact").value)
     ppv, _ = predictive_values(figures["sensitivity"], figures["specificity"], 0.2)

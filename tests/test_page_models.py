@@ -8,8 +8,8 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from conftest import train_tiny
-from xray import metrics
-from xray.registry import Registry
+from xray.decide import metrics
+from xray.model.registry import Registry
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "models.py")
 
@@ -95,7 +95,7 @@ def test_calibrate_to_this_site_shows_before_and_after_and_creates_a_version(tin
     import shutil
 
     from conftest import DATASET
-    from xray import sitecal
+    from xray.govern import sitecal
 
     monkeypatch.setattr(sitecal, "MIN_PER_CLASS", 4)
     monkeypatch.setattr(sitecal, "MIN_IMAGES", 8)

@@ -11,8 +11,8 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from conftest import DATASET, FIXTURES, GENERATED
-from xray import jobs
-from xray.registry import Registry
+from xray.train import jobs
+from xray.model.registry import Registry
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "retrain.py")
 TIMEOUT_S = 120

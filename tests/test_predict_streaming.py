@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import DATASET, GENERATED
 from xray.cli import main
-from xray.pipeline import CSV_HEADER, iter_shard, score_paths
-from xray.imageio import load_image
-from xray.inference import predict
+from xray.serve.pipeline import CSV_HEADER, iter_shard, score_paths
+from xray.io.loader import load_image
+from xray.serve.inference import predict
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -144,9 +144,9 @@ def test_memory_stays_flat_over_two_thousand_files(tmp_path, tiny_model):
 def test_a_decoder_crash_costs_only_the_file_that_caused_it(archive, tiny_model, monkeypatch):
     import os
 
-    import xray.preprocess
+    import xray.io.preprocess
 
-    real = xray.preprocess.read_model_input
+    real = xray.io.preprocess.read_model_input
     crash = archive / "ward0" / "crash.jpeg"
     shutil.copy(next(DATASET.rglob("*.jpeg")), crash)
 
@@ -155,7 +155,7 @@ def test_a_decoder_crash_costs_only_the_file_that_caused_it(archive, tiny_model,
             os._exit(139)  # what a segfault in a C decoder does to its worker process
         return real(source, image_size)
 
-    monkeypatch.setattr(xray.preprocess, "read_model_input", dies_on_one_file)  # workers are forked: they see it
+    monkeypatch.setattr(xray.io.preprocess, "read_model_input", dies_on_one_file)  # workers are forked: they see it
     paths = list(iter_shard([str(archive)]))
     results = list(score_paths(tiny_model, iter(paths), batch_size=4, workers=2, chunk=3))
     assert [path for path, _, _ in results] == paths

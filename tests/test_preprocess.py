@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import DATASET
-from xray.imageio import load_image
-from xray.model import ModelConfig, PneumoniaNet
-from xray.preprocess import equalise, normalise, resize_to_input, standardise
+from xray.io.loader import load_image
+from xray.model.net import ModelConfig, PneumoniaNet
+from xray.io.preprocess import equalise, normalise, resize_to_input, standardise
 
 
 def _batch() -> torch.Tensor:

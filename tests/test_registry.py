@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import xray.atomic
-import xray.registry
-from xray.registry import ModelFileError, Registry
+import xray.model.registry
+from xray.model.registry import ModelFileError, Registry
 
 
 def _second_version(registry: Registry, shift: float = 0.01) -> str:
@@ -141,14 +141,14 @@ def test_interrupted_save_leaves_no_partial_version(tiny_registry, monkeypatch):
     registry = Registry(tiny_registry)
     active = registry.active_version()
     model = registry.load(device=torch.device("cpu"))
-    real_write = xray.registry.atomic_write_json
+    real_write = xray.model.registry.atomic_write_json
 
     def crash_on_card(path, obj):
         if path.name == "card.json":
             raise OSError("disk full")  # as if the process died while writing the card
         real_write(path, obj)
 
-    monkeypatch.setattr(xray.registry, "atomic_write_json", crash_on_card)
+    monkeypatch.setattr(xray.model.registry, "atomic_write_json", crash_on_card)
     with pytest.raises(OSError, match="disk full"):
         registry.save_version(model.net, model.card, version="half-written")
     monkeypatch.undo()

@@ -55,7 +55,7 @@ def test_pdf_report_states_result_version_intended_use_and_renders(tmp_path):
     result = run_report(tmp_path, SAMPLE, ADULT, "--out", out)
     assert result.returncode == 0, result.stderr
     text = subprocess.run([pdftotext, str(out / f"{SAMPLE.stem}.pdf"), "-"], capture_output=True, text=True).stdout
-    from xray.registry import Registry
+    from xray.model.registry import Registry
 
     model = Registry(ROOT / "weights").load()
     assert "p(pneumonia)" in text and f"at threshold {model.default_threshold:.6f}" in text

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from xray.imageio import load_image
-from xray.inference import predict
-from xray.registry import Registry
+from xray.io.loader import load_image
+from xray.serve.inference import predict
+from xray.model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ["shipped_predictions.json", "shipped_predictions_20261129-225647.json"]

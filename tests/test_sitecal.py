@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import DATASET, FULLRES
-from xray import prevalence as P
-from xray import sitecal
+from xray.decide import prevalence as P
+from xray.govern import sitecal
 from xray.cli import main
-from xray.registry import Registry
+from xray.model.registry import Registry
 
 
 def test_bayes_adjustment_matches_hand_computed_values():

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conftest import DATASET, TINY_SETTINGS, train_tiny
-from xray import calibration as C
-from xray import metrics as M
-from xray.augment import PERTURBATIONS
+from xray.decide import calibration as C
+from xray.decide import metrics as M
+from xray.io.augment import PERTURBATIONS
 from xray.cli import build_parser
-from xray.registry import Registry
-from xray.train import Cancelled, main
-from xray.trainconfig import TrainConfig, config_from_args
+from xray.model.registry import Registry
+from xray.train.loop import Cancelled, main
+from xray.train.config import TrainConfig, config_from_args
 
 
 def _registry_state(root: Path) -> dict[str, str]:
@@ -204,10 +204,10 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 def test_a_deep_ensemble_is_one_version_whose_logit_is_the_members_mean(tmp_path):
-    from xray.gradcam import GradCam
-    from xray.imageio import load_image
-    from xray.inference import predict
-    from xray.model import EnsembleNet
+    from xray.serve.hirescam import GradCam
+    from xray.io.loader import load_image
+    from xray.serve.inference import predict
+    from xray.model.net import EnsembleNet
 
     root = tmp_path / "weights"
     version = train_tiny(root, members=2, epochs=2)

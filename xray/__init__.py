@@ -1,7 +1,33 @@
-"""The pneumonia X-ray assistant's engine: loading, model, training, inference, Grad-CAM, metrics,
-model registry. Never imports streamlit."""
-from .imageio import XrayImage, load_image
-from .inference import Prediction, predict
-from .registry import LoadedModel, ModelFileError, Registry
+"""The pneumonia X-ray assistant's engine, in wings that import only downward. Never imports streamlit.
 
-__all__ = ["XrayImage", "load_image", "Prediction", "predict", "LoadedModel", "ModelFileError", "Registry"]
+``LAYERS`` is the one declaration of the order (``tests/test_architecture.py`` checks every import
+against it, counting imports inside functions; ``python scripts/import_graph.py`` prints the graph):
+
+- ``atomic``, ``clock``, ``settings``: atomic writes, UTC timestamps and every ``XRAY_*`` setting; anything may
+  use them.
+- ``io``: films in (the one loader incl. DICOM, preprocessing, acquisition augmentation, labelled folders
+  and their validation splits).
+- ``decide``: metrics, calibration, the decision rule, the borderline band, prevalence.
+- ``model``: the network, the typed card, the registry, the guard's feature statistics, site settings.
+- ``serve``: ``predict``, the intended-use guard, HiResCAM evidence maps, one upload's analysis, the batch
+  pipeline.
+- ``govern``: the promotion gate, the audit log, site calibration.
+- ``report``: PDF and DICOM results.
+- ``train``: the loop, its config, optimiser, events, background jobs, robustness checks.
+- ``cli``, ``bench``, ``__main__``: the command line on top.
+"""
+
+# Lowest first. A module may import a module of its own wing (without a cycle) or of any wing listed
+# before its own; never one listed after.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("atomic", "clock", "settings"),
+    ("io",),
+    ("decide",),
+    ("model",),
+    ("serve",),
+    ("govern",),
+    ("report",),
+    ("train",),
+    ("bench",),
+    ("cli", "__main__"),
+)

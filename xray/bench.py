@@ -24,18 +24,18 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .atomic import atomic_write_json
-from .card import ModelCard
-from .data import IMAGE_EXTENSIONS
-from .gradcam import GradCam
-from .imageio import load_image
-from .inference import predict
-from .model import PneumoniaNet, build_net, count_macs, count_parameters, fold_batchnorm, place
-from .optim import EMA, make_optimizer
-from .pipeline import _prepare_chunk, pipeline_split, score_paths
-from .registry import LoadedModel, ModelFileError, Registry, pick_device
-from .train import load_data, predict_logits, train_one_epoch
-from .trainconfig import TrainConfig, model_config
+from xray.atomic import atomic_write_json
+from xray.model.card import ModelCard
+from xray.io.folders import IMAGE_EXTENSIONS
+from xray.serve.hirescam import GradCam
+from xray.io.loader import load_image
+from xray.serve.inference import predict
+from xray.model.net import PneumoniaNet, build_net, count_macs, count_parameters, fold_batchnorm, place
+from xray.train.optim import EMA, make_optimizer
+from xray.serve.pipeline import _prepare_chunk, pipeline_split, score_paths
+from xray.model.registry import LoadedModel, ModelFileError, Registry, pick_device
+from xray.train.loop import load_data, predict_logits, train_one_epoch
+from xray.train.config import TrainConfig, model_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "chest_xray" / "train"

@@ -14,16 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-from . import analysis as A
-from . import events as E
-from . import governance, sitecal
-from . import report as R
-from .atomic import atomic_write_json
-from .audit import AuditTrail
-from .bench import add_arguments as bench_arguments
-from .bench import main as bench_main
-from .jobs import cancel_job, current_job, describe, list_jobs
-from .pipeline import (
+from xray.clock import utc_stamp
+from xray.serve import analysis as A
+from xray.train import events as E
+from xray.govern import promotion
+from xray.govern import sitecal
+from xray.report import writers as R
+from xray.atomic import atomic_write_json
+from xray.govern.audit import AuditTrail
+from xray.bench import add_arguments as bench_arguments
+from xray.bench import main as bench_main
+from xray.train.jobs import cancel_job, current_job, describe, list_jobs
+from xray.serve.pipeline import (
     CSV_HEADER,
     csv_row,
     done_paths,
@@ -31,10 +33,10 @@ from .pipeline import (
     iter_shard,
     score_paths,
 )
-from .registry import LoadedModel, ModelFileError, Registry
-from .train import Cancelled, fit_ood_for_version
-from .train import main as train_main
-from .trainconfig import add_arguments, config_from_args
+from xray.model.registry import LoadedModel, ModelFileError, Registry
+from xray.train.loop import Cancelled, fit_ood_for_version
+from xray.train.loop import main as train_main
+from xray.train.config import add_arguments, config_from_args
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -187,9 +189,15 @@ def cmd_fit_ood(args) -> int:
     registry = Registry(args.registry or None)
     try:
         version = fit_ood_for_version(registry, args.model or None, args.data_dir, workers=args.workers,
-                                  percentile=args.percentile, activate=args.activate)
+                                      percentile=args.percentile)
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
+    if args.activate:  # through the gate, like every other way to make a version live
+        try:
+            promotion.promote(registry, version)
+        except promotion.PromotionRefused as exc:
+            raise SystemExit(f"error: new version {version} saved but not activated: {exc} "
+                             f"(python -m xray activate {version} --force --reason '...')")
     ood = registry.card(version).ood
     print(f"new version {version}: same weights plus OOD statistics (limit {ood['threshold']:.2f}, "
           f"{ood['val_flagged']:.1%} of validation X-rays flagged)"
@@ -215,7 +223,7 @@ def cmd_train(args) -> int:
     cfg = config_from_args(args)
     registry = Registry(cfg.registry or None)
     if not cfg.run_dir:
-        cfg.run_dir = str(registry.root / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+        cfg.run_dir = str(registry.root / "runs" / utc_stamp())
     events = Path(args.events) if args.events else Path(cfg.run_dir) / "events.jsonl"
     rank = int(os.environ.get("RANK", 0))  # under torchrun, rank 0 alone reports and writes events
     callbacks = [E.ConsolePrinter(), E.EventLog(events)] if rank == 0 else []
@@ -289,13 +297,13 @@ def cmd_activate(args) -> int:
     """Activate through the promotion gate; ``--force --reason`` overrides it (recorded)."""
     registry = Registry(args.registry or None)
     try:
-        result = governance.gate(registry, args.version)
+        result = promotion.gate(registry, args.version)
         for name, figure in result.figures.items():
             print(f"  {args.version} {name}: {figure}", file=sys.stderr)
         for name, figure in result.active_figures.items():
             print(f"  active {result.active_version} {name}: {figure}", file=sys.stderr)
-        governance.promote(registry, args.version, force=args.force, reason=args.reason)
-    except governance.PromotionRefused as exc:
+        promotion.promote(registry, args.version, force=args.force, reason=args.reason)
+    except promotion.PromotionRefused as exc:
         raise SystemExit(f"error: {exc} (python -m xray activate {args.version} --force --reason '...')")
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
@@ -308,7 +316,7 @@ def cmd_activate(args) -> int:
 
 def cmd_rollback(args) -> int:
     try:
-        version = Registry(args.registry or None).rollback()
+        version = promotion.rollback(Registry(args.registry or None), reason=args.reason)
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(f"active model: {version}", file=sys.stderr)
@@ -382,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percentile", type=float, default=99.5,
                    help="flag images beyond this percentile of validation distances (default 99.5)")
     p.add_argument("--workers", type=int, default=1, help="image decoding processes (default 1)")
-    p.add_argument("--activate", action="store_true", help="activate the new version")
+    p.add_argument("--activate", action="store_true", help="activate the new version (through the promotion gate)")
     p.set_defaults(func=cmd_fit_ood)
 
     p = sub.add_parser("bench", help="training and inference speed, against a reference network and the machine")
@@ -400,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", default="")
     p.set_defaults(func=cmd_activate)
 
-    p = sub.add_parser("rollback", help="re-activate the previously active version")
+    p = sub.add_parser("rollback", help="re-activate the previously active version (recorded in the audit log)")
+    p.add_argument("--reason", default="", help="why; recorded in the audit log")
     p.add_argument("--registry", default="")
     p.set_defaults(func=cmd_rollback)
     return parser

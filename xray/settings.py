@@ -1,4 +1,4 @@
-"""Every setting read from the environment (``XRAY_*``), in one place; floor 0 (imports nothing of ours).
+"""Every setting read from the environment (``XRAY_*``), in one place.
 
 | variable | meaning | default |
 |---|---|---|

@@ -1,0 +1,216 @@
+"""Out-of-distribution check: "this does not look like a chest X-ray".
+
+Two parts, both run inside ``inference.predict`` (see docs/ood.md for the measurements):
+1. cheap input checks on the decoded image: colour, extreme shape, almost no mid-tones;
+2. a feature-space check: the Mahalanobis distance of the CNN's last-stage features, average-pooled
+   on a 2x2 grid so that the layout counts (an upside-down chest has the right textures in the wrong
+   places), to the training X-rays' features (Ledoit-Wolf shrunk covariance), flagged above a high
+   percentile of the validation X-rays' distances;
+3. an upside-down check on the same features: the Fisher direction from the training X-rays to the
+   same X-rays turned 180 degrees (the Mahalanobis check alone let about a third of those through).
+Its statistics travel with the weights as ``ood.npz``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xray.model.net import to_input
+
+OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
+DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
+UPSIDE_DOWN_PERCENTILE = 99.9  # of validation X-rays' upside-down scores; that check's threshold
+MAX_FEATURES = 1024  # the largest grid whose C * grid^2 features stay within this (the shipped p4s net's 64 x 4 x 4);
+# beyond it the precision matrix grows as the square (an ensemble of three 128-channel nets on 4x4: 6,144
+# features, a 280 MB file) while the training set stays at about 4,400 images to estimate it from
+DEFAULT_GRID = 4  # last-stage features pooled on a GRID x GRID grid; 1 = global pooling, 2 = versions before issue 13 (docs/ood.md)
+# Input-check limits, chosen with margin from the training X-rays (docs/ood.md, scripts/measure_ood.py).
+MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, photos 20-100
+MAX_ASPECT = 2.5  # radiographs in the data set are 1.0-1.8 : 1; the loader refuses beyond 4
+MIN_MIDTONES = 0.25  # fraction of input pixels in grey levels 26-229; documents and line art have few
+MIDTONE_RANGE = (26, 229)  # uint8 grey levels counted as mid-tones (10%-90%)
+
+
+@dataclass(frozen=True)
+class OodStats:
+    """Training-feature statistics of one model version."""
+
+    mean: np.ndarray  # (C,) mean pooled feature of the training X-rays
+    precision: np.ndarray  # (C, C) inverse of the shrunk covariance
+    threshold: float  # Mahalanobis distance above which an image is flagged
+    percentile: float  # of validation distances the threshold was set at
+    shrinkage: float  # Ledoit-Wolf weight of the scaled identity
+    n_train: int  # training images the statistics come from
+    grid: int = 1  # features pooled on a grid x grid grid (``grid_features``); 1 = global average
+    upside_down: "np.ndarray | None" = None  # (C,) Fisher direction upright -> turned 180 degrees; None = no check
+    upside_down_threshold: float = float("inf")  # score along it above which an image is flagged
+
+    def upside_down_scores(self, features: np.ndarray) -> np.ndarray:
+        """(B, C) features -> (B,) projection on the upside-down direction (-inf without one)."""
+        features = np.asarray(features, dtype=np.float64)
+        if self.upside_down is None:
+            return np.full(len(features), -np.inf)
+        return (torch.from_numpy(features - self.mean) @ torch.from_numpy(self.upside_down)).numpy()  # see distances
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """(B, C) features -> (B,) Mahalanobis distances."""
+        centred = torch.from_numpy(np.asarray(features, dtype=np.float64) - self.mean)
+        # a matrix product in torch: its thread setting holds (NumPy's BLAS would start threads that
+        # spin on the cores the decoding processes use); numpy.einsum was 10% of predict
+        squared = ((centred @ torch.from_numpy(self.precision)) * centred).sum(dim=1).numpy()
+        return np.sqrt(np.clip(squared, 0.0, None))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, mean=self.mean, precision=self.precision, threshold=self.threshold,
+                            percentile=self.percentile, shrinkage=self.shrinkage, n_train=self.n_train,
+                            grid=self.grid, **({} if self.upside_down is None else {
+                                "upside_down": self.upside_down, "upside_down_threshold": self.upside_down_threshold}))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "OodStats":
+        """Parse ``ood.npz``; ValueError when it is not a consistent statistics file."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                stats = cls(np.asarray(f["mean"], np.float64), np.asarray(f["precision"], np.float64),
+                            float(f["threshold"]), float(f["percentile"]), float(f["shrinkage"]),
+                            int(f["n_train"]), int(f["grid"]) if "grid" in f.files else 1,
+                            np.asarray(f["upside_down"], np.float64) if "upside_down" in f.files else None,
+                            float(f["upside_down_threshold"]) if "upside_down" in f.files else float("inf"))
+        except Exception as exc:  # zip, key and dtype errors all mean a damaged file
+            raise ValueError(f"OOD statistics file is damaged: {exc}") from None
+        c = stats.mean.shape[0]
+        if (stats.mean.ndim != 1 or stats.precision.shape != (c, c) or not np.isfinite(stats.precision).all()
+                or stats.grid < 1 or c % (stats.grid * stats.grid)
+                or (stats.upside_down is not None and (stats.upside_down.shape != (c,)
+                                                       or not np.isfinite(stats.upside_down).all()))):
+            raise ValueError("OOD statistics file has inconsistent shapes or values")
+        return stats
+
+    def summary(self) -> dict:
+        """For the model card."""
+        pooling = "pooled" if self.grid == 1 else f"{self.grid}x{self.grid}-grid pooled"
+        out = {"method": f"Mahalanobis distance of {pooling} last-stage features, Ledoit-Wolf shrinkage",
+               "threshold": round(self.threshold, 4), "percentile": self.percentile,
+               "shrinkage": round(self.shrinkage, 4), "n_train": self.n_train, "features": int(self.mean.shape[0])}
+        if self.upside_down is not None:
+            out["upside_down_threshold"] = round(self.upside_down_threshold, 4)
+        return out
+
+
+def ledoit_wolf(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(N, C) -> mean, shrunk covariance, shrinkage (Ledoit & Wolf 2004, as in scikit-learn)."""
+    x = np.asarray(features, dtype=np.float64)
+    n, p = x.shape
+    mean = x.mean(axis=0)
+    x = x - mean
+    cov = x.T @ x / n
+    mu = np.trace(cov) / p
+    x2 = x ** 2
+    beta_sum = float((x2.T @ x2).sum())
+    delta_sum = float((cov ** 2).sum())  # = sum((X^T X)^2) / n^2
+    beta = (beta_sum / n - delta_sum) / (p * n)
+    delta = (delta_sum - 2 * mu * np.trace(cov) + p * mu ** 2) / p
+    shrinkage = 0.0 if delta == 0 else float(min(beta, delta) / delta)
+    shrunk = (1 - shrinkage) * cov + shrinkage * mu * np.eye(p)
+    return mean, shrunk, shrinkage
+
+
+def fit_stats(train_features: np.ndarray, val_features: np.ndarray,
+              percentile: float = DEFAULT_PERCENTILE, grid: int = DEFAULT_GRID) -> OodStats:
+    """Mean/precision from training features; threshold at a percentile of validation distances."""
+    if len(train_features) < 2 or len(val_features) < 1:
+        raise ValueError("too few images to fit OOD statistics")
+    mean, cov, shrinkage = ledoit_wolf(train_features)
+    # A small ridge keeps the inverse finite when features are exactly collinear (dead channels).
+    ridge = 1e-6 * max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+    precision = np.linalg.inv(cov + ridge * np.eye(cov.shape[0]))
+    stats = OodStats(mean, precision, 0.0, float(percentile), shrinkage, int(len(train_features)), grid)
+    threshold = float(np.percentile(stats.distances(val_features), percentile))
+    return OodStats(mean, precision, threshold, float(percentile), shrinkage, int(len(train_features)), grid)
+
+
+def grid_features(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, h, w) last-stage map -> (B, C * grid * grid) averages over a grid x grid layout
+    (grid 1: the classifier's own global average)."""
+    return torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(1)
+
+
+@torch.no_grad()
+def features_of(net: torch.nn.Module, images: torch.Tensor, device: torch.device, grid: int = DEFAULT_GRID,
+                batch_size: int = 128) -> np.ndarray:
+    """(N, S, S) uint8 model inputs -> (N, C * grid^2) features, preprocessed exactly as ``predict``."""
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start:start + batch_size].unsqueeze(1), device, net.config)
+        out.append(grid_features(net.feature_map(x), grid).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
+
+
+def grid_for(channels: int) -> int:
+    """The largest grid <= DEFAULT_GRID whose ``channels * grid^2`` features fit MAX_FEATURES (at least 1)."""
+    return max([g for g in range(1, DEFAULT_GRID + 1) if channels * g * g <= MAX_FEATURES] or [1])
+
+
+def input_reason(inputs: np.ndarray, shape: tuple[int, int], colour: float) -> str:
+    """Cheap checks on one image; '' when it passes.
+
+    Args:
+        inputs: (S, S) uint8 model input (after the squash-resize).
+        shape: (H, W) of the decoded image.
+        colour: its colourfulness before grey conversion (``XrayImage.colourfulness``).
+    """
+    if colour > MAX_COLOURFULNESS:
+        return f"a colour image (colourfulness {colour:.0f}; an X-ray is grey)"
+    height, width = shape
+    aspect = max(height, width) / max(1, min(height, width))
+    if aspect > MAX_ASPECT:
+        return f"an extreme shape for a chest radiograph ({width}x{height} pixels)"
+    low, high = MIDTONE_RANGE
+    midtones = float(np.mean((inputs >= low) & (inputs <= high)))
+    if midtones < MIN_MIDTONES:
+        return f"almost no mid-grey tones ({midtones:.0%} of pixels), like a document or line drawing"
+    return ""
+
+
+def feature_reason(distance: float, upside_down: float, stats: OodStats) -> str:
+    """The feature checks' reason for one image ('' when it passes)."""
+    if distance > stats.threshold:
+        return (f"the film is unlike the pediatric training films: another kind of equipment or exposure, an "
+                f"adult, or another view (feature distance {distance:.1f}; limit {stats.threshold:.1f})")
+    if upside_down > stats.upside_down_threshold:
+        return (f"the film appears to be turned upside down (score {upside_down:.1f}; limit "
+                f"{stats.upside_down_threshold:.1f}): re-orient it and upload it again")
+    return ""
+
+
+def fit_upside_down(stats: OodStats, train_features: np.ndarray, turned_features: np.ndarray,
+                    val_features: np.ndarray, percentile: float = UPSIDE_DOWN_PERCENTILE) -> OodStats:
+    """``stats`` with the upside-down check: Fisher's direction (shared precision) from the training
+    features to those of the same images turned 180 degrees; threshold at a percentile of the
+    validation X-rays' scores."""
+    direction = stats.precision @ (np.mean(turned_features, axis=0) - np.mean(train_features, axis=0))
+    scores = (np.asarray(val_features, dtype=np.float64) - stats.mean) @ direction
+    return dataclasses.replace(stats, upside_down=direction,
+                               upside_down_threshold=float(np.percentile(scores, percentile)))
+
+
+def fit_for_images(net: torch.nn.Module, images: torch.Tensor, train: np.ndarray, val: np.ndarray,
+                   device: torch.device, percentile: float = DEFAULT_PERCENTILE) -> tuple[OodStats, dict]:
+    """All OOD statistics of a trained net from its (N, S, S) uint8 training set and split; with the
+    card's summary (including the share of validation X-rays the feature checks flag)."""
+    grid = grid_for(net.config.widths[-1] * net.config.members)  # the last stage's channels, every member's
+    train_features = features_of(net, images[train], device, grid)
+    val_features = features_of(net, images[val], device, grid)
+    turned = features_of(net, torch.flip(images[train], dims=(1, 2)), device, grid)  # 180 degrees
+    stats = fit_upside_down(fit_stats(train_features, val_features, percentile, grid), train_features, turned,
+                            val_features)
+    flagged = ((stats.distances(val_features) > stats.threshold)
+               | (stats.upside_down_scores(val_features) > stats.upside_down_threshold))
+    return stats, {**stats.summary(), "val_flagged": float(np.mean(flagged))}

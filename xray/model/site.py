@@ -1,0 +1,107 @@
+"""Site settings kept beside a registry, apart from the model versions: the threshold a site chose for a
+version (who, when, why) and the site's pneumonia prevalence. The shipped versions' cards are never
+edited; "restore" removes the site's value and the card's own comes back exactly.
+
+File: ``<registry root>/site.json``, written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from xray.clock import utc_now
+from xray.atomic import atomic_write_json
+
+SITE_FILE = "site.json"
+
+
+@dataclass(frozen=True)
+class SavedThreshold:
+    """A threshold a site saved for one model version."""
+
+    version: str
+    threshold: float  # exact, in [0, 1]
+    by: str  # who saved it (as typed)
+    at: str  # UTC time, ISO 8601
+    why: str  # the reason given
+
+    def describe(self) -> str:
+        return f"saved by {self.by} on {self.at[:10]}: {self.why}"
+
+
+class SiteSettings:
+    """Read and write ``site.json`` of one registry root."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / SITE_FILE
+
+    def _state(self) -> dict:
+        try:
+            state = json.loads(self.path.read_text())
+            return state if isinstance(state, dict) else {}
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    def saved_threshold(self, version: str) -> SavedThreshold | None:
+        entry = self._state().get("thresholds", {}).get(version)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return SavedThreshold(version, float(entry["threshold"]), str(entry.get("by", "")),
+                                  str(entry.get("at", "")), str(entry.get("why", "")))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def save_threshold(self, version: str, threshold: float, by: str, why: str) -> SavedThreshold:
+        """Record the site's threshold for ``version``.
+
+        Raises:
+            ValueError: a threshold outside [0, 1], or no name or no reason given.
+        """
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError("the threshold must lie between 0 and 1")
+        if not by.strip() or not why.strip():
+            raise ValueError("say who saves the threshold and why")
+        saved = SavedThreshold(version, threshold, by.strip(), utc_now(),
+                               why.strip())
+        state = self._state()
+        state.setdefault("thresholds", {})[version] = {k: v for k, v in asdict(saved).items() if k != "version"}
+        atomic_write_json(self.path, state)
+        return saved
+
+    def restore_threshold(self, version: str) -> bool:
+        """Forget the site's threshold for ``version``; True when there was one."""
+        state = self._state()
+        if version not in state.get("thresholds", {}):
+            return False
+        del state["thresholds"][version]
+        atomic_write_json(self.path, state)
+        return True
+
+    def prevalence(self) -> float | None:
+        """The site's pneumonia prevalence, or None when not set (the card's training prevalence applies)."""
+        value = self._state().get("prevalence")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return value if 0.0 < value < 1.0 else None
+
+    def set_prevalence(self, prevalence: float | None) -> None:
+        """Save (or with None, clear) the site's prevalence.
+
+        Raises:
+            ValueError: a prevalence outside (0, 1).
+        """
+        state = self._state()
+        if prevalence is None:
+            state.pop("prevalence", None)
+        else:
+            prevalence = float(prevalence)
+            if not 0.0 < prevalence < 1.0:
+                raise ValueError("the prevalence must lie strictly between 0 and 1")
+            state["prevalence"] = prevalence
+        atomic_write_json(self.path, state)

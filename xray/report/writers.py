@@ -1,0 +1,315 @@
+"""Results that leave the screen: a printable PDF report per image, a worklist PDF, and DICOM results
+for the PACS (a Secondary Capture of the radiograph with its heatmap and a result banner, and a
+Comprehensive SR), all made from the same ``Prediction``, threshold and prevalence as the screen.
+
+PDF: fpdf2 (pure Python, embeds TrueType fonts, so any Unicode name prints; DejaVu Sans and, for the
+scripts it lacks (CJK), Droid Sans Fallback ship in ``xray/report/fonts`` under their free licences). DICOM: highdicom (SC Image, PS3.3 A.8; Comprehensive SR,
+PS3.3 A.35.3, with the Measurement Report template TID 1500/1501 and Algorithm Identification
+TID 4019). Pneumonia is SNOMED CT 233604007; present/absent/indeterminate are SCT 52101004 / 2667000 /
+82334004. Nothing is written over an existing file unless asked; every file is written atomically.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from xray.serve import guard
+from xray.serve.analysis import Analysis, display_pixels, heatmap
+from xray.atomic import atomic_write_bytes
+from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
+from xray.serve.hirescam import overlay
+from xray.decide.prevalence import adjust_to_prevalence
+from xray.model.registry import LoadedModel
+
+FONT_DIR = Path(__file__).resolve().parent / "fonts"
+FONT, FONT_BOLD = FONT_DIR / "DejaVuSans.ttf", FONT_DIR / "DejaVuSans-Bold.ttf"
+FONT_FALLBACK = FONT_DIR / "DroidSansFallbackFull.ttf"  # CJK and other scripts DejaVu lacks (Apache 2.0)
+MANUFACTURER = "Pneumonia X-ray assistant"
+ALGORITHM = "Pneumonia X-ray assistant CNN"
+DISCLAIMER = "Decision support, not a diagnosis: the decision stays with the clinician who reads the image."
+
+
+@dataclass
+class ReportInput:
+    """One image as a report shows it: the analysis, the settings in force, and the DICOM source if any."""
+
+    analysis: Analysis
+    threshold: float
+    prevalence: float  # the site's prevalence the adjusted probability assumes
+    dicom: object | None = None  # pydicom Dataset of the input (header only), when the input was DICOM
+
+    @property
+    def decision(self) -> str | None:
+        prediction = self.analysis.prediction
+        return prediction.decision(self.threshold) if prediction is not None else None
+
+
+def read_dicom_header(data: bytes):
+    """The input's DICOM header (no pixels), or None for other formats. Type 2 patient and study
+    attributes a writer may have left out are added empty, as PS3.3 allows, so that results copy them."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:
+        return None
+    if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SOPClassUID" not in ds:
+        return None
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "AccessionNumber", "StudyID"):
+        if key not in ds:
+            setattr(ds, key, "")
+    return ds
+
+
+def result_line(item: ReportInput) -> str:
+    """The result in one line, exactly as the screen states it."""
+    a = item.analysis
+    if a.prediction is None:
+        return f"Not analysed: {a.error}"
+    p = a.prediction
+    if p.withheld:
+        return f"No verdict ({p.outcome}): {p.ood_reason}"
+    return f"p(pneumonia) {p.p_pneumonia:.3f}: {item.decision} at threshold {item.threshold:.6f}"
+
+
+def _patient_lines(ds) -> list[str]:
+    if ds is None:
+        return []
+    lines = []
+    for key, label in (("PatientName", "Patient"), ("PatientID", "Patient ID"), ("PatientBirthDate", "Birth date")):
+        value = str(ds.get(key, "") or "").strip()
+        if value:
+            lines.append(f"{label}: {value}")
+    return lines
+
+
+# -- PDF --------------------------------------------------------------------------------------------------
+def _pdf():
+    from fpdf import FPDF
+
+    pdf = FPDF(format="A4", unit="mm")
+    pdf.set_auto_page_break(auto=True, margin=12)
+    pdf.add_font("DejaVu", "", str(FONT))
+    pdf.add_font("DejaVu", "B", str(FONT_BOLD))
+    pdf.add_font("DroidFallback", "", str(FONT_FALLBACK))
+    pdf.set_fallback_fonts(["DroidFallback"], exact_match=False)  # a character DejaVu lacks is never dropped
+    pdf.set_title("Pneumonia X-ray assistant report")
+    pdf.set_creator(MANUFACTURER)
+    return pdf
+
+
+def _pictures(model: LoadedModel, item: ReportInput) -> tuple[Image.Image, Image.Image | None]:
+    """(film, film with heatmap or None when withheld) at display size, aspect ratio kept."""
+    image = item.analysis.image
+    pixels = display_pixels(image)
+    film = Image.fromarray(pixels)
+    prediction = item.analysis.prediction
+    if prediction is None or prediction.withheld:
+        return film, None
+    return film, Image.fromarray(overlay(pixels, heatmap(model, image), 0.45))
+
+
+def _text(pdf, text: str, size: float = 10, bold: bool = False, height: float = 5.2) -> None:
+    pdf.set_font("DejaVu", "B" if bold else "", size)
+    pdf.multi_cell(0, height, text, new_x="LMARGIN", new_y="NEXT")
+
+
+def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
+    """One image's page: film and heatmap side by side, the result, what the threshold means, the model,
+    the file's SHA-256, the patient (DICOM inputs that carry one), the intended use and limits."""
+    card, a = model.card, item.analysis
+    pdf.add_page()
+    _text(pdf, "Chest radiograph: pneumonia assistant report", 15, True, 8)
+    for line in _patient_lines(item.dicom):
+        _text(pdf, line, 10)
+    _text(pdf, f"File: {a.name}", 9)
+    _text(pdf, f"SHA-256: {a.sha256}", 8)
+    if a.image is not None:
+        film, heat = _pictures(model, item)
+        top, width = pdf.get_y() + 2, 88.0
+        height = min(110.0, width * film.height / film.width)
+        width = height * film.width / film.height
+        pdf.image(film, x=pdf.l_margin, y=top, w=width, h=height)
+        if heat is not None:
+            pdf.image(heat, x=pdf.l_margin + 94, y=top, w=width, h=height)
+        pdf.set_y(top + height + 2)
+        pdf.set_font("DejaVu", "", 8)
+        pdf.cell(94, 4, "As uploaded")
+        pdf.cell(0, 4, "Evidence for pneumonia (same colour scale on every image)" if heat is not None
+                 else "No heatmap: no verdict is given for this image", new_x="LMARGIN", new_y="NEXT")
+        pdf.ln(2)
+    decision = item.decision
+    colour = {PNEUMONIA: (192, 57, 43), BORDERLINE: (211, 84, 0)}.get(decision, (39, 119, 72))
+    pdf.set_text_color(*(colour if decision else (90, 90, 90)))
+    _text(pdf, result_line(item), 12, True, 6.5)
+    pdf.set_text_color(0, 0, 0)
+    p = a.prediction
+    if p is not None and not p.withheld:
+        limits = band_limits(item.threshold, p.band)
+        if decision == BORDERLINE:
+            _text(pdf, f"Borderline: p(pneumonia) lies between {limits[0]:.3f} and {limits[1]:.3f}, where a small "
+                       "change of exposure or framing flips the model's call. Read the film without the model.", 9)
+        validation = card.validation
+        if validation.labels is not None:
+            y, s = np.array(validation.labels), np.array(validation.scores)
+            sens = float(np.mean(s[y == 1] >= item.threshold))
+            spec = float(np.mean(s[y == 0] < item.threshold))
+            _text(pdf, f"What the threshold means: on this version's validation images (n={len(y)}), sensitivity "
+                       f"{sens:.3f} and specificity {spec:.3f} at {item.threshold:.6f}.", 9)
+        calibrated_at = card.calibration_prevalence
+        adjusted = float(adjust_to_prevalence(p.p_pneumonia, calibrated_at, item.prevalence))
+        _text(pdf, f"Probabilities are calibrated at {calibrated_at:.0%} pneumonia prevalence; at this site's "
+                   f"prevalence ({item.prevalence:.0%}) the same evidence means p(pneumonia) {adjusted:.3f}. The "
+                   "decision compares the model's probability with the threshold.", 9)
+    elif p is not None:
+        _text(pdf, guard.WHAT_TO_DO.get(p.outcome, ""), 9)
+    pdf.ln(1)
+    _text(pdf, f"Model version {model.version} (created {card.created or 'unknown'}); report made "
+               f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.", 9)
+    _text(pdf, "Intended use: " + card.intended_use, 8, height=4.2)
+    for limit in card.limits:
+        _text(pdf, "Limit: " + limit, 8, height=4.2)
+    _text(pdf, DISCLAIMER, 9, True)
+
+
+def pdf_bytes(model: LoadedModel, items: list[ReportInput]) -> bytes:
+    """One page per image."""
+    pdf = _pdf()
+    for item in items:
+        add_page(pdf, model, item)
+    return bytes(pdf.output())
+
+
+def worklist_pdf_bytes(model: LoadedModel, items: list[ReportInput]) -> bytes:
+    """A table of every image, highest p(pneumonia) first with thumbnails, then one page per image."""
+    order = sorted(items, key=lambda i: (i.decision is None, -(i.analysis.prediction.p_pneumonia
+                                                              if i.analysis.prediction else 0.0)))
+    pdf = _pdf()
+    pdf.add_page()
+    _text(pdf, "Worklist: pneumonia assistant", 15, True, 8)
+    _text(pdf, f"Model version {model.version}; {len(items)} image(s); highest p(pneumonia) first.", 9)
+    for item in order:
+        y = pdf.get_y()
+        if y > 265:
+            pdf.add_page()
+            y = pdf.get_y()
+        if item.analysis.image is not None:
+            thumb = Image.fromarray(display_pixels(item.analysis.image, 96))
+            pdf.image(thumb, x=pdf.l_margin, y=y, h=14)
+        pdf.set_xy(pdf.l_margin + 24, y)
+        pdf.set_font("DejaVu", "B", 9)
+        pdf.multi_cell(0, 4.5, item.analysis.name, new_x="LMARGIN", new_y="NEXT")
+        pdf.set_x(pdf.l_margin + 24)
+        pdf.set_font("DejaVu", "", 9)
+        pdf.multi_cell(0, 4.5, result_line(item), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_y(max(pdf.get_y(), y + 16))
+    for item in order:
+        add_page(pdf, model, item)
+    _text(pdf, DISCLAIMER, 9, True)
+    return bytes(pdf.output())
+
+
+# -- DICOM ------------------------------------------------------------------------------------------------
+def _banner(picture: Image.Image, text: str, colour: tuple[int, int, int]) -> np.ndarray:
+    """(H + band, W, 3) uint8: the picture under a result banner."""
+    width = picture.width
+    size = max(12, width // 40)
+    font = ImageFont.truetype(str(FONT_BOLD), size)
+    band = Image.new("RGB", (width, int(size * 2.2)), colour)
+    ImageDraw.Draw(band).text((size // 2, size // 2), text[:200], fill=(255, 255, 255), font=font)
+    out = Image.new("RGB", (width, band.height + picture.height))
+    out.paste(band, (0, 0))
+    out.paste(picture.convert("RGB"), (0, band.height))
+    return np.asarray(out)
+
+
+def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None):
+    """A Secondary Capture Image of the radiograph (with the heatmap when a verdict was given) under a
+    result banner; in the input's study when the input was DICOM, else in a new study (said in the
+    series description)."""
+    import highdicom as hd
+
+    film, heat = _pictures(model, item)
+    decision = item.decision
+    colour = {PNEUMONIA: (192, 57, 43), BORDERLINE: (211, 84, 0)}.get(decision, (39, 119, 72) if decision else (90, 90, 90))
+    pixels = _banner(heat or film, result_line(item) + f" | model {model.version} | decision support only", colour)
+    common = dict(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+                  instance_number=1, manufacturer=MANUFACTURER,
+                  series_description="Pneumonia assistant result", patient_orientation=("L", "F"))
+    if item.dicom is not None:
+        sc = hd.sc.SCImage.from_ref_dataset(item.dicom, **common)
+    else:
+        now = dt.datetime.now()
+        sc = hd.sc.SCImage(study_instance_uid=hd.UID(), patient_id="", patient_name="", study_date=now.date(),
+                           study_time=now.time(), **common)
+        sc.SeriesDescription = "Pneumonia assistant result (new study: the input was not DICOM)"
+    sc.ContentDate = dt.date.today().strftime("%Y%m%d")
+    sc.ContentTime = dt.datetime.now().strftime("%H%M%S")
+    sc.BurnedInAnnotation = "YES"
+    if "Laterality" not in sc:
+        sc.Laterality = ""  # type 2C of General Series: the chest is not a paired structure (present, empty)
+    return sc
+
+
+def structured_report(model: LoadedModel, item: ReportInput, evidence):
+    """A Comprehensive SR (TID 1500) holding the finding (pneumonia present / absent / indeterminate,
+    or no verdict with its reason), p(pneumonia), the threshold and the algorithm (TID 4019). It
+    references ``evidence`` (the input's DICOM image, or the Secondary Capture for other inputs)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    pneumonia = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+    present = {PNEUMONIA: hd.sr.CodedConcept("52101004", "SCT", "Present"),
+               "NORMAL": hd.sr.CodedConcept("2667000", "SCT", "Absent"),
+               BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
+    p = item.analysis.prediction
+    measurements = [
+        hd.sr.Measurement(name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
+                          value=round(float(p.p_pneumonia), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version)),
+        hd.sr.Measurement(name=hd.sr.CodedConcept("threshold", "99XRAYAI", "Operating threshold"),
+                          value=round(float(item.threshold), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units")),
+    ]
+    decision = item.decision
+    evaluations = [hd.sr.QualitativeEvaluation(pneumonia, present[decision])] if decision in present else []
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="pneumonia assessment"),
+        algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version),
+        finding_type=pneumonia, measurements=measurements, qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)])
+    if p.withheld:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"No verdict ({p.outcome}): {p.ood_reason}"[:1024],
+            relationship_type="CONTAINS"))
+    observer = hd.sr.ObserverContext(observer_type=codes.cid270.Device,
+                                     observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                                         uid=hd.UID(), name=ALGORITHM, model_name=model.version))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray"),
+        imaging_measurements=[group])
+    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=hd.UID(),
+                               series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
+                               manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
+                               series_description="Pneumonia assistant result (structured report)")
+    return sr
+
+
+def dicom_bytes(dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes, force: bool) -> None:
+    """Atomically, never over an existing file unless ``force``."""
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (use --force to overwrite it)")
+    atomic_write_bytes(path, data)

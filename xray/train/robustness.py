@@ -1,0 +1,97 @@
+"""Evidence that generalises beyond a random patient split: the checks behind docs/experiments.md.
+
+For one model version: metrics on its own patient-level validation split (rebuilt from the card's
+training config), specificity on each batch of normal images (IM- vs NORMAL2-), metrics on the
+full-resolution official validation images, and the same validation set under acquisition-like
+perturbations (gamma, blur, noise, crop, zoom-out, rotation), with how many decisions flip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xray.decide import metrics as M
+from xray.io.augment import PERTURBATIONS
+from xray.io.loader import load_image
+from xray.serve.inference import logits_of, predict, probabilities
+from xray.model.registry import LoadedModel, Registry
+from xray.train.loop import load_data
+from xray.train.config import TrainConfig
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+def _p(model: LoadedModel, inputs: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return np.concatenate([probabilities(model, logits_of(model, inputs[i:i + batch]))
+                           for i in range(0, len(inputs), batch)])
+
+
+def _summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    m = M.metrics_at(y, p, threshold)
+    return {k: m[k] for k in ("n", "accuracy", "sensitivity", "specificity", "roc_auc")}
+
+
+def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
+    """All checks for one loaded model; returns a JSON-able dict."""
+    cfg = TrainConfig.from_dict(dict(model.card.training.config))
+    splits = load_data(cfg, lambda e: None)
+    val = splits.val
+    y = splits.labels[val]
+    inputs = torch.from_numpy(splits.images[val]).unsqueeze(1)  # (N, 1, S, S) uint8
+    t = model.threshold
+    p = _p(model, inputs)
+    report: dict = {"version": model.version, "threshold": t, "validation": _summary(y, p, t)}
+    report["validation"]["ece"] = M.expected_calibration_error(y, p)
+    names = [splits.scan.samples[i].path.name for i in val]
+    batches = {}
+    for prefix in ("IM-", "NORMAL2-"):
+        mask = np.array([n.startswith(prefix) for n in names]) & (y == 0)
+        if mask.any():
+            batches[prefix] = {"n": int(mask.sum()), "specificity": float(np.mean(p[mask] < t)),
+                               "mean_p": float(p[mask].mean())}
+    report["normal_batches"] = batches
+    report["perturbations"] = {}
+    for name, fn in PERTURBATIONS.items():
+        q = _p(model, _to_uint8(fn(inputs.float())))
+        flips = float(np.mean((q >= t) != (p >= t)))
+        report["perturbations"][name] = {**_summary(y, q, t), "flip_rate": flips}
+    aucs = [v["roc_auc"] for v in report["perturbations"].values()]
+    report["perturbation_worst_auc"] = float(min(aucs))
+    report["perturbation_mean_flip_rate"] = float(np.mean([v["flip_rate"] for v in report["perturbations"].values()]))
+    if samples_dir and Path(samples_dir).is_dir():
+        paths, labels = [], []
+        for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+            for f in sorted((Path(samples_dir) / cls).glob("*")):
+                paths.append(f)
+                labels.append(label)
+        images = [load_image(f) for f in paths]
+        ps = np.array([pr.p_pneumonia for pr in predict(model, images)])
+        report["fullres_samples"] = {**_summary(np.array(labels), ps, t),
+                                     "p_normals": [round(float(v), 3) for v in ps[np.array(labels) == 0]]}
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m xray.robustness", description=__doc__)
+    parser.add_argument("--model", default="", help="version id (default: active)")
+    parser.add_argument("--registry", default="")
+    parser.add_argument("--samples", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"),
+                        help="folder with NORMAL/ and PNEUMONIA/ full-resolution images")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    model = Registry(args.registry or None).load(args.model or None)
+    report = check(model, args.samples)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
