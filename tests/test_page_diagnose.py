@@ -116,14 +116,24 @@ def test_upload_shows_probability_decision_version_and_heatmap(tiny_registry):
     assert metric(at, "p(pneumonia)") == f"{p:.3f}"
     assert decision(at) == ("PNEUMONIA" if p >= model.threshold else "NORMAL")
     assert any(f"Model version {model.version}" in c.value for c in at.caption)
-    images = [i for i in at.image if not any("Same scale on every image" in c for c in i.captions)]
-    assert len(images) == 1 and len(at.image) == 2  # the overlay, on by default, and the colour legend
-    assert at.toggle(key="diagnose_heatmap_on").value is True
+    assert len(at.image) == 2  # the overlay, on by default, and the colour legend
+    assert any(c.value.startswith("Same colour scale on every film") for c in at.caption)
+    assert at.toggle(key="result_heatmap_on").value is True
     assert sorted(b.label for b in at.download_button) == ["Download overlay (PNG)", "Download report (PDF)"]
 
 
-def test_dicom_header_fields_are_shown(tiny_registry):
+def test_dicom_header_fields_and_the_patient_are_shown_before_the_result(tiny_registry):
+    import pydicom
+
     at = drop(start_app(), upload(GENERATED / "chest.dcm", mime="application/dicom"))
+    ds = pydicom.dcmread(GENERATED / "chest.dcm", stop_before_pixels=True)
+    texts = [m.value for m in at.main.markdown]
+    patient = next(i for i, t in enumerate(texts) if t.startswith("**Patient:**"))
+    assert patient == 0  # who it is comes before anything the model says
+    for label, key in (("Patient", "PatientName"), ("Patient ID", "PatientID"), ("Birth date", "PatientBirthDate"),
+                       ("Study date", "StudyDate"), ("Accession number", "AccessionNumber")):
+        value = str(ds.get(key, "") or "") or "not recorded"
+        assert f"**{label}:** {analysis_name_escaped(value)}" in texts[patient]
     fields = [d.value for d in at.dataframe if list(d.value.columns) == ["Field", "Value"]]
     assert fields, "no DICOM header table"
     shown = dict(zip(fields[0]["Field"], fields[0]["Value"]))
@@ -138,7 +148,7 @@ def test_broken_file_gets_its_message_and_the_others_their_results(tiny_registry
     assert at.error[0].value == r"**broken \*scan\*\.jpeg** cannot be analysed: truncated or damaged JPEG file"
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["File"]) == [NORMAL_FULLRES.name, "broken *scan*.jpeg"]
-    assert list(table["Decision"])[1] == "unreadable"
+    assert list(table["Decision"])[1] == "Unreadable"
     assert metric(at, "p(pneumonia)")  # the readable image still has its result
 
 
@@ -151,30 +161,31 @@ def test_threshold_slider_moves_decisions_and_validation_metrics(tiny_registry):
     slider.set_value(0.0).run()
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["Decision"]) == ["PNEUMONIA", "PNEUMONIA"] and decision(at) == "PNEUMONIA"
-    assert metric(at, "Sensitivity (recall)") == "1.000" and metric(at, "Specificity") == "0.000"
+    assert metric(at, "Sensitivity") == "1.000" and metric(at, "Specificity") == "0.000"
     assert metric(at, "PPV") == f"{labels.mean():.3f}"  # everything called positive
 
     at.slider(key="diagnose_threshold").set_value(1.0).run()
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["Decision"]) == ["NORMAL", "NORMAL"] and decision(at) == "NORMAL"
-    assert metric(at, "Sensitivity (recall)") == "0.000" and metric(at, "Specificity") == "1.000"
+    assert metric(at, "Sensitivity") == "0.000" and metric(at, "Specificity") == "1.000"
     assert metric(at, "PPV") == "n/a"
 
     middle = float(np.median(scores))
     at.slider(key="diagnose_threshold").set_value(middle).run()
     called = scores >= middle
     tp, fp = int(np.sum(called & (labels == 1))), int(np.sum(called & (labels == 0)))
-    assert metric(at, "Sensitivity (recall)") == f"{tp / labels.sum():.3f}"
+    assert metric(at, "Sensitivity") == f"{tp / labels.sum():.3f}"
     assert metric(at, "PPV") == f"{tp / (tp + fp):.3f}"
-    matrix = next(m.value for m in at.sidebar.markdown if m.value.startswith("**Confusion matrix**"))
+    matrix = next(m.value for m in at.sidebar.markdown if "true positive" in m.value)  # under Details
     fn, tn = int(labels.sum()) - tp, int((labels == 0).sum()) - fp
-    for count, cell in ((tp, "true positive"), (fn, "false negative"), (fp, "false positive"), (tn, "true negative")):
-        assert f"{count} {cell} (" in matrix
+    assert f"{tp} true positive, {fn} false negative, {fp} false positive, {tn} true negative" in matrix
+    assert any(f"Missed: {fn} of {tp + fn} pneumonia films; false alarms: {fp} of {fp + tn}" in c.value
+               for c in at.sidebar.caption)
 
 
 def test_presets_are_distinct_operating_points_and_set_the_threshold(tiny_registry):
     from pages.common import PRESET_MIN_GAP, PRESET_RULES
-    from xray.decide.metrics import choose_threshold
+    from xray.decide.metrics import choose_threshold, metrics_at
 
     labels, scores, card = validation_of(tiny_registry)
     at = start_app()
@@ -188,8 +199,11 @@ def test_presets_are_distinct_operating_points_and_set_the_threshold(tiny_regist
             at.button(key=f"diagnose_preset_{name}").click().run()
             assert at.number_input(key="diagnose_threshold_exact").value == pytest.approx(expected)
             assert "sens" in presets[name].label and "spec" in presets[name].label
-        else:  # left out only because it is the same choice as another preset
-            assert min(abs(expected - v) for v in values.values()) < PRESET_MIN_GAP
+        else:  # left out because it is the same choice as another, or does not do what its name says
+            default = metrics_at(labels, scores, card["threshold"])
+            kept = "sensitivity" if "sensitivity" in rule else "specificity"
+            assert (min(abs(expected - v) for v in values.values()) < PRESET_MIN_GAP
+                    or metrics_at(labels, scores, expected)[kept] <= default[kept])
     ordered = sorted(values.values())
     assert all(b - a >= PRESET_MIN_GAP for a, b in zip(ordered, ordered[1:]))
     at.slider(key="diagnose_threshold").set_value(0.9).run()
@@ -249,9 +263,9 @@ def test_opacity_and_threshold_never_rerun_the_model(tiny_registry, monkeypatch)
     monkeypatch.setattr(analysis, "overlay_jpeg", recording_overlay)
     at = drop(start_app(), upload(NORMAL_FULLRES))
     assert calls == {"analyse": 1, "heatmap": 1}
-    at.slider(key="diagnose_opacity").set_value(0.9).run()
+    at.slider(key="result_opacity").set_value(0.9).run()
     assert opacities[-1] == 0.9  # a new overlay was drawn...
-    at.toggle(key="diagnose_side_by_side").set_value(True).run()
+    at.toggle(key="result_side_by_side").set_value(True).run()
     assert len(at.image) == 3  # film, overlay, legend
     at.slider(key="diagnose_threshold").set_value(0.0).run()
     assert calls == {"analyse": 1, "heatmap": 1}  # ...from the cached map and score
@@ -279,7 +293,7 @@ class FlaggedPrediction(Prediction):
     """The shape the safety check (issue 5) will give a prediction it flags."""
 
     ood: bool = True
-    ood_reason: str = "looks like a photograph"
+    ood_reason: str = "looks like a photograph (distance 74.0; limit 41.8)"
 
 
 def test_out_of_distribution_images_get_no_verdict(tiny_registry, monkeypatch):
@@ -294,8 +308,9 @@ def test_out_of_distribution_images_get_no_verdict(tiny_registry, monkeypatch):
     monkeypatch.setattr(analysis, "analyse", flagging_analyse)
     at = drop(start_app(), upload(NORMAL_FULLRES))
     assert "**Outside the intended use**: looks like a photograph" in at.warning[0].value
+    assert "(distance" not in at.warning[0].value  # the measurement is under Details, not in the message
     assert not [m for m in at.markdown if "-background[" in m.value]  # no PNEUMONIA / NORMAL verdict
-    assert any(m.value.startswith(":gray[p(pneumonia)") for m in at.markdown)  # inside the collapsed expander
+    assert any(m.value.startswith(":gray[The model's output was") for m in at.markdown)  # under Details
     assert not at.toggle  # no heatmap controls either
 
 
@@ -384,9 +399,92 @@ def test_prevalence_setting_adjusts_probability_ppv_and_npv_but_not_the_decision
 
     figures = metrics_at(labels, scores, at.number_input(key="diagnose_threshold_exact").value)
     ppv, _ = predictive_values(figures["sensitivity"], figures["specificity"], 0.2)
-    assert next(m.value for m in at.metric if m.label == "PPV at 20% prevalence") == (
-        "n/a" if ppv != ppv else f"{ppv:.3f}")
+    assert metric(at, "PPV") == ("n/a" if ppv != ppv else f"{ppv:.3f}")
+    assert any("PPV and NPV at this site's prevalence, 20%" in c.value for c in at.sidebar.caption)
     at.button(key="diagnose_save_prevalence").click().run()
     assert json.loads((tiny_registry / "site.json").read_text())["prevalence"] == 0.2
     assert start_app().number_input(key="diagnose_prevalence").value == 0.2  # a new session starts from it
-    assert any("Calibration:" in c.value for c in at.caption)
+    assert any("Probabilities calibrated on" in c.value for c in at.caption)
+    assert [e for e in _audit_lines() if e.get("event") == "prevalence-saved"][-1]["prevalence"] == 0.2
+
+
+# -- issue 26: the screen says what it should ---------------------------------------------------------
+def test_a_preset_is_offered_only_where_it_does_what_its_name_says(tiny_registry):
+    labels, scores, card = validation_of(tiny_registry)
+    registry = Registry(tiny_registry)
+    # a default above every normal film is as specific as can be: no "High specificity" can beat it
+    registry.update_card(card["version"], {"threshold": float(scores[labels == 0].max()) + 1e-6})
+    at = start_app()
+    keys = {b.key for b in at.button}
+    assert "diagnose_preset_High specificity" not in keys
+    # a default at 0 finds every pneumonia film: no "High sensitivity" can beat it
+    registry.update_card(card["version"], {"threshold": 0.0})
+    at = start_app()
+    assert "diagnose_preset_High sensitivity" not in {b.key for b in at.button}
+
+
+def test_a_threshold_typed_outside_0_1_is_named_and_the_one_in_force_shown(tiny_registry):
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    in_force = at.number_input(key="diagnose_threshold_exact").value
+    for typed in (1.5, -0.2):
+        at.number_input(key="diagnose_threshold_exact").set_value(typed).run()
+        assert not at.exception, at.exception
+        message = at.sidebar.error[0].value
+        assert "must be between 0 and 1" in message and f"In force: {in_force:.6f}" in message, message
+        assert at.number_input(key="diagnose_threshold_exact").value == in_force
+        assert _audit_lines()[-1]["threshold"] == in_force  # nothing was decided at the typed value
+    at.run()
+    assert not at.sidebar.error  # said once, at the time
+
+
+def test_a_file_over_the_upload_limit_is_named_with_what_to_do(tiny_registry):
+    from pages.diagnose import UPLOAD_LIMIT_MB
+
+    big = ("film.dcm", b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 1), "application/dicom")
+    at = drop(start_app(), big, upload(NORMAL_FULLRES))
+    message = next(e.value for e in at.error if "film.dcm" in e.value)
+    assert f"over the {UPLOAD_LIMIT_MB} MB limit" in message and "python -m xray predict" in message
+    assert metric(at, "p(pneumonia)")  # the other film still has its result
+    import tomllib
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] > UPLOAD_LIMIT_MB  # the file reaches the page to be named
+
+
+def test_worklist_shows_every_row_whole_reasons_and_coloured_decisions(tiny_registry, monkeypatch):
+    from pages.result_view import DECISION_BACKGROUND
+
+    real_analyse = analysis.analyse
+
+    def flag_one(model, data, name):
+        result = real_analyse(model, data, name)
+        if name == "flagged.jpeg":
+            p = result.prediction
+            result.prediction = FlaggedPrediction(p.p_pneumonia, p.model_version)
+        return result
+
+    monkeypatch.setattr(analysis, "analyse", flag_one)
+    films = sorted((DATASET / "NORMAL").glob("*.jp*g"))[:3] + sorted((DATASET / "PNEUMONIA").glob("*.jp*g"))[:3]
+    files = [upload(f) for f in films] + [upload(NORMAL_FULLRES, name="flagged.jpeg"),
+                                          upload(GENERATED / "truncated.jpeg")]
+    at = drop(start_app(), *files)
+    table = next(d for d in at.dataframe if "Decision" in d.value.columns)
+    assert len(table.value) == 8
+    decisions = list(table.value["Decision"])
+    assert decisions[-2:] == ["No verdict", "Unreadable"]
+    assert table.value["p(pneumonia)"].isna().tolist()[-2:] == [True, True]  # withheld means withheld
+    styles = table.proto.arrow_data.styler.styles
+    for decision_word in set(decisions) & set(DECISION_BACKGROUND):
+        assert DECISION_BACKGROUND[decision_word] in styles
+    reasons = [m.value for m in at.markdown if m.value.startswith("**flagged")]
+    assert reasons == [r"**flagged\.jpeg** (no verdict): looks like a photograph."]
+    assert any(m.value.startswith(r"**truncated\.jpeg** (unreadable): truncated or damaged JPEG file")
+               for m in at.markdown)
+
+
+def test_side_by_side_gives_each_film_half_the_page(tiny_registry):
+    at = drop(start_app(), upload(NORMAL_FULLRES))
+    at.toggle(key="result_side_by_side").set_value(True).run()
+    assert not at.exception, at.exception
+    # the two films sit in a two-column row of the main area, not inside the 3:2 image column
+    with_films = [c for c in at.main.columns if any(type(e).__name__ == "Image" for e in c.children.values())]
+    assert [c.proto.weight for c in with_films] == [pytest.approx(0.5), pytest.approx(0.5)]

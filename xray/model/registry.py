@@ -187,17 +187,20 @@ class Registry:
             raise ModelFileError(f"model card of {version} is not valid: {exc}") from None
 
     def _marker_state(self) -> dict:
-        """The site's marker; before the site has activated anything, the shipped one."""
+        """The site's marker; before the site has activated anything, the shipped one without its history
+        (the versions live where it was built were never live at this site: nothing to roll back to)."""
         for marker in (self.marker, self.shipped / "active.json" if self.shipped else None):
             if marker is None:
                 continue
             try:
                 state = json.loads(marker.read_text())
-                return state if isinstance(state, dict) else {}
             except FileNotFoundError:
                 continue
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return {}
+            if not isinstance(state, dict):
+                return {}
+            return state if marker == self.marker else {k: v for k, v in state.items() if k != "history"}
         return {}
 
     def active_version(self) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,12 @@ class ReportInput:
     threshold: float
     prevalence: float  # the site's prevalence the adjusted probability assumes
     dicom: object | None = None  # pydicom Dataset of the input (header only), when the input was DICOM
+    patient: list[tuple[str, str]] | None = None  # ``read_patient`` of the input; None: from ``dicom``
+
+    @property
+    def patient_fields(self) -> list[tuple[str, str]]:
+        """The patient and study as the screen shows them (``patient_fields``)."""
+        return self.patient if self.patient is not None else patient_fields(self.dicom)
 
     @property
     def decision(self) -> str | None:
@@ -78,15 +85,38 @@ def result_line(item: ReportInput) -> str:
     return f"p(pneumonia) {p.p_pneumonia:.3f}: {item.decision} at threshold {item.threshold:.6f}"
 
 
-def _patient_lines(ds) -> list[str]:
+PATIENT_FIELDS = (("PatientName", "Patient"), ("PatientID", "Patient ID"), ("PatientBirthDate", "Birth date"),
+                  ("StudyDate", "Study date"), ("AccessionNumber", "Accession number"))
+
+
+def patient_fields(ds) -> list[tuple[str, str]]:
+    """(label, value) of the patient and study as the DICOM carries them (PS3.3 C.7.1.1, C.7.2.1), in
+    ``PATIENT_FIELDS`` order; an absent or empty field reads "not recorded". Empty for non-DICOM inputs.
+    The one list the screen and the PDF both print."""
     if ds is None:
         return []
-    lines = []
-    for key, label in (("PatientName", "Patient"), ("PatientID", "Patient ID"), ("PatientBirthDate", "Birth date")):
-        value = str(ds.get(key, "") or "").strip()
-        if value:
-            lines.append(f"{label}: {value}")
-    return lines
+    fields = []
+    for key, label in PATIENT_FIELDS:
+        value = " ".join(str(ds.get(key, "") or "").split())
+        fields.append((label, value or "not recorded"))
+    return fields
+
+
+def read_patient(data: bytes) -> list[tuple[str, str]]:
+    """``patient_fields`` of a DICOM file's bytes (any DICOM, study UIDs or not); empty for other formats."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:
+        return []
+    if "SOPClassUID" not in ds and "PatientName" not in ds and "PatientID" not in ds:
+        return []
+    return patient_fields(ds)
+
+
+def _patient_lines(item: ReportInput) -> list[str]:
+    return [f"{label}: {value}" for label, value in item.patient_fields]
 
 
 # -- PDF --------------------------------------------------------------------------------------------------
@@ -126,7 +156,7 @@ def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
     card, a = model.card, item.analysis
     pdf.add_page()
     _text(pdf, "Chest radiograph: pneumonia assistant report", 15, True, 8)
-    for line in _patient_lines(item.dicom):
+    for line in _patient_lines(item):
         _text(pdf, line, 10)
     _text(pdf, f"File: {a.name}", 9)
     _text(pdf, f"SHA-256: {a.sha256}", 8)
@@ -300,6 +330,25 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
                                manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
                                series_description="Pneumonia assistant result (structured report)")
     return sr
+
+
+def dicom_results_zip(model: LoadedModel, item: ReportInput, stem: str) -> bytes:
+    """A zip of the DICOM results of one DICOM input: ``{stem}.sc.dcm`` (Secondary Capture with the
+    heatmap and the result) and ``{stem}.sr.dcm`` (the structured report referencing the input), both
+    in the input's study.
+
+    Raises:
+        ValueError: the input was not DICOM (``item.dicom`` is None).
+    """
+    if item.dicom is None:
+        raise ValueError("DICOM results are made for DICOM inputs only")
+    sc = secondary_capture(model, item)
+    sr = structured_report(model, item, item.dicom)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(f"{stem}.sc.dcm", dicom_bytes(sc))
+        archive.writestr(f"{stem}.sr.dcm", dicom_bytes(sr))
+    return buffer.getvalue()
 
 
 def dicom_bytes(dataset) -> bytes:

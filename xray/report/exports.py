@@ -1,0 +1,87 @@
+"""What a page lets a clinician download, each built from what the screen shows and recorded in the audit
+log before its bytes are made (``AuditTrail``, shown_in ``report`` or ``csv``): the PDF of one image, the
+DICOM results of a DICOM input, the worklist PDF and the worklist CSV.
+
+Withheld means withheld in every download: the worklist CSV leaves p(pneumonia) empty for a film that got
+no verdict (outside the intended use, not a chest radiograph), as the screen does. The command line's
+research CSV (``python -m xray predict``) keeps the score; its column header says so.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Iterable
+
+from xray.govern.audit import AuditTrail
+from xray.model.registry import LoadedModel
+from xray.report import writers
+from xray.report.writers import ReportInput
+from xray.serve.analysis import Analysis, worklist_rows
+from xray.serve.pipeline import CSV_HEADER, csv_row
+
+WITHHELD_COLUMNS = ("p_pneumonia", "p_pneumonia_at_prevalence")  # empty for a film without a verdict
+
+
+def file_stem(name: str) -> str:
+    """The stem downloads of one file are named after (``xray`` for a name without one)."""
+    return Path(name).stem or "xray"
+
+
+def _record(trail: AuditTrail, items: Iterable[ReportInput], shown_in: str) -> None:
+    for item in items:
+        if item.analysis.prediction is not None:
+            trail.shown(item.analysis.sha256, item.analysis.prediction, item.threshold, shown_in)
+
+
+def report_pdf(model: LoadedModel, item: ReportInput, trail: AuditTrail) -> bytes:
+    """The PDF report of one image, recorded first.
+
+    Raises:
+        OSError: the audit log cannot be written (no bytes are made).
+    """
+    _record(trail, [item], "report")
+    return writers.pdf_bytes(model, [item])
+
+
+def dicom_results(model: LoadedModel, item: ReportInput, trail: AuditTrail) -> bytes:
+    """The zip of the Secondary Capture and structured report of one DICOM input, recorded first.
+
+    Raises:
+        OSError: the audit log cannot be written; ValueError: the input was not DICOM.
+    """
+    if item.dicom is None:
+        raise ValueError("DICOM results are made for DICOM inputs only")
+    _record(trail, [item], "report")
+    return writers.dicom_results_zip(model, item, file_stem(item.analysis.name))
+
+
+def worklist_pdf(model: LoadedModel, items: list[ReportInput], trail: AuditTrail) -> bytes:
+    """The worklist PDF (a summary page, then one page per image), every image recorded first."""
+    _record(trail, items, "report")
+    return writers.worklist_pdf_bytes(model, items)
+
+
+def worklist_csv(analyses: Iterable[Analysis], threshold: float, prevalence: tuple[float, float],
+                 trail: AuditTrail) -> str:
+    """The worklist as CSV in worklist order, the command line's columns (``pipeline.CSV_HEADER``), every
+    scored row recorded first; a withheld film's p(pneumonia) columns are empty.
+
+    Args:
+        prevalence: (the version's calibration prevalence, the site's prevalence in force).
+    """
+    by_sha = {a.sha256: a for a in analyses}
+    withheld_index = [CSV_HEADER.index(c) for c in WITHHELD_COLUMNS if c in CSV_HEADER]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_HEADER)
+    for row in worklist_rows(by_sha.values(), threshold):
+        a = by_sha[row["sha256"]]
+        if a.prediction is not None:
+            trail.shown(a.sha256, a.prediction, threshold, "csv")
+        values = list(csv_row(a.name, a.prediction, a.error, threshold, prevalence))
+        if a.prediction is not None and a.prediction.withheld:
+            for i in withheld_index:
+                values[i] = ""
+        writer.writerow(values)
+    return out.getvalue()
