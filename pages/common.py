@@ -143,3 +143,21 @@ _MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:=\"'&")
 def escape_markdown(text: str) -> str:
     """User-supplied text (file names, DICOM values) shown literally inside Streamlit markdown."""
     return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in " ".join(str(text).split()))
+
+
+def rule_in_words(rule: str) -> str:
+    """A threshold rule (``xray.decide.metrics.choose_threshold``) as a clinician would say it."""
+    for prefix, words in (("min-sensitivity>=", "the most specific threshold that still finds at least {:.0%} of "
+                                                "pneumonia films, also when exposure or framing change"),
+                          ("sensitivity>=", "the most specific threshold that finds at least {:.0%} of pneumonia "
+                                            "films"),
+                          ("specificity>=", "the most sensitive threshold that calls at least {:.0%} of normal films "
+                                            "normal")):
+        if rule.startswith(prefix):
+            try:
+                return words.format(float(rule[len(prefix):].split()[0]))
+            except ValueError:
+                return rule
+    if rule == "youden":
+        return "the threshold that best balances sensitivity and specificity (Youden's index)"
+    return rule

@@ -46,7 +46,7 @@ def test_versions_compared_activated_and_rolled_back(tiny_registry):
     assert at.selectbox(key="models_selected").value == new  # the comparison opens on the newest other version
     compare = at.dataframe[1].value
     assert list(compare.columns) == ["", new, f"{old} (active)"]
-    auc_row = compare[compare[""] == "Validation AUC"].iloc[0]
+    auc_row = compare[compare[""] == "Area under the ROC curve"].iloc[0]
     assert auc_row[new] == f"{registry.card(new)['validation']['roc_auc']:.3f}"
     assert at.button(key="models_rollback").disabled  # nothing was active before the first model
 
@@ -54,20 +54,62 @@ def test_versions_compared_activated_and_rolled_back(tiny_registry):
     assert at.button(key="models_activate").disabled
     assert any("does not pass the promotion gate" in e.value and "evaluated on only" in e.value for e in at.error)
     gate = next(d.value for d in at.dataframe if "figure" in d.value.columns)
-    assert list(gate["figure"]) == ["sensitivity", "specificity", "roc_auc"] and "n=" in gate.iloc[0][new]
+    assert list(gate["figure"]) == ["Sensitivity at its threshold", "Specificity at its threshold",
+                                    "Area under the ROC curve"] and "n=" in gate.iloc[0][new]
     assert at.button(key="models_activate_override").disabled  # needs a reason and a confirmation
     at.text_input(key="models_override_reason").input("demonstration on the test fixtures").run()
-    at.checkbox(key="models_override_confirm").check().run()
+    confirm = at.checkbox(key="models_override_confirm")
+    assert f"will use {new} instead of {old}" in confirm.label  # says exactly what changes
+    confirm.check().run()
     at = click(at, "models_activate_override")
     assert registry.active_version() == new
-    assert f"Model {new} is now active" in at.success[0].value and "override recorded" in at.success[0].value
+    assert any(f"Model {new} is now live in place of {old}" in s.value and "Override recorded" in s.value
+               for s in at.success)
     assert registry.card(new)["activation_overrides"][-1]["reason"] == "demonstration on the test fixtures"
+    assert audit_events()[-1]["event"] == "activation-override"
     assert list(at.dataframe[0].value["active"]) == [True, False]
-    assert at.button(key="models_rollback").label == f"Roll back to {old}"
 
+    rollback = at.button(key="models_rollback")
+    assert rollback.label == f"Roll back to {old}" and rollback.disabled  # confirmed, with a reason
+    at.text_input(key="models_rollback_reason").input("override was a test").run()
+    confirm = at.checkbox(key="models_rollback_confirm")
+    assert f"will use {old} instead of {new}" in confirm.label
+    confirm.check().run()
     at = click(at, "models_rollback")
     assert registry.active_version() == old
-    assert f"model {old} is active again" in at.success[0].value
+    message = next(s.value for s in at.success if "Rolled back" in s.value)
+    assert f"model {old} is now live in place of {new}" in message and "again" not in message
+    line = audit_events()[-1]
+    assert (line["event"], line["version"], line["previous"], line["reason"]) == ("rollback", old, new,
+                                                                                  "override was a test")
+
+
+def audit_events() -> list[dict]:
+    import os
+
+    path = Path(os.environ["XRAY_AUDIT_LOG"])
+    return [e for e in map(json.loads, path.read_text().splitlines()) if "event" in e]
+
+
+def test_activation_that_passes_the_gate_is_confirmed_and_audited(tiny_registry, monkeypatch):
+    from xray.govern import promotion
+
+    for name, value in (("MIN_ACCEPTANCE_IMAGES", 1), ("MIN_PER_CLASS", 1), ("SENSITIVITY_MARGIN", 1.0),
+                        ("AUC_MARGIN", 1.0)):
+        monkeypatch.setattr(promotion, name, value)
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    new = train_tiny(tiny_registry, epochs=1, seed=2, tag="passing")
+    at = open_page()
+    assert at.button(key="models_activate").disabled  # not before the confirmation
+    at.text_input(key="models_activate_reason").input("better on our films").run()
+    at.checkbox(key="models_activate_confirm").check().run()
+    at = click(at, "models_activate")
+    assert registry.active_version() == new
+    assert any(f"Model {new} is now live in place of {old}" in s.value for s in at.success)
+    line = audit_events()[-1]
+    assert (line["event"], line["version"], line["previous"], line["reason"]) == ("activation", new, old,
+                                                                                  "better on our films")
 
 
 def test_damaged_version_is_not_activated(tiny_registry):
@@ -107,11 +149,38 @@ def test_calibrate_to_this_site_shows_before_and_after_and_creates_a_version(tin
     at = open_page()
     at.text_input(key="models_calibrate_folder").input(str(site)).run()
     assert not at.exception
-    table = next(d.value for d in at.dataframe if "after recalibration (cross-validated)" in d.value.columns)
-    assert list(table[""]) == ["threshold", "sensitivity (95% CI)", "specificity (95% CI)", "ECE (10 bins)"]
+    from xray.govern import promotion
+
+    assert any(f"at least {promotion.MIN_ACCEPTANCE_IMAGES} readable films with {promotion.MIN_PER_CLASS} of each"
+               in i.value for i in at.info)  # the minimum is said before the work starts
+    table = next(d.value for d in at.dataframe if "after calibration" in d.value.columns)
+    assert list(table[""]) == ["threshold", "sensitivity (95% CI)", "specificity (95% CI)"]
     at = click(at, "models_calibrate")
     new = [v for v in registry.versions() if v not in (active,)][-1]
-    assert any(f"Created {new}" in s.value for s in at.success)
+    message = next(s.value for s in at.success if f"Created {new}" in s.value)
+    # one set of figures: the preview, the new card (what the gate reads) and the message agree
+    figures = promotion.acceptance_figures(registry.card(new))
+    for row, key in (("sensitivity (95% CI)", "sensitivity"), ("specificity (95% CI)", "specificity")):
+        shown = table[table[""] == row].iloc[0]["after calibration"].split()[0]
+        assert shown == f"{figures[key].value:.3f}" and f"{key} {shown}" in message
+    assert table[table[""] == "threshold"].iloc[0]["after calibration"] == f"{registry.card(new).threshold:.6f}"
     assert registry.card(new)["site_calibration"]["parent"] == active and registry.active_version() == active
     at.text_input(key="models_calibrate_folder").input(str(tmp_path.parent)).run()
     assert any("outside the allowed data folders" in e.value and "restart the server" in e.value for e in at.error)
+
+
+def test_a_folder_under_the_gates_minimum_is_refused_before_decoding(tiny_registry, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import DATASET
+    from xray.govern import sitecal
+
+    monkeypatch.setenv("XRAY_DATA_ROOTS", str(tmp_path))
+    site = tmp_path / "site"
+    shutil.copytree(DATASET, site)
+    decoded = []
+    monkeypatch.setattr(sitecal, "decoded_dataset", lambda *a, **k: decoded.append(1))
+    at = open_page()
+    at.text_input(key="models_calibrate_folder").input(str(site)).run()
+    assert any("needs at least 200 with 50 of each class" in e.value for e in at.error)
+    assert not decoded

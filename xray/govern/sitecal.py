@@ -18,12 +18,14 @@ import torch
 
 from xray.decide import calibration as C
 from xray.decide import metrics as M
+from xray.govern import promotion
 from xray.io.folders import CLASSES, decoded_dataset, scan_dataset
 from xray.serve.inference import logits_of
 from xray.model.registry import LoadedModel, Registry
 
-MIN_PER_CLASS = 20  # fewer and a two-parameter calibration plus a threshold rest on a handful of images
-MIN_IMAGES = 50
+# One minimum, the promotion gate's: a calibrated version on fewer images could never go live without an override
+MIN_PER_CLASS = promotion.MIN_PER_CLASS
+MIN_IMAGES = promotion.MIN_ACCEPTANCE_IMAGES
 FOLDS = 5
 METHOD = "Platt scaling refitted on the site's labelled images (network weights unchanged)"
 
@@ -49,6 +51,11 @@ def score_folder(model: LoadedModel, data_dir: str, workers: int = 0) -> SiteDat
         ValueError: the folder cannot be read, is too small or lacks a class (the message says the minimum).
     """
     scan = scan_dataset(data_dir)
+    listed = {name: sum(s.label == i for s in scan.samples) for i, name in enumerate(CLASSES)}
+    if min(listed.values()) < MIN_PER_CLASS or sum(listed.values()) < MIN_IMAGES:  # before any decoding
+        raise ValueError(
+            f"{scan.root} holds {listed['NORMAL']} normal and {listed['PNEUMONIA']} pneumonia images; recalibration "
+            f"needs at least {MIN_IMAGES} with {MIN_PER_CLASS} of each class")
     images, errors = decoded_dataset(scan, model.image_size, workers)
     ok = np.array([not e for e in errors], dtype=bool)
     unreadable = [(scan.relative(s.path), e) for s, e in zip(scan.samples, errors) if e]
@@ -105,8 +112,9 @@ class Recalibration:
     bias: float
     threshold: float
     before: dict  # the parent's calibration and threshold on the local images (in-sample: nothing was fitted)
-    after: dict  # cross-validated figures of the new calibration and threshold
+    after: dict  # figures of the new threshold on the cross-fitted probabilities: what the new card records
     data: SiteData
+    p_crossfit: np.ndarray | None = None  # (N,) each image's probability from the calibration fitted without its fold
 
 
 def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> Recalibration:
@@ -118,10 +126,13 @@ def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> 
     before = {**_figures(data.labels, p_before, p_before >= model.threshold), "threshold": model.threshold}
     scale, bias = C.fit_platt(data.logits, data.labels)
     threshold = M.choose_threshold(data.labels, C.apply(data.logits, scale, bias), rule)
-    p, called = crossfit_decisions(data, rule)
-    after = {**_figures(data.labels, p, called), "threshold": None,
-             "method": f"{FOLDS}-fold cross-validation: calibration and threshold fitted on the other folds"}
-    return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data)
+    # One set of figures: the new threshold on cross-fitted probabilities (each image scored by a calibration
+    # fitted without its fold). The new card stores these probabilities as its validation predictions, so
+    # the preview, the card and the promotion gate all read the same sensitivity and specificity.
+    p, _ = crossfit_decisions(data, rule)
+    after = {**_figures(data.labels, p, p >= threshold), "threshold": float(threshold),
+             "method": f"{FOLDS}-fold cross-fitted calibration, at the new threshold"}
+    return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data, p)
 
 
 def write_version(registry: Registry, model: LoadedModel, result: Recalibration) -> str:
@@ -132,7 +143,8 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
     extras = {name: (parent_dir / name).read_bytes() for name in model.card.extra_files}
     old_scale, old_bias = model.calibration
     data = result.data
-    p_local = C.apply(data.logits, result.scale, result.bias)
+    # the cross-fitted probabilities (``recalibrate``): the card's figures are the preview's
+    p_local = result.p_crossfit if result.p_crossfit is not None else C.apply(data.logits, result.scale, result.bias)
     band = model.card.borderline
     card = model.card.derived("calibrated to a site (same weights)", {
         "threshold": result.threshold,
