@@ -18,6 +18,7 @@ from xray.train.config import TrainConfig
 DEFAULTS = TrainConfig()  # the same defaults as `python -m xray train`
 FOLDER_KEY = "retrain_folder"
 RECENT_KEY = "retrain_recent"
+WATCHED_KEY = "retrain_watched_jobs"  # ids of jobs this session saw running: their outcome is news here
 SEEN_KEY = "retrain_seen_job"  # (job id, state) last drawn, to redraw the whole page when it changes
 STEM_LABELS = {"patch4": "patch4: one 4x4 patch convolution (fast)",
                "conv": "conv: two 3x3 convolutions (about 4x the compute)"}
@@ -56,7 +57,8 @@ def show_outcome(job: jobs.Job) -> None:
         card = Registry(job.record["registry"]).card(job.version)
         registry = Registry(job.record["registry"])
         gate = promotion.gate(registry, job.version)
-        figures = "; ".join(f"{name.replace('_', ' ')} {figure}" for name, figure in gate.figures.items())
+        words = {"sensitivity": "sensitivity", "specificity": "specificity", "roc_auc": "area under the ROC curve"}
+        figures = "; ".join(f"{words.get(name, name)} {figure}" for name, figure in gate.figures.items())
         text = (f"Training finished: new version **{job.version}** (threshold {card.threshold:.6f}; {figures or 'no validation figures'}). ")
         if gate.passed:
             st.success(text + "It passes the promotion gate but is not active yet: compare it with the active model "
@@ -85,6 +87,7 @@ def job_panel(registry_root: str) -> None:
         return
     progress = job.progress()
     if job.running:
+        st.session_state.setdefault(WATCHED_KEY, set()).add(job.id)
         st.subheader("Training in progress")
         st.caption(f"Job {job.id} on {job.record['config']['data_dir']}. It keeps running if you leave this page "
                    "or close the browser; every tab shows the same job.")
@@ -105,8 +108,13 @@ def job_panel(registry_root: str) -> None:
         if st.button("Cancel training", key="retrain_cancel", icon=":material/stop_circle:"):
             jobs.cancel_job(registry_root, job.id)
             st.info("Stopping: the run ends after the current step and writes no version.")
-    else:
-        show_outcome(job)
+    elif job.id in st.session_state.get(WATCHED_KEY, set()):
+        show_outcome(job)  # this session saw it run: say how it ended
+    else:  # a later visit: the last run is history, not news
+        ended = {jobs.SUCCEEDED: f"finished (version {job.version})", jobs.CANCELLED: "was cancelled"}.get(
+            job.state, "failed")
+        st.caption(f"Last training run {job.id} {ended}. Details under Past training runs below.")
+        return
     if progress.history:
         with st.expander("Learning curves", expanded=job.running):
             st.plotly_chart(learning_curves(progress.history), key="retrain_curves", config={"displayModeBar": False})
@@ -204,6 +212,16 @@ if folder.strip():
         check_folder.clear()
         st.rerun()
 
+gate_ok = True
+if report is not None:
+    shortfall = promotion.acceptance_shortfall(report.val.get("PNEUMONIA", 0), report.val.get("NORMAL", 0))
+    if shortfall:
+        st.warning(f"**The new version could never pass the promotion gate**: its validation part would hold "
+                   f"{sum(report.val.values())} films; {shortfall.split('; ', 1)[-1]}. It could go live only by an "
+                   "override. Use a larger folder, or a larger validation fraction below.", icon=":material/gpp_bad:")
+        gate_ok = st.checkbox("Train anyway (to try settings; the version will not be fit for patients)",
+                              key="retrain_accept_small")
+
 st.header("2. Settings")
 with st.form("retrain_settings"):
     left, middle, right = st.columns(3)
@@ -234,7 +252,7 @@ with st.form("retrain_settings"):
                                        "images, at that many times the training and prediction time "
                                        "(docs/experiments.md). Fine-tuning keeps the active model's members.")
     start = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
-                                  disabled=running is not None or report is None)
+                                  disabled=running is not None or report is None or not gate_ok)
 if running is not None:
     st.caption("A training job is running; a new one can start when it ends or is cancelled.")
 elif report is None:

@@ -83,6 +83,16 @@ class GateResult:
         return f"{self.version} does not pass the promotion gate: " + "; ".join(self.reasons)
 
 
+def acceptance_shortfall(pneumonia: int, normal: int) -> str:
+    """Why an acceptance set of ``pneumonia`` + ``normal`` images can never pass the gate ('' when it can):
+    said before a run or a calibration, not only after."""
+    n = pneumonia + normal
+    if n < MIN_ACCEPTANCE_IMAGES or min(pneumonia, normal) < MIN_PER_CLASS:
+        return (f"it was evaluated on only {n} images ({pneumonia} pneumonia, {normal} normal); the gate needs "
+                f"at least {MIN_ACCEPTANCE_IMAGES} with {MIN_PER_CLASS} of each class")
+    return ""
+
+
 def check_promotion(candidate: ModelCard, active: ModelCard | None) -> GateResult:
     """The gate's verdict for ``candidate`` against the ``active`` version's card (None: no active model)."""
     figures = acceptance_figures(candidate)
@@ -90,10 +100,9 @@ def check_promotion(candidate: ModelCard, active: ModelCard | None) -> GateResul
     if not figures:
         reasons.append("its card holds no evaluation on an acceptance set")
     else:
-        n, pos, neg = figures["roc_auc"].n, figures["sensitivity"].n, figures["specificity"].n
-        if n < MIN_ACCEPTANCE_IMAGES or min(pos, neg) < MIN_PER_CLASS:
-            reasons.append(f"it was evaluated on only {n} images ({pos} pneumonia, {neg} normal); the gate needs "
-                           f"at least {MIN_ACCEPTANCE_IMAGES} with {MIN_PER_CLASS} of each class")
+        shortfall = acceptance_shortfall(figures["sensitivity"].n, figures["specificity"].n)
+        if shortfall:
+            reasons.append(shortfall)
     active_figures: dict[str, Figure] = {}
     same = False
     if active is not None and active.version != candidate.version:
