@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import require_model
+from pages.common import require_model, rule_in_words
 
 model = require_model()
 card = model.card  # xray.model.card.ModelCard: typed, validated when the version was loaded
@@ -28,8 +28,10 @@ st.markdown(
     f"- {network_phrase(model.net.config.members)} trained from scratch on one-channel radiographs, "
     f"{card.parameters or 0:,} parameters, input {card.image_size} x {card.image_size} pixels\n"
     f"- Heatmaps (Grad-CAM) show which regions of the image raised the probability most\n"
-    f"- Default operating threshold **{model.threshold:.6f}** (rule: {card.threshold_rule})\n"
-    f"- Probabilities calibrated by {card.calibration_method}")
+    f"- Default operating threshold **{model.threshold:.6f}**: {rule_in_words(card.threshold_rule)}\n"
+    f"- Probabilities calibrated on validation films ({card.calibration_prevalence:.0%} had pneumonia)")
+with st.expander("Details"):
+    st.markdown(f"Threshold rule `{card.threshold_rule}`. Calibration: {card.calibration_method}.")
 
 st.header("Intended use")
 st.markdown(card.intended_use)
@@ -47,9 +49,10 @@ def figure(key: str) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-rows = [("ROC AUC", "roc_auc"), ("PR AUC (average precision)", "pr_auc"), ("Sensitivity (recall)", "sensitivity"),
+rows = [("Area under the ROC curve", "roc_auc"), ("Area under the precision-recall curve", "pr_auc"),
+        ("Sensitivity (recall)", "sensitivity"),
         ("Specificity", "specificity"), ("Precision (PPV)", "precision"), ("NPV", "npv"), ("F1", "f1"),
-        ("Accuracy", "accuracy"), ("Expected calibration error (ECE)", "ece")]
+        ("Accuracy", "accuracy"), ("Calibration error (gap between probability and observed rate)", "ece")]
 left, right = st.columns(2)
 with left:
     st.dataframe({"Measure": [name for name, _ in rows], "Value": [figure(key) for _, key in rows]},
@@ -66,7 +69,7 @@ with right:
                       "Called NORMAL": [cm["fn"], cm["tn"]]}, hide_index=True, key="about_confusion")
 if card.test is not None:
     nan = float("nan")
-    st.caption(f"Held-out test part of the training folder: ROC AUC {card.test.get('roc_auc', nan):.3f}, "
+    st.caption(f"Held-out test part of the training folder: area under the ROC curve {card.test.get('roc_auc', nan):.3f}, "
                f"sensitivity {card.test.get('sensitivity', nan):.3f}, "
                f"specificity {card.test.get('specificity', nan):.3f} ({card.test.get('note', '')}).")
 

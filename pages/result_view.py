@@ -75,6 +75,7 @@ def decision_ui(decision: str, threshold: float, limits) -> None:
     colour, icon = DECISION_STYLE[decision]
     with st.container(key="result_decision"):
         st.markdown(f"#### :{colour}-background[{icon} {decision}]")
+        st.caption(f"Decision at threshold {threshold:.6f}.")
         if decision == BORDERLINE:
             st.caption(f"Borderline: p(pneumonia) lies between {limits[0]:.3f} and {limits[1]:.3f}, where a small "
                        "change of exposure or framing flips this model's call on validation films. Read the film "
@@ -108,7 +109,6 @@ def verdict_ui(model: LoadedModel, result: analysis.Analysis, threshold: float, 
     decision = prediction.decision(threshold)
     limits = band_limits(threshold, prediction.band)
     decision_ui(decision, threshold, limits)
-    st.caption(f"Decision at threshold {threshold:.6f}.")
     with st.expander("Details"):
         if limits is not None and decision != BORDERLINE:
             st.markdown(f"Outside the borderline band {limits[0]:.3f}-{limits[1]:.3f}.")

@@ -57,7 +57,7 @@ def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
             assert abs(natural[0] / natural[1] - width / height) < 0.01
 
             slider = page.locator('[data-testid="stSidebar"]').get_by_role("slider").first
-            decision = main.locator(".st-key-diagnose_decision")
+            decision = main.locator(".st-key-result_decision")
             slider.focus()
             slider.press("Home")  # threshold 0: every image is called PNEUMONIA
             expect(decision).to_contain_text("at threshold 0.000", timeout=120_000)

@@ -33,13 +33,15 @@ def test_about_states_the_card(tiny_registry):
     assert card["intended_use"] in text
     assert all(limit in text for limit in card["limits"])
     assert "sigmoid" not in text and "stages[-1]" not in text  # no developer terms for clinicians
+    primary = "\n".join([m.value for m in at.main.markdown if "Threshold rule `" not in m.value])
+    assert card["threshold_rule"] not in primary and card["calibration"]["method"] not in primary  # under Details
     assert f"threshold **{card['threshold']:.6f}**" in text
     assert card["data"]["fingerprint"] in text
     table = next(d.value for d in at.dataframe if "Measure" in d.value.columns)
     figures = dict(zip(table["Measure"], table["Value"]))
     validation = card["validation"]
-    assert figures["Expected calibration error (ECE)"] == f"{validation['ece']:.3f}"
-    assert figures["ROC AUC"] == f"{validation['roc_auc']:.3f}"
+    assert figures["Calibration error (gap between probability and observed rate)"] == f"{validation['ece']:.3f}"
+    assert figures["Area under the ROC curve"] == f"{validation['roc_auc']:.3f}"
     assert figures["Sensitivity (recall)"] == f"{validation['sensitivity']:.3f}"
     counts = next(d.value for d in at.dataframe if "Part" in d.value.columns)
     total = {c: sum(row.get(c, 0) for row in card["data"]["counts"].values()) for c in ("NORMAL", "PNEUMONIA")}
@@ -50,7 +52,7 @@ def test_about_follows_a_new_default_threshold(tiny_registry):
     registry = Registry(tiny_registry)
     registry.update_card(registry.active_version(), {"threshold": 0.123, "threshold_rule": "set in the app (test)"})
     text = text_of(about_page())
-    assert "threshold **0.123000** (rule: set in the app (test))" in text
+    assert "threshold **0.123000**: set in the app (test)" in text
 
 
 def test_about_without_a_model_says_so(tmp_path, monkeypatch):
