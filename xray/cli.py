@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from xray.clock import utc_stamp
+from xray.decide.prevalence import prevalence_in_force
 from xray.serve import analysis as A
 from xray.train import events as E
 from xray.govern import promotion
@@ -81,10 +82,7 @@ def cmd_predict(args) -> int:
     if not done:
         writer.writerow(CSV_HEADER)
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
-    site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()
-    if site is not None and not 0.0 < site < 1.0:
-        raise SystemExit("error: --prevalence must lie strictly between 0 and 1")
-    prevalence = (model.card.calibration_prevalence, site if site is not None else model.card.calibration_prevalence)
+    prevalence = (model.card.calibration_prevalence, _prevalence(args, model))
     skipped: list[tuple[str, str]] = []
     paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
     found = failures = not_xray = 0
@@ -114,12 +112,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _prevalence(args, model: LoadedModel) -> float:
+    """--prevalence, else the site's saved one, else the version's (``prevalence.prevalence_in_force``)."""
+    try:
+        return prevalence_in_force(args.prevalence, Registry(args.registry or None).site.prevalence(),
+                                   model.card.calibration_prevalence)
+    except ValueError:
+        raise SystemExit("error: --prevalence must lie strictly between 0 and 1") from None
+
+
 def cmd_report(args) -> int:
     """PDF reports (and with --dicom, a Secondary Capture and a structured report) per image."""
     model = _load_model(args)
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
-    site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()
-    prevalence = site if site is not None else model.card.calibration_prevalence
+    prevalence = _prevalence(args, model)
     out = Path(args.out)
     skipped: list[tuple[str, str]] = []
     paths = list(iter_shard(args.paths, (0, 1), skipped))
