@@ -36,6 +36,41 @@ NOTICE_KEY = "diagnose_notice"  # (kind, text) of the last sidebar action, shown
 THRESHOLD_PROBLEM_KEY = "diagnose_threshold_problem"
 
 
+# -- the screen, top to bottom (its parts follow in the same order) -----------------------------------
+def main() -> None:
+    model = require_model()
+    validation = validation_predictions(model)
+    threshold = current_threshold(model)
+    prevalence = site_prevalence(model)
+    with st.sidebar:
+        sidebar_ui(model, threshold, validation, prevalence)
+
+    st.title("Diagnose")
+    st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: it assists a "
+               "clinician and does not diagnose.")
+    calibration_ui(model)
+    results, seen = [], set()
+    for name, data in uploads_ui():
+        result = cached_result(model, name, data)
+        if result["analysis"].sha256 not in seen:  # the same film dropped twice is shown once
+            seen.add(result["analysis"].sha256)
+            results.append(result)
+    forget_other_files({(r["analysis"].sha256, model.version) for r in results})
+    for result in results:
+        if result["analysis"].error:
+            st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
+    with st.sidebar:
+        prevalence_ui(model, [r["analysis"] for r in results if r["analysis"].ok])
+    if not results:
+        st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), the decision "
+                "at the current threshold and where the model looked.", icon=":material/info:")
+    elif len(results) > 1:
+        st.subheader("Worklist")
+        worklist_ui(model, results, threshold, prevalence)
+    review_ui(model, results, threshold, prevalence)
+
+
 # -- cached engine calls: once per (file content, model version), so reruns never re-run the model ------
 def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
     """Analysis, worklist thumbnail and DICOM header (no pixels) of one file, once per session and model."""
@@ -171,7 +206,7 @@ def threshold_ui(threshold: float) -> None:
                     help="Type the exact value, between 0 and 1: the command line decides at the same number.")
     if THRESHOLD_PROBLEM_KEY in st.session_state:
         typed = st.session_state.pop(THRESHOLD_PROBLEM_KEY)
-        st.error(f"The threshold must be between 0 and 1" + (f" ({typed:g} was not applied)" if typed is not None
+        st.error("The threshold must be between 0 and 1" + (f" ({typed:g} was not applied)" if typed is not None
                                                              else "") + f". In force: {threshold:.6f}.",
                  icon=":material/error:")
 
@@ -394,40 +429,6 @@ def review_ui(model: LoadedModel, results: list[dict], threshold: float, prevale
         chosen = by_sha[st.selectbox("Film to review", order, key="diagnose_review_choice",
                                      format_func=lambda sha: by_sha[sha].name)]
     result_ui(model, report_input(results, chosen, threshold, prevalence))
-
-
-def main() -> None:
-    model = require_model()
-    validation = validation_predictions(model)
-    threshold = current_threshold(model)
-    prevalence = site_prevalence(model)
-    with st.sidebar:
-        sidebar_ui(model, threshold, validation, prevalence)
-
-    st.title("Diagnose")
-    st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: it assists a "
-               "clinician and does not diagnose.")
-    calibration_ui(model)
-    results, seen = [], set()
-    for name, data in uploads_ui():
-        result = cached_result(model, name, data)
-        if result["analysis"].sha256 not in seen:  # the same film dropped twice is shown once
-            seen.add(result["analysis"].sha256)
-            results.append(result)
-    forget_other_files({(r["analysis"].sha256, model.version) for r in results})
-    for result in results:
-        if result["analysis"].error:
-            st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
-                     f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
-    with st.sidebar:
-        prevalence_ui(model, [r["analysis"] for r in results if r["analysis"].ok])
-    if not results:
-        st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), the decision "
-                "at the current threshold and where the model looked.", icon=":material/info:")
-    elif len(results) > 1:
-        st.subheader("Worklist")
-        worklist_ui(model, results, threshold, prevalence)
-    review_ui(model, results, threshold, prevalence)
 
 
 if __name__ == "__main__":  # Streamlit runs a page as __main__; other pages import its parts

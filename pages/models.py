@@ -32,6 +32,32 @@ GATE_WORDS = {"sensitivity": "Sensitivity at its threshold", "specificity": "Spe
               "roc_auc": "Area under the ROC curve"}
 
 
+# -- the screen, top to bottom (its parts follow in the same order) -----------------------------------
+def main() -> None:
+    registry = Registry()
+    ensure_app_navigation()
+    st.title("Model versions")
+    st.caption("Every model trained on this machine, with its validation figures. The live (active) model is the "
+               "one the Diagnose page uses; a change takes effect on the next film analysed.")
+    try:
+        versions = list(reversed(registry.versions()))  # newest first
+        cards = {v: registry.card(v) for v in versions}
+    except (ModelFileError, ValueError) as exc:
+        st.error(f"The model registry at {registry.root} cannot be read: {exc}.")
+        st.stop()
+    if not versions:
+        st.info("No model versions yet: train one on the Retrain page or with `python -m xray train`.")
+        st.stop()
+    active = registry.active_version()
+    if active is None:
+        st.warning("No version is active: activate one below.", icon=":material/warning:")
+    versions_ui(registry, cards, active)
+    selected = compare_ui(cards, versions, active)
+    activate_ui(selected, active, gate_ui(registry, selected, active))
+    rollback_ui(registry, cards, active)
+    calibrate_ui(active)
+
+
 def number(value, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -293,31 +319,6 @@ def calibrate_ui(active: str | None) -> None:
     st.button("Create the calibrated version", key="models_calibrate", type="primary",
               on_click=create_calibrated, args=(str(folder), active), icon=":material/tune:")
     message_ui("calibrate")
-
-
-def main() -> None:
-    registry = Registry()
-    ensure_app_navigation()
-    st.title("Model versions")
-    st.caption("Every model trained on this machine, with its validation figures. The live (active) model is the "
-               "one the Diagnose page uses; a change takes effect on the next film analysed.")
-    try:
-        versions = list(reversed(registry.versions()))  # newest first
-        cards = {v: registry.card(v) for v in versions}
-    except (ModelFileError, ValueError) as exc:
-        st.error(f"The model registry at {registry.root} cannot be read: {exc}.")
-        st.stop()
-    if not versions:
-        st.info("No model versions yet: train one on the Retrain page or with `python -m xray train`.")
-        st.stop()
-    active = registry.active_version()
-    if active is None:
-        st.warning("No version is active: activate one below.", icon=":material/warning:")
-    versions_ui(registry, cards, active)
-    selected = compare_ui(cards, versions, active)
-    activate_ui(selected, active, gate_ui(registry, selected, active))
-    rollback_ui(registry, cards, active)
-    calibrate_ui(active)
 
 
 if __name__ == "__main__":  # Streamlit runs a page as __main__
