@@ -370,7 +370,9 @@ def worklist_ui(model: LoadedModel, results: list[dict], threshold: float, preva
         return a.prediction.decision(threshold), ""
 
     shown = [decision_and_reason(by_sha[r["sha256"]]) for r in rows]
+    patients = {r["analysis"].sha256: r["patient"] for r in results}
     table = {"Image": [thumbnails.get(r["sha256"]) for r in rows], "File": [r["path"] for r in rows],
+             "Patient": [patient_line(patients.get(r["sha256"])) for r in rows],
              # withheld and unreadable rows show no probability: withheld means withheld
              "p(pneumonia)": [by_sha[r["sha256"]].prediction.p_pneumonia if decision in DECISION_BACKGROUND else None
                               for r, (decision, _) in zip(rows, shown)],
@@ -399,6 +401,12 @@ def worklist_ui(model: LoadedModel, results: list[dict], threshold: float, preva
                                                                  for a in readable], trail),
                        on_click="ignore", icon=":material/picture_as_pdf:", key="diagnose_download_worklist_pdf",
                        disabled=not readable)
+
+
+def patient_line(fields: list[tuple[str, str]] | None) -> str:
+    """Name and ID as the DICOM carries them, for a worklist row ("" for a file without a patient)."""
+    values = dict(fields or [])
+    return " / ".join(v for v in (values.get("Patient"), values.get("Patient ID")) if v and v != "not recorded")
 
 
 def _styled(table: dict):

@@ -465,13 +465,17 @@ def test_worklist_shows_every_row_whole_reasons_and_coloured_decisions(tiny_regi
     monkeypatch.setattr(analysis, "analyse", flag_one)
     films = sorted((DATASET / "NORMAL").glob("*.jp*g"))[:3] + sorted((DATASET / "PNEUMONIA").glob("*.jp*g"))[:3]
     files = [upload(f) for f in films] + [upload(NORMAL_FULLRES, name="flagged.jpeg"),
-                                          upload(GENERATED / "truncated.jpeg")]
+                                          upload(GENERATED / "truncated.jpeg"),
+                                          upload(GENERATED / "chest.dcm", mime="application/dicom")]
     at = drop(start_app(), *files)
     table = next(d for d in at.dataframe if "Decision" in d.value.columns)
-    assert len(table.value) == 8
+    assert len(table.value) == 9
     decisions = list(table.value["Decision"])
-    assert decisions[-2:] == ["No verdict", "Unreadable"]
-    assert table.value["p(pneumonia)"].isna().tolist()[-2:] == [True, True]  # withheld means withheld
+    assert decisions[-1] == "Unreadable"
+    rows = table.value.set_index("File")
+    assert rows.loc["flagged.jpeg", "Decision"] == "No verdict"
+    assert rows.loc[["flagged.jpeg", "truncated.jpeg"], "p(pneumonia)"].isna().all()  # withheld means withheld
+    assert rows.loc["chest.dcm", "Patient"] == "Test^Fixture"  # whose film it is, as the DICOM says
     styles = table.proto.arrow_data.styler.styles
     for decision_word in set(decisions) & set(DECISION_BACKGROUND):
         assert DECISION_BACKGROUND[decision_word] in styles

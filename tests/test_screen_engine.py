@@ -118,6 +118,9 @@ def test_dicom_results_zip_holds_the_sc_and_sr_in_the_inputs_study(tiny_model, t
     assert sorted(archive.namelist()) == ["chest.sc.dcm", "chest.sr.dcm"]
     for name in archive.namelist():
         assert pydicom.dcmread(io.BytesIO(archive.read(name))).StudyInstanceUID == ds.StudyInstanceUID
+    withheld = replace(item, analysis=replace(a, prediction=replace(a.prediction, ood=True, ood_reason="adult")))
+    sr = writers.structured_report(tiny_model, withheld, withheld.dicom)
+    assert "Probability of pneumonia" not in str(sr) and "Operating threshold" in str(sr)  # withheld means withheld
     with pytest.raises(ValueError, match="DICOM inputs only"):
         exports.dicom_results(tiny_model, replace(item, dicom=None), AuditTrail(tmp_path / "a.jsonl"))
 

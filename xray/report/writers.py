@@ -301,12 +301,14 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
                BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
     p = item.analysis.prediction
     measurements = [
-        hd.sr.Measurement(name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
-                          value=round(float(p.p_pneumonia), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
-                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version)),
         hd.sr.Measurement(name=hd.sr.CodedConcept("threshold", "99XRAYAI", "Operating threshold"),
                           value=round(float(item.threshold), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units")),
     ]
+    if not p.withheld:  # withheld means withheld: no probability leaves with a film that got no verdict
+        measurements.insert(0, hd.sr.Measurement(
+            name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
+            value=round(float(p.p_pneumonia), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+            algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version)))
     decision = item.decision
     evaluations = [hd.sr.QualitativeEvaluation(pneumonia, present[decision])] if decision in present else []
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
