@@ -1,6 +1,6 @@
 """Diagnose: drop chest X-rays (or try a sample), read p(pneumonia), the decision at the session's threshold
 and where the evidence lies; the sidebar trades sensitivity against specificity. The page is the screen:
-saving site settings, audit lines, prevalence and downloads are the engine's (xray.govern.site_choices,
+saving site settings, audit lines, prevalence and downloads are the engine's (xray.govern.siteconfig,
 xray.decide.prevalence, xray.report.exports); one film's view is pages.result_view."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pages.common import (PRESET_MIN_GAP, PRESET_RULES, audit_trail, current_thr
 from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, plain_reason, result_ui
 from xray.decide import metrics
 from xray.decide.prevalence import estimate_if_enough, predictive_values, ESTIMATE_MIN_IMAGES
-from xray.govern import site_choices
+from xray.govern import siteconfig
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
 from xray.report import exports, writers
 from xray.serve import analysis
@@ -98,7 +98,7 @@ def forget_other_files(keep: set[tuple[str, str]]) -> None:
 def site_prevalence(model: LoadedModel) -> float:
     """The session's prevalence: starts at the site's saved one (else the version's calibration prevalence)."""
     if PREVALENCE_KEY not in st.session_state:
-        st.session_state[PREVALENCE_KEY] = site_choices.site_prevalence(Registry(), model.card)
+        st.session_state[PREVALENCE_KEY] = siteconfig.site_prevalence(Registry(), model.card)
     return float(st.session_state[PREVALENCE_KEY])
 
 
@@ -118,8 +118,8 @@ def typed_threshold() -> None:
 
 def save_site_threshold(model: LoadedModel, threshold: float) -> None:
     try:
-        saved = site_choices.save_threshold(Registry(), model.version, threshold,
-                                            st.session_state.get(SAVE_BY_KEY, ""), st.session_state.get(SAVE_WHY_KEY, ""))
+        saved = siteconfig.save_threshold(Registry(), model.version, threshold, st.session_state.get(SAVE_WHY_KEY, ""),
+                                          by=st.session_state.get(SAVE_BY_KEY, ""))
     except (OSError, ValueError) as exc:
         notice("error", f"The threshold was not saved: {exc}")
         return
@@ -128,8 +128,8 @@ def save_site_threshold(model: LoadedModel, threshold: float) -> None:
 
 def restore_card_threshold(model: LoadedModel) -> None:
     try:
-        site_choices.restore_threshold(Registry(), model.version, model.threshold)
-    except OSError as exc:
+        siteconfig.restore_threshold(Registry(), model.version)
+    except (OSError, ValueError) as exc:  # ModelFileError is a ValueError
         notice("error", f"The threshold was not restored: {exc}")
         return
     set_threshold(model.threshold)
@@ -138,7 +138,7 @@ def restore_card_threshold(model: LoadedModel) -> None:
 
 def save_prevalence() -> None:
     try:
-        saved = site_choices.save_prevalence(Registry(), st.session_state[PREVALENCE_KEY])
+        saved = siteconfig.save_prevalence(Registry(), st.session_state[PREVALENCE_KEY])
     except (OSError, ValueError) as exc:
         notice("error", f"The prevalence was not saved: {exc}")
         return

@@ -1,6 +1,10 @@
 """One film's result as the clinician reads it: the patient, the verdict (or why there is none), the film with
 its heatmap, and the downloads. Any page showing a single result imports ``result_ui`` (Diagnose does; a
-worklist page can too): the same screen everywhere, recorded in the audit log before it is shown."""
+worklist page can too): the same screen everywhere, recorded in the audit log before it is shown.
+
+    from pages.result_view import report_input_for, result_ui
+    result_ui(model, report_input_for(analysis.analyse(model, data, name), threshold, prevalence, data))
+"""
 from __future__ import annotations
 
 import re
@@ -26,6 +30,15 @@ DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPa
 DECISION_STYLE = {PNEUMONIA: ("red", ":material/warning:"), BORDERLINE: ("orange", ":material/help:"),
                   "NORMAL": ("green", ":material/check_circle:")}
 DECISION_BACKGROUND = {PNEUMONIA: "#ffdede", BORDERLINE: "#ffe9cc", "NORMAL": "#dcf3e2"}  # the same, in tables
+
+
+def report_input_for(result: analysis.Analysis, threshold: float, prevalence: float,
+                     data: bytes | None = None) -> writers.ReportInput:
+    """One film as ``result_ui`` and its reports show it, at the settings in force; ``data``, the file's bytes,
+    gives the DICOM header (for the DICOM results) and the patient. For a page that has a film's bytes."""
+    dicom = data is not None and result.image is not None and result.image.format == "DICOM"
+    return writers.ReportInput(result, threshold, prevalence, writers.read_dicom_header(data) if dicom else None,
+                               writers.read_patient(data) if dicom else [])
 
 
 def plain_reason(reason: str) -> str:

@@ -442,7 +442,7 @@ def test_a_file_over_the_upload_limit_is_named_with_what_to_do(tiny_registry):
 
     big = ("film.dcm", b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 1), "application/dicom")
     at = drop(start_app(), big, upload(NORMAL_FULLRES))
-    message = next(e.value for e in at.error if "film.dcm" in e.value)
+    message = next(e.value for e in at.error if r"film\.dcm" in e.value)
     assert f"over the {UPLOAD_LIMIT_MB} MB limit" in message and "python -m xray predict" in message
     assert metric(at, "p(pneumonia)")  # the other film still has its result
     import tomllib
@@ -492,3 +492,24 @@ def test_side_by_side_gives_each_film_half_the_page(tiny_registry):
     # the two films sit in a two-column row of the main area, not inside the 3:2 image column
     with_films = [c for c in at.main.columns if any(type(e).__name__ == "Image" for e in c.children.values())]
     assert [c.proto.weight for c in with_films] == [pytest.approx(0.5), pytest.approx(0.5)]
+
+
+def test_another_page_shows_one_film_with_the_same_view(tiny_registry, tmp_path):
+    """pages/result_view.py result_ui is importable: a page with a film's bytes shows the same screen."""
+    from streamlit.testing.v1 import AppTest
+
+    script = tmp_path / "one_film.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pathlib import Path\n"
+        "from pages.result_view import report_input_for, result_ui\n"
+        "from xray.model.registry import Registry\n"
+        "from xray.serve import analysis\n"
+        "model = Registry().load()\n"
+        f"data = Path({str(GENERATED / 'chest.dcm')!r}).read_bytes()\n"
+        "result_ui(model, report_input_for(analysis.analyse(model, data, 'chest.dcm'), 0.5, 0.5, data))\n")
+    at = AppTest.from_file(str(script), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value.startswith("**Patient:** Test^Fixture")
+    assert any(b.label == "Download report (PDF)" for b in at.download_button)

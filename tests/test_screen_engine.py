@@ -18,7 +18,7 @@ import pytest
 
 from conftest import DATASET, FULLRES, GENERATED
 from xray.decide.prevalence import ESTIMATE_MIN_IMAGES, estimate_if_enough, prevalence_in_force
-from xray.govern import promotion, site_choices
+from xray.govern import promotion, siteconfig
 from xray.govern.audit import AuditTrail
 from xray.model.registry import Registry
 from xray.report import exports, writers
@@ -31,25 +31,25 @@ def audit_lines() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_site_choices_change_the_settings_and_leave_one_audit_line_each(tiny_registry):
+def test_siteconfig_change_the_settings_and_leave_one_audit_line_each(tiny_registry):
     registry = Registry(tiny_registry)
     version = registry.active_version()
     card_threshold = registry.card(version).threshold
-    saved = site_choices.save_threshold(registry, version, 0.25, "Dr Ward", "local audit")
+    saved = siteconfig.save_threshold(registry, version, 0.25, "local audit", by="Dr Ward")
     assert registry.site.saved_threshold(version).threshold == 0.25 == saved.threshold
     assert {k: audit_lines()[-1][k] for k in ("event", "version", "threshold", "by", "why")} == {
         "event": "threshold-saved", "version": version, "threshold": 0.25, "by": "Dr Ward", "why": "local audit"}
     with pytest.raises(ValueError):
-        site_choices.save_threshold(registry, version, 1.5, "Dr Ward", "typo")
+        siteconfig.save_threshold(registry, version, 1.5, "typo", by="Dr Ward")
     count = len(audit_lines())
-    assert site_choices.restore_threshold(registry, version, card_threshold)
+    assert siteconfig.restore_threshold(registry, version)
     assert registry.site.saved_threshold(version) is None and registry.load().default_threshold == card_threshold
     assert audit_lines()[-1]["event"] == "threshold-restored" and len(audit_lines()) == count + 1
-    assert not site_choices.restore_threshold(registry, version, card_threshold)  # nothing to restore: no line
+    assert not siteconfig.restore_threshold(registry, version)  # nothing to restore: no line
     assert len(audit_lines()) == count + 1
-    assert site_choices.site_prevalence(registry, registry.card(version)) == registry.card(version).calibration_prevalence
-    site_choices.save_prevalence(registry, 0.3)
-    assert site_choices.site_prevalence(registry, registry.card(version)) == 0.3
+    assert siteconfig.site_prevalence(registry, registry.card(version)) == registry.card(version).calibration_prevalence
+    siteconfig.save_prevalence(registry, 0.3)
+    assert siteconfig.site_prevalence(registry, registry.card(version)) == 0.3
     assert audit_lines()[-1]["event"] == "prevalence-saved" and audit_lines()[-1]["prevalence"] == 0.3
 
 

@@ -12,9 +12,9 @@ from xray.model.registry import Registry
 from xray.model.site import SavedThreshold
 
 
-def save_threshold(registry: Registry, version: str, threshold: float, by: str, why: str) -> SavedThreshold:
-    """Save ``threshold`` as the site's default for ``version`` (the card is never changed); audited
-    (``threshold-saved``).
+def save_threshold(registry: Registry, version: str, threshold: float, why: str, *, by: str) -> SavedThreshold:
+    """Save ``threshold`` as the site's default for ``version`` (the card is never changed), by ``by``, because
+    ``why``; audited (``threshold-saved``).
 
     Raises:
         ValueError: a threshold outside [0, 1], or no name or no reason.
@@ -25,20 +25,22 @@ def save_threshold(registry: Registry, version: str, threshold: float, by: str, 
     return saved
 
 
-def restore_threshold(registry: Registry, version: str, card_threshold: float, by: str = "") -> bool:
-    """Forget the site's threshold for ``version`` (the card's ``card_threshold`` applies again, exactly);
-    audited (``threshold-restored``). False when the site had none (nothing written).
+def restore_threshold(registry: Registry, version: str, *, by: str = "") -> bool:
+    """Forget the site's threshold for ``version`` (the card's comes back, exactly); audited
+    (``threshold-restored``). False when the site had none (nothing written).
 
     Raises:
+        ModelFileError: the version's card cannot be read.
         OSError: the settings or the audit log cannot be written.
     """
+    card_threshold = registry.card(version).threshold  # what comes back
     if not registry.site.restore_threshold(version):
         return False
-    audit.record_event("threshold-restored", version=version, threshold=float(card_threshold), by=by.strip())
+    audit.record_event("threshold-restored", version=version, threshold=card_threshold, by=by.strip())
     return True
 
 
-def save_prevalence(registry: Registry, prevalence: float, by: str = "") -> float:
+def save_prevalence(registry: Registry, prevalence: float, *, by: str = "") -> float:
     """Save the site's pneumonia prevalence; audited (``prevalence-saved``).
 
     Raises:
