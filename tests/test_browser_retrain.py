@@ -42,6 +42,11 @@ def test_retrain_from_the_page_and_see_the_new_version(app_url, tiny_registry):
             folder.fill(str(DATASET))
             folder.press("Enter")
             expect(page.get_by_text("Ready to train: 16 readable images from 14 patients")).to_be_visible(timeout=120_000)
+            # said before training: 16 films can never give a validation part the promotion gate accepts
+            expect(page.get_by_text("The new version could never pass the promotion gate")).to_be_visible()
+            expect(page.get_by_role("button", name=re.compile("Start training"))).to_be_disabled()
+            page.get_by_text("Train anyway").click()
+            expect(page.get_by_role("button", name=re.compile("Start training"))).to_be_enabled(timeout=120_000)
 
             settings = (("Epochs", "2"), ("Image size (pixels)", "64"), ("Batch size", "8"),
                         ("Validation fraction", "0.30"))
