@@ -234,6 +234,46 @@ def test_fit_ood_adds_stats_as_a_new_version_and_leaves_the_old_one_alone(tiny_r
     assert [p.p_pneumonia for p in predict(fitted, images)] == [p.p_pneumonia for p in predict(model, images)]
 
 
+def _audit_events() -> list[dict]:
+    import json
+
+    log = Path(os.environ["XRAY_AUDIT_LOG"])
+    return [json.loads(line) for line in log.read_text().splitlines() if '"event"' in line] if log.is_file() else []
+
+
+def test_fit_ood_activate_goes_through_the_promotion_gate(tiny_registry):
+    """``fit-ood --activate`` makes a version live only through the gate: a tiny version fails it, stays inactive,
+    and the command says why (before issue 21 it called ``registry.activate`` directly)."""
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    before = len(_audit_events())
+    env = {**os.environ, "XRAY_WEIGHTS": str(tiny_registry)}
+    result = subprocess.run([sys.executable, "-m", "xray", "fit-ood", str(DATASET), "--workers", "1", "--activate"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    new = [v for v in registry.versions() if v != old]
+    assert len(new) == 1 and registry.load(new[0]).ood_stats is not None  # saved, inactive
+    assert registry.active_version() == old
+    assert f"new version {new[0]} saved but not activated" in result.stderr
+    assert "does not pass the promotion gate" in result.stderr and "evaluated on only" in result.stderr
+    assert not [e for e in _audit_events()[before:] if e.get("version") == new[0]]  # nothing went live
+
+
+def test_fit_ood_activate_that_passes_the_gate_is_audited(tiny_registry, monkeypatch, capsys):
+    from xray.cli import main
+    from xray.govern import promotion
+
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 1)  # the tiny model's handful of validation images
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 1)
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    assert main(["fit-ood", str(DATASET), "--workers", "1", "--activate"]) == 0
+    new = registry.active_version()
+    assert new != old and registry.load(new).ood_stats is not None and "activated" in capsys.readouterr().err
+    event = _audit_events()[-1]
+    assert (event["event"], event["version"], event["previous"], event["gate"]) == ("activation", new, old, "passed")
+
+
 def test_fit_ood_refuses_other_data(tiny_registry, tmp_path):
     import shutil
 
