@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xray.serve.hirescam import GradCam, evidence_map  # noqa: E402
 from xray.serve.inference import predict  # noqa: E402
 from xray.model.registry import Registry  # noqa: E402
-from xray.train.loop import load_data  # noqa: E402
+from xray.io.folders import load_splits  # noqa: E402
 from xray.train.config import TrainConfig  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> int:
     args = parser.parse_args()
     model = Registry(args.registry).load(args.model or None, torch.device("cpu"))
     cfg = TrainConfig.from_dict({**model.card.training.config, "data_dir": args.data_dir})
-    splits = load_data(cfg, lambda e: None)
+    splits = load_splits(cfg.data_dir, **cfg.folder_options())
     pneumonia = [i for i in splits.val if splits.labels[i] == 1][: args.n]
     rng = np.random.default_rng(0)
     scores: dict[str, list] = {"HiResCAM": [], "Grad-CAM": [], "random": []}

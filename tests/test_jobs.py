@@ -19,7 +19,7 @@ from xray.train import jobs
 from xray.cli import build_parser
 from xray.cli import main as cli_main
 from xray.model.registry import Registry
-from xray.train.loop import load_data
+from xray.io.folders import load_splits
 from xray.train.config import TrainConfig, config_from_args
 
 TIMEOUT_S = 120  # generous: two shared cores; a tiny run takes a few seconds
@@ -84,7 +84,7 @@ def test_default_data_root_is_home(monkeypatch):
 def test_inspect_good_folder_matches_what_training_uses(roots):
     cfg = tiny_config()
     report = jobs.inspect_folder(DATASET, cfg)
-    splits = load_data(cfg, lambda e: None)
+    splits = load_splits(cfg.data_dir, **cfg.folder_options())
     assert report.counts == {"all": {"NORMAL": 8, "PNEUMONIA": 8}}
     assert sum(report.train.values()) == len(splits.train) and sum(report.val.values()) == len(splits.val)
     assert sum(report.train.values()) + sum(report.val.values()) == 16

@@ -34,7 +34,8 @@ from xray.model.net import PneumoniaNet, build_net, count_macs, count_parameters
 from xray.train.optim import EMA, make_optimizer
 from xray.serve.pipeline import _prepare_chunk, pipeline_split, score_paths
 from xray.model.registry import LoadedModel, ModelFileError, Registry, pick_device
-from xray.train.loop import load_data, predict_logits, train_one_epoch
+from xray.io.folders import load_splits
+from xray.train.loop import EpochContext, predict_logits, train_one_epoch
 from xray.train.config import TrainConfig, model_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,13 +260,13 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
             row: dict = {}
             with _section(row, device):
                 start = time.perf_counter()
-                splits = load_data(cfg, lambda e: None)
+                splits = load_splits(cfg.data_dir, **cfg.folder_options())
                 row["seconds"] = round(time.perf_counter() - start, 2)
             row["images"] = int(len(splits.images))
             row["images_per_s"] = round(len(splits.images) / row["seconds"], 1)
             out["decode_cold"] = row
             start = time.perf_counter()
-            load_data(cfg, lambda e: None)
+            load_splits(cfg.data_dir, **cfg.folder_options())
             out["decode_cached_seconds"] = round(time.perf_counter() - start, 2)
         finally:
             if old_cache is None:
@@ -279,8 +280,7 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
     images, labels = torch.from_numpy(splits.images), torch.from_numpy(splits.labels)
-    n_pos = int(splits.labels[splits.train].sum())
-    pos_weight = (len(splits.train) - n_pos) / max(n_pos, 1)
+    ctx = EpochContext(images, labels, cfg, splits.pos_weight, generator, device, ema=ema)
     subset = splits.train[: steps * cfg.batch_size]
     val_subset = splits.val[: steps * cfg.batch_size]
     out.update(train_images=int(len(splits.train)), val_images=int(len(splits.val)), steps_per_epoch=steps_per_epoch)
@@ -290,8 +290,7 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
         with _section(row, device):
             _sync(device)
             start = time.perf_counter()
-            train_one_epoch(model, optimizer, scheduler, images, labels, subset, cfg, epoch, pos_weight,
-                            generator, ema, lambda e: None, lambda: False, device)
+            train_one_epoch(model, optimizer, scheduler, subset, epoch, ctx)
             _sync(device)
             train_s = time.perf_counter() - start
             start = time.perf_counter()

@@ -33,7 +33,7 @@ from xray.io.folders import CLASSES, scan_dataset
 from xray.train.events import read_events  # noqa: F401 (part of this module's interface)
 from xray.model.registry import Registry
 from xray.settings import PACKAGE_ROOT
-from xray.train.loop import load_data
+from xray.io.folders import load_splits
 from xray.train.config import TrainConfig, command_line
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
@@ -98,7 +98,7 @@ class FolderReport:
 
 def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
                    progress: Callable[[int, int], None] | None = None) -> FolderReport:
-    """Check a dataset folder exactly as training will read it (xray.train.load_data).
+    """Check a dataset folder exactly as training will read it (``xray.io.folders.load_splits``).
 
     Raises:
         ValueError: the folder is outside the data roots or cannot be trained on; the message says why.
@@ -114,7 +114,7 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
             progress(event["done"], event["total"])
 
     try:
-        splits = load_data(cfg, emit)  # decodes once into the on-disk cache the training run reuses
+        splits = load_splits(cfg.data_dir, **cfg.folder_options(), emit=emit)  # decodes once into the on-disk cache the training run reuses
     except ValueError:
         unreadable = seen.get("unreadable", {}).get("files", [])
         if "scan" in seen and len(unreadable) == seen["scan"]["n"]:

@@ -19,7 +19,7 @@ from xray.io.augment import PERTURBATIONS
 from xray.io.loader import load_image
 from xray.serve.inference import logits_of, predict, probabilities
 from xray.model.registry import LoadedModel, Registry
-from xray.train.loop import load_data
+from xray.io.folders import load_splits
 from xray.train.config import TrainConfig
 
 
@@ -40,7 +40,7 @@ def _summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
     """All checks for one loaded model; returns a JSON-able dict."""
     cfg = TrainConfig.from_dict(dict(model.card.training.config))
-    splits = load_data(cfg, lambda e: None)
+    splits = load_splits(cfg.data_dir, **cfg.folder_options())
     val = splits.val
     y = splits.labels[val]
     inputs = torch.from_numpy(splits.images[val]).unsqueeze(1)  # (N, 1, S, S) uint8
