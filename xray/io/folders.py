@@ -1,5 +1,5 @@
 """Labelled folders: find NORMAL/PNEUMONIA at any depth, train/val/test parts, patient ids,
-duplicates, a patient-level split, decoding every image once into a uint8 cache, and ``load_splits``:
+duplicates, a patient-level split, decoding every image once into a uint8 cache, and ``load_training_data``:
 the folder as training, site checks, bench and robustness all read it."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SMALL_VAL = 100  # a val/ part smaller than this is supplemented by a patient split of train/
 
-# What ``load_splits`` reports while it works (``xray.train.events`` lists them with the training events)
+# What ``load_training_data`` reports while it works (``xray.train.events`` lists them with the training events)
 SCAN = "scan"  # the folder scan: root, n, patients, counts, duplicates, skipped
 DECODE = "decode"  # done, total
 UNREADABLE = "unreadable"  # files: [[relative path, reason], ...]
@@ -293,7 +293,7 @@ def decoded_dataset(scan: DatasetScan, image_size: int, workers: int = 0, use_ca
 
 # -- the folder as training reads it ----------------------------------------------------------------
 @dataclass
-class Splits:
+class TrainingData:
     """A labelled folder decoded once and divided into training, validation and test images."""
 
     scan: DatasetScan
@@ -312,9 +312,9 @@ class Splits:
         return (len(self.train) - n_pos) / max(n_pos, 1)
 
 
-def load_splits(data_dir: str | os.PathLike, image_size: int, split: str = "id-range", val_fraction: float = 0.15,
+def load_training_data(data_dir: str | os.PathLike, image_size: int, split: str = "id-range", val_fraction: float = 0.15,
                 seed: int = 0, workers: int = 0,
-                emit: Callable[[dict], None] = lambda event: None) -> Splits:
+                emit: Callable[[dict], None] = lambda event: None) -> TrainingData:
     """Scan ``data_dir``, decode every image once (cached) at ``image_size``, and divide it by patient.
 
     A ``val/`` part of at least ``SMALL_VAL`` images with both classes is the validation set; otherwise
@@ -361,4 +361,4 @@ def load_splits(data_dir: str | os.PathLike, image_size: int, split: str = "id-r
         if len(set(labels[idx])) < 2:
             raise ValueError(f"the {name} set lacks one class: too few readable images")
     scan.samples = samples
-    return Splits(scan, images, labels, train, val, test, description, unreadable)
+    return TrainingData(scan, images, labels, train, val, test, description, unreadable)

@@ -55,7 +55,7 @@ class TrainConfig:
         return self.seed if self.init_seed < 0 else self.init_seed
 
     def folder_options(self) -> dict:
-        """The settings ``xray.io.folders.load_splits`` reads: ``load_splits(cfg.data_dir, **cfg.folder_options())``."""
+        """The settings ``xray.io.folders.load_training_data`` reads: ``load_training_data(cfg.data_dir, **cfg.folder_options())``."""
         return {"image_size": self.image_size, "split": self.split, "val_fraction": self.val_fraction,
                 "seed": self.seed, "workers": self.workers}
 

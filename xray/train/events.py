@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from xray.io.folders import DECODE, SCAN, UNREADABLE  # noqa: F401 (reading the folder: xray.io.folders.load_splits)
+from xray.io.folders import DECODE, SCAN, UNREADABLE  # noqa: F401 (reading the folder: xray.io.folders.load_training_data)
 
 START = "start"  # config, pid, world_size
 DATA = "data"  # train, val, test sizes; validation (how it was formed); pos_weight

@@ -1,5 +1,5 @@
 """Training from scratch (or fine-tuning), shaped like torchvision's classification reference:
-``train_one_epoch``, ``evaluate``, ``main(config)`` (the data: ``xray.io.folders.load_splits``). Progress goes to callbacks; the
+``train_one_epoch``, ``evaluate``, ``main(config)`` (the data: ``xray.io.folders.load_training_data``). Progress goes to callbacks; the
 CLI attaches a console printer and a JSON-lines event file that the Retrain page reads."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from xray.decide import metrics as M
 from xray.model import ood as O
 from xray.atomic import atomic_write
 from xray.io.augment import PERTURBATIONS, PRESETS, augment
-from xray.io.folders import CLASSES, Splits, load_splits
+from xray.io.folders import CLASSES, TrainingData, load_training_data
 from xray.train.distributed import (  # noqa: F401
     Cancelled,
     any_rank,
@@ -68,7 +68,7 @@ class EpochContext:
     images: torch.Tensor  # (N, S, S) uint8, every readable image
     labels: torch.Tensor  # (N,) int64
     cfg: TrainConfig
-    pos_weight: float  # ``Splits.pos_weight``
+    pos_weight: float  # ``TrainingData.pos_weight``
     generator: torch.Generator  # augmentation, batch order, mixup
     device: torch.device
     emit: Callback = lambda event: None
@@ -208,7 +208,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
 
     failure, source = None, None
     try:  # the errors a user can cause (bad folder, bad source model) happen here, on every rank alike
-        splits = load_splits(cfg.data_dir, **cfg.folder_options(), emit=emit)
+        data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)
         if cfg.init_from:
             source = registry.load(None if cfg.init_from == "active" else cfg.init_from, torch.device("cpu"))
             if source.image_size != cfg.image_size:
@@ -218,8 +218,8 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     except (ValueError, Cancelled) as exc:
         failure = exc
     raise_together(failure, world)
-    emit({"event": E.DATA, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
-          "validation": splits.description, "pos_weight": splits.pos_weight})
+    emit({"event": E.DATA, "train": len(data.train), "val": len(data.val), "test": len(data.test),
+          "validation": data.description, "pos_weight": data.pos_weight})
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else registry.root / "runs" / utc_stamp()
     run_dir = Path(from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
@@ -228,7 +228,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         # an ensemble's members share the split and differ in their weights' seed (and so in their
         # augmentation and batch order); one net keeps the layout and seed of earlier versions
         member_dir = run_dir if cfg.members == 1 else run_dir / f"member-{member + 1}"
-        net, best_epoch, history = _fit_member(cfg, member, cfg.run_seed + 1000 * member, splits, source, member_dir,
+        net, best_epoch, history = _fit_member(cfg, member, cfg.run_seed + 1000 * member, data, source, member_dir,
                                                emit, should_stop, device, rank, world, started)
         nets.append(net)
         best_epochs.append(best_epoch)
@@ -240,7 +240,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
             return ""  # rank 0 alone calibrates and writes the version
     final = nets[0] if cfg.members == 1 else assemble_ensemble(nets)
     parent = source.version if source is not None else None
-    return register(final, cfg, splits, best_epochs[0] if cfg.members == 1 else best_epochs, histories,
+    return register(final, cfg, data, best_epochs[0] if cfg.members == 1 else best_epochs, histories,
                     time.time() - started, registry, parent, device, emit)
 
 
@@ -339,11 +339,11 @@ def _save_checkpoint(path: Path, m: Member, progress: Progress, epoch: int, cfg:
         "config": cfg.to_dict()})
 
 
-def _run_epoch(m: Member, ctx: EpochContext, splits: Splits, epoch: int) -> tuple[dict, torch.nn.Module]:
+def _run_epoch(m: Member, ctx: EpochContext, data: TrainingData, epoch: int) -> tuple[dict, torch.nn.Module]:
     """Train one epoch and score validation; returns (the history row, the net that was scored: the EMA's or the net)."""
     epoch_start = time.time()
     rank, world, device = ctx.rank, ctx.world, ctx.device
-    train_loss = train_one_epoch(m.train_model, m.optimizer, m.scheduler, splits.train, epoch, ctx)
+    train_loss = train_one_epoch(m.train_model, m.optimizer, m.scheduler, data.train, epoch, ctx)
     buffer_names = [name for name, _ in m.model.named_buffers()]
     average_buffers([b for _, b in m.model.named_buffers()]
                     + ([m.ema.shadow[name] for name in buffer_names] if m.ema is not None else []), world)
@@ -353,10 +353,10 @@ def _run_epoch(m: Member, ctx: EpochContext, splits: Splits, epoch: int) -> tupl
         eval_model.load_state_dict(m.ema.shadow)
     # each rank scores its share of the validation images; all ranks then hold all logits, so
     # metrics, the best epoch and early stopping agree everywhere
-    val_logits = gather_logits(predict_logits(eval_model, ctx.images, splits.val[rank::world], device),
-                               len(splits.val), world)
+    val_logits = gather_logits(predict_logits(eval_model, ctx.images, data.val[rank::world], device),
+                               len(data.val), world)
     row = {"epoch": epoch, "train_loss": train_loss,
-           **evaluate(val_logits, splits.labels[splits.val], ctx.pos_weight),
+           **evaluate(val_logits, data.labels[data.val], ctx.pos_weight),
            "seconds": time.time() - epoch_start}
     if world > 1:  # each rank's loss is over its own equal share of the batches: average them
         import torch.distributed as dist
@@ -366,7 +366,7 @@ def _run_epoch(m: Member, ctx: EpochContext, splits: Splits, epoch: int) -> tupl
     return row, eval_model
 
 
-def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source, run_dir: Path, emit: Callback,
+def _fit_member(cfg: TrainConfig, member: int, seed: int, data: TrainingData, source, run_dir: Path, emit: Callback,
                 should_stop: Callable[[], bool], device: torch.device, rank: int, world: int,
                 started: float) -> tuple[PneumoniaNet, int, list]:
     """Train one net (one member of an ensemble) from ``seed``; returns (best net, best epoch, history).
@@ -376,14 +376,14 @@ def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source
     def emit(event: dict) -> None:  # every event of this member says which member it is (the progress view)
         parent_emit({**event, "member": member, "members": cfg.members})
 
-    m = _build_member(cfg, member, seed, source, len(splits.train), device, world)
-    ctx = EpochContext(torch.from_numpy(splits.images), torch.from_numpy(splits.labels), cfg, splits.pos_weight,
+    m = _build_member(cfg, member, seed, source, len(data.train), device, world)
+    ctx = EpochContext(torch.from_numpy(data.images), torch.from_numpy(data.labels), cfg, data.pos_weight,
                        m.generator, device, emit, should_stop, m.ema, m.scaler, rank, world)
     checkpoint_path = run_dir / "checkpoint.pt"
     progress = _resume(checkpoint_path, m, cfg, device, rank, world, emit)
     first_epoch, train_seconds = progress.next_epoch, 0.0
     for epoch in range(first_epoch, cfg.epochs + 1):
-        row, eval_model = _run_epoch(m, ctx, splits, epoch)
+        row, eval_model = _run_epoch(m, ctx, data, epoch)
         progress.history.append(row)
         train_seconds += row["seconds"]
         score = round(row["val_auc"], 4) - 1e-3 * row["val_loss"]  # AUC first, loss breaks ties
@@ -413,14 +413,14 @@ def _eval_block(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return {**M.metrics_at(y, p, threshold), "ece": M.expected_calibration_error(y, p)}
 
 
-def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: int, history: list,
+def register(net: PneumoniaNet, cfg: TrainConfig, data: TrainingData, best_epoch: int, history: list,
              seconds: float, registry: Registry, parent: str | None, device: torch.device, emit: Callback) -> str:
     """Calibrate, choose the threshold, build the card (``xray.model.card.build``), save the version (inactive)."""
-    images = torch.from_numpy(splits.images)
-    y_val = splits.labels[splits.val]
+    images = torch.from_numpy(data.images)
+    y_val = data.labels[data.val]
     # (1 + P, N) logits: the validation images as they are, then under each acquisition perturbation; the
     # calibration set (all rows, or row 0 alone) and the borderline band both read them
-    all_logits = perturbed_logits(net, images[splits.val], device, cfg.tta)
+    all_logits = perturbed_logits(net, images[data.val], device, cfg.tta)
     val_logits = all_logits[0]
     if cfg.calibrate_on not in ("perturbed", "clean"):
         raise ValueError(f"unknown calibrate_on {cfg.calibrate_on!r}; perturbed or clean")
@@ -433,14 +433,14 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     band = borderline.band_from_logits(scale * all_logits.astype(np.float64) + bias)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
-        ood_stats, ood_summary = O.fit_for_images(net, images, splits.train, splits.val, device)
+        ood_stats, ood_summary = O.fit_for_images(net, images, data.train, data.val, device)
         extras[O.OOD_FILE] = ood_stats.to_bytes()
     except (ValueError, np.linalg.LinAlgError) as exc:
         ood_summary = {"skipped": str(exc)}
     test = None
-    if len(splits.test):
-        y_test = splits.labels[splits.test]
-        p_test = C.apply(predict_logits(net, images, splits.test, device, tta=cfg.tta), scale, bias)
+    if len(data.test):
+        y_test = data.labels[data.test]
+        p_test = C.apply(predict_logits(net, images, data.test, device, tta=cfg.tta), scale, bias)
         test = {"note": "the folder's test/ part; reported only, nothing was chosen on it",
                 **_eval_block(y_test, p_test, threshold)}
     card = model_card.build(
@@ -448,7 +448,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         image_size=cfg.image_size, tta=cfg.tta, threshold=threshold, threshold_rule=cfg.threshold_rule,
         calibration={"method": C.PLATT if cfg.calibrate_on == "clean" else C.PLATT_PERTURBED, "scale": scale,
                      "bias": bias, "ece_crossfit": C.crossfit_ece(val_logits, y_val, cfg.seed)},
-        validation={"split": splits.description, **_eval_block(y_val, p_val, threshold),
+        validation={"split": data.description, **_eval_block(y_val, p_val, threshold),
                     "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
                                     "label": [int(v) for v in y_val]},
                     **({} if cfg.calibrate_on == "clean" else {"calibration_set": {
@@ -458,10 +458,10 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         training={"config": cfg.to_dict(), "command": command_line(cfg), "argv": sys.argv,
                   "best_epoch": best_epoch, "epochs_run": len(history), "seconds": round(seconds, 1),
                   "history": history, "parent": parent},
-        data={"root": str(splits.scan.root), "fingerprint": splits.scan.fingerprint(),
-              "counts": splits.scan.counts(), "train_images": int(len(splits.train)),
-              "val_images": int(len(splits.val)), "duplicates": len(splits.scan.duplicates),
-              "unreadable": len(splits.unreadable), "classes": list(CLASSES)},
+        data={"root": str(data.scan.root), "fingerprint": data.scan.fingerprint(),
+              "counts": data.scan.counts(), "train_images": int(len(data.train)),
+              "val_images": int(len(data.val)), "duplicates": len(data.scan.duplicates),
+              "unreadable": len(data.unreadable), "classes": list(CLASSES)},
         environment=environment(), ood=ood_summary, test=test, borderline=band)
     version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
     activated, gate_message = False, ""
@@ -508,14 +508,11 @@ def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, 
     model = registry.load(version, torch.device("cpu"))
     card = model.card
     cfg = TrainConfig.from_dict({**card.training.config, "data_dir": str(data_dir), "workers": workers})
-    splits = load_splits(cfg.data_dir, **cfg.folder_options(), emit=emit)
-    if splits.scan.fingerprint() != card.data.fingerprint:
+    data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)
+    if data.scan.fingerprint() != card.data.fingerprint:
         raise ValueError("this folder differs from the data the model was trained on: the validation split "
                          "could not be reproduced")
-    stats, summary = O.fit_for_images(model.net, torch.from_numpy(splits.images), splits.train, splits.val,
+    stats, summary = O.fit_for_images(model.net, torch.from_numpy(data.images), data.train, data.val,
                                     model.device, percentile)
     new_card = card.derived("added OOD statistics (same weights)", {"ood": summary})
-    weights = (registry.version_dir(model.version) / "model.pt").read_bytes()  # byte for byte
-    new_version = registry.save_version_bytes(weights, new_card, registry.new_version_id("ood"),
-                                              extras={O.OOD_FILE: stats.to_bytes()})
-    return new_version
+    return registry.save_derived_version(model.version, new_card, "ood", extras={O.OOD_FILE: stats.to_bytes()})
