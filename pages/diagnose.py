@@ -1,7 +1,7 @@
 """Diagnose: drop chest X-rays (or try a sample), read p(pneumonia), the decision at the session's threshold
 and where the evidence lies; the sidebar trades sensitivity against specificity. The page is the screen:
 saving site settings, audit lines, prevalence and downloads are the engine's (xray.govern.siteconfig,
-xray.decide.prevalence, xray.report.exports); one film's view is pages.result_view."""
+xray.model.site, xray.decide.prevalence, xray.report.exports); one film's view is pages.result_view."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -313,9 +313,8 @@ def sidebar_ui(model: LoadedModel, threshold: float, validation, prevalence: flo
 # -- the main area ----------------------------------------------------------------------------------------
 def calibration_ui(model: LoadedModel) -> None:
     site = model.card.site_calibration
-    if site:
-        counts = site.get("counts", {})
-        st.caption(f"Probabilities calibrated on this site's {sum(counts.values())} labelled films.")
+    if site is not None:
+        st.caption(f"Probabilities calibrated on this site's {site.images} labelled films.")
     else:
         st.caption(f"Probabilities calibrated on the model's validation films "
                    f"({model.card.calibration_prevalence:.0%} had pneumonia).")
@@ -360,21 +359,21 @@ def worklist_ui(model: LoadedModel, results: list[dict], threshold: float, preva
     thumbnails = {r["analysis"].sha256: r["thumbnail"] for r in results}
     by_sha = {a.sha256: a for a in analyses}
     rows = analysis.worklist_rows(analyses, threshold)
-    st.session_state[WORKLIST_ORDER_KEY] = [r["sha256"] for r in rows]
+    st.session_state[WORKLIST_ORDER_KEY] = [r.sha256 for r in rows]
 
     def decision_and_reason(a: analysis.Analysis) -> tuple[str, str]:
         if a.prediction is None:
             return "Unreadable", a.error
         if a.prediction.withheld:
-            return "No verdict", plain_reason(a.prediction.ood_reason) or a.prediction.outcome
+            return "No verdict", plain_reason(a.prediction.withheld_reason) or a.prediction.outcome
         return a.prediction.decision(threshold), ""
 
-    shown = [decision_and_reason(by_sha[r["sha256"]]) for r in rows]
+    shown = [decision_and_reason(by_sha[r.sha256]) for r in rows]
     patients = {r["analysis"].sha256: r["patient"] for r in results}
-    table = {"Image": [thumbnails.get(r["sha256"]) for r in rows], "File": [r["path"] for r in rows],
-             "Patient": [patient_line(patients.get(r["sha256"])) for r in rows],
+    table = {"Image": [thumbnails.get(r.sha256) for r in rows], "File": [r.path for r in rows],
+             "Patient": [patient_line(patients.get(r.sha256)) for r in rows],
              # withheld and unreadable rows show no probability: withheld means withheld
-             "p(pneumonia)": [by_sha[r["sha256"]].prediction.p_pneumonia if decision in DECISION_BACKGROUND else None
+             "p(pneumonia)": [by_sha[r.sha256].prediction.p_pneumonia if decision in DECISION_BACKGROUND else None
                               for r, (decision, _) in zip(rows, shown)],
              "Decision": [decision for decision, _ in shown], "Reason": [reason for _, reason in shown]}
     styled = _styled(table)
@@ -388,7 +387,7 @@ def worklist_ui(model: LoadedModel, results: list[dict], threshold: float, preva
                                                                                 max_value=1.0, format="%.3f")})
     for (decision, reason), row in zip(shown, rows):  # the whole reason, never cut by the table's cell
         if reason:
-            st.markdown(f"**{escape_markdown(row['path'])}** ({decision.lower()}): {escape_markdown(reason)}.")
+            st.markdown(f"**{escape_markdown(row.path)}** ({decision.lower()}): {escape_markdown(reason)}.")
     st.caption("Click a row to review that film below.")
     trail = audit_trail()
     readable = [a for a in analyses if a.ok]
@@ -430,7 +429,7 @@ def review_ui(model: LoadedModel, results: list[dict], threshold: float, prevale
     chosen = readable[0]
     if len(readable) > 1:
         by_sha = {a.sha256: a for a in readable}
-        order = [row["sha256"] for row in analysis.worklist_rows(readable, threshold)]  # worklist order
+        order = [row.sha256 for row in analysis.worklist_rows(readable, threshold)]  # worklist order
         picked = st.session_state.pop(REVIEW_PICK_KEY, None)
         if picked in by_sha:
             st.session_state["diagnose_review_choice"] = picked

@@ -69,7 +69,7 @@ def summary(card: ModelCard) -> dict[str, str]:
             "Threshold": f"{card.threshold:.6f}",
             **{label: number(validation.figure(key)) for label, key in FIGURES},
             "Validation images": str(validation.n or "-"),
-            "Validation split": validation.split or "-",
+            "Validation split": validation.description or "-",
             "Trained on": (f"{Path(data.root).name} (folder '{data.root}' on the training machine)"
                            if data.root else "-"),
             "Data fingerprint": (data.fingerprint or "-")[:12],

@@ -62,7 +62,7 @@ def cached_heatmap(model: LoadedModel, result: analysis.Analysis) -> tuple[np.nd
     key = (result.sha256, model.version)
     if key not in heatmaps:
         with st.spinner("Computing the heatmap..."):
-            heatmaps[key] = (analysis.display_pixels(result.image), analysis.heatmap(model, result.image))
+            heatmaps[key] = (analysis.display_pixels(result.image), analysis.display_colour_levels(model, result.image))
     return heatmaps[key]
 
 
@@ -103,12 +103,12 @@ def verdict_ui(model: LoadedModel, result: analysis.Analysis, threshold: float, 
     if prediction.withheld:
         title = ("Not a chest radiograph" if prediction.outcome == NOT_A_CHEST_RADIOGRAPH
                  else "Outside the intended use")
-        reason = plain_reason(prediction.ood_reason)
+        reason = plain_reason(prediction.withheld_reason)
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
                    + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(prediction.outcome, ""),
                    icon=":material/block:")
         with st.expander("Details"):
-            st.markdown(escape_markdown(prediction.ood_reason))
+            st.markdown(escape_markdown(prediction.withheld_reason))
             # withheld means withheld: the score stays out of the screen's primary text and every download
             st.markdown(f":gray[The model's output was {prediction.p_pneumonia:.3f}; it is not interpretable for "
                         "this film and is not for clinical use.]")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE, evidence_map  # noqa: E402
 from xray.serve.inference import predict  # noqa: E402
 from xray.model.registry import Registry  # noqa: E402
-from xray.train.loop import load_data  # noqa: E402
+from xray.io.folders import load_splits  # noqa: E402
 from xray.train.config import TrainConfig  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> int:
     torch.set_num_threads(1)
     model = Registry(args.registry).load(args.model or None, torch.device("cpu"))
     cfg = TrainConfig.from_dict({**model.card.training.config, "data_dir": args.data_dir})
-    splits = load_data(cfg, lambda e: None)
+    splits = load_splits(cfg.data_dir, **cfg.folder_options())
     middle = (EVIDENCE_FLOOR + EVIDENCE_FULL_SCALE) / 2
     out = {"version": model.version, "floor": EVIDENCE_FLOOR, "full_scale": EVIDENCE_FULL_SCALE}
     for label, name in ((0, "NORMAL"), (1, "PNEUMONIA")):

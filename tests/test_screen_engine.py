@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import DATASET, FULLRES, GENERATED
-from xray.decide.prevalence import ESTIMATE_MIN_IMAGES, estimate_if_enough, prevalence_in_force
+from xray.decide.prevalence import ESTIMATE_MIN_IMAGES, estimate_if_enough
 from xray.govern import promotion, siteconfig
 from xray.govern.audit import AuditTrail
 from xray.model.registry import Registry
@@ -53,12 +53,7 @@ def test_siteconfig_change_the_settings_and_leave_one_audit_line_each(tiny_regis
     assert audit_lines()[-1]["event"] == "prevalence-saved" and audit_lines()[-1]["prevalence"] == 0.3
 
 
-def test_the_prevalence_rule_and_the_estimate_minimum():
-    assert prevalence_in_force(0.1, 0.2, 0.7) == 0.1  # asked for
-    assert prevalence_in_force(None, 0.2, 0.7) == 0.2  # the site's
-    assert prevalence_in_force(None, None, 0.7) == 0.7  # the version's
-    with pytest.raises(ValueError):
-        prevalence_in_force(1.0, None, 0.7)
+def test_the_prevalence_estimate_is_offered_from_its_minimum():
     scores = np.linspace(0.05, 0.95, ESTIMATE_MIN_IMAGES)
     assert estimate_if_enough(scores[:-1], 0.5) is None
     assert 0.0 < estimate_if_enough(scores, 0.5) < 1.0
@@ -70,7 +65,7 @@ def worklist(tiny_model):
     films = [(FULLRES / "NORMAL2-IM-1438-0001.jpeg"), (DATASET / "PNEUMONIA" / "person1000_bacteria_2931.jpeg")]
     analyses = [analysis.analyse(tiny_model, f.read_bytes(), f.name) for f in films]
     flagged = analyses[1].prediction
-    analyses[1].prediction = replace(flagged, ood=True, ood_reason="unlike the training films (distance 9.0)",
+    analyses[1].prediction = replace(flagged, withheld_reason="unlike the training films (distance 9.0)",
                                      outcome="outside intended use")
     analyses.append(analysis.analyse(tiny_model, (GENERATED / "truncated.jpeg").read_bytes(), "truncated.jpeg"))
     return analyses
@@ -118,7 +113,8 @@ def test_dicom_results_zip_holds_the_sc_and_sr_in_the_inputs_study(tiny_model, t
     assert sorted(archive.namelist()) == ["chest.sc.dcm", "chest.sr.dcm"]
     for name in archive.namelist():
         assert pydicom.dcmread(io.BytesIO(archive.read(name))).StudyInstanceUID == ds.StudyInstanceUID
-    withheld = replace(item, analysis=replace(a, prediction=replace(a.prediction, ood=True, ood_reason="adult")))
+    withheld = replace(item, analysis=replace(a, prediction=replace(a.prediction, outcome="outside intended use",
+                                                                    withheld_reason="adult")))
     sr = writers.structured_report(tiny_model, withheld, withheld.dicom)
     assert "Probability of pneumonia" not in str(sr) and "Operating threshold" in str(sr)  # withheld means withheld
     with pytest.raises(ValueError, match="DICOM inputs only"):
@@ -157,8 +153,8 @@ def test_rollback_never_goes_to_a_version_that_was_only_live_where_the_model_was
 def test_site_calibration_preview_card_and_gate_read_one_set_of_figures(tiny_registry, tmp_path, monkeypatch):
     from xray.govern import sitecal
 
-    monkeypatch.setattr(sitecal, "MIN_PER_CLASS", 4)
-    monkeypatch.setattr(sitecal, "MIN_IMAGES", 8)
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 4)  # the one minimum: the gate's
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 8)
     registry = Registry(tiny_registry)
     model = registry.load()
     result = sitecal.recalibrate(model, sitecal.score_folder(model, str(DATASET)))

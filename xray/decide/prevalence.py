@@ -56,19 +56,6 @@ def estimate_prevalence(p, training_prevalence: float, iterations: int = 200, to
 ESTIMATE_MIN_IMAGES = 30  # fewer scored images and the EM estimate swings with a single film
 
 
-def prevalence_in_force(explicit: float | None, site: float | None, calibrated: float) -> float:
-    """The one rule for the prevalence results are read at: the value asked for (a CLI flag), else the
-    site's saved one, else the version's calibration prevalence.
-
-    Raises:
-        ValueError: the value in force lies outside (0, 1).
-    """
-    value = next(v for v in (explicit, site, calibrated) if v is not None)
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError("a prevalence must lie strictly between 0 and 1")
-    return float(value)
-
-
 def estimate_if_enough(p, training_prevalence: float, minimum: int = ESTIMATE_MIN_IMAGES) -> float | None:
     """``estimate_prevalence`` of at least ``minimum`` scores, else None (too few to offer an estimate)."""
     p = np.asarray(p, dtype=np.float64)

@@ -5,7 +5,6 @@ line (who, what, why) before anyone sees its effect.
 """
 from __future__ import annotations
 
-from xray.decide.prevalence import prevalence_in_force
 from xray.govern import audit
 from xray.model.card import ModelCard
 from xray.model.registry import Registry
@@ -54,4 +53,4 @@ def save_prevalence(registry: Registry, prevalence: float, *, by: str = "") -> f
 
 def site_prevalence(registry: Registry, card: ModelCard) -> float:
     """The prevalence results are read at: the site's saved one, else the version's calibration prevalence."""
-    return prevalence_in_force(None, registry.site.prevalence(), card.calibration_prevalence)
+    return registry.site.prevalence_in_force(card.calibration_prevalence)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -18,9 +19,7 @@ from xray.model.registry import LoadedModel
 from xray.report import writers
 from xray.report.writers import ReportInput
 from xray.serve.analysis import Analysis, worklist_rows
-from xray.serve.pipeline import CSV_HEADER, csv_row
-
-WITHHELD_COLUMNS = ("p_pneumonia", "p_pneumonia_at_prevalence")  # empty for a film without a verdict
+from xray.serve.pipeline import CSV_HEADER
 
 
 def file_stem(name: str) -> str:
@@ -64,24 +63,21 @@ def worklist_pdf(model: LoadedModel, items: list[ReportInput], trail: AuditTrail
 
 def worklist_csv(analyses: Iterable[Analysis], threshold: float, prevalence: tuple[float, float],
                  trail: AuditTrail) -> str:
-    """The worklist as CSV in worklist order, the command line's columns (``pipeline.CSV_HEADER``), every
-    scored row recorded first; a withheld film's p(pneumonia) columns are empty.
+    """The worklist as CSV in worklist order, the command line's columns (``pipeline.ResultRow``), every
+    scored row recorded first; a withheld film's p(pneumonia) is left empty.
 
     Args:
         prevalence: (the version's calibration prevalence, the site's prevalence in force).
     """
     by_sha = {a.sha256: a for a in analyses}
-    withheld_index = [CSV_HEADER.index(c) for c in WITHHELD_COLUMNS if c in CSV_HEADER]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
-    for row in worklist_rows(by_sha.values(), threshold):
-        a = by_sha[row["sha256"]]
-        if a.prediction is not None:
-            trail.shown(a.sha256, a.prediction, threshold, "csv")
-        values = list(csv_row(a.name, a.prediction, a.error, threshold, prevalence))
-        if a.prediction is not None and a.prediction.withheld:
-            for i in withheld_index:
-                values[i] = ""
-        writer.writerow(values)
+    for row in worklist_rows(by_sha.values(), threshold, prevalence):
+        prediction = by_sha[row.sha256].prediction
+        if prediction is not None:
+            trail.shown(row.sha256, prediction, threshold, "csv")
+            if prediction.withheld:  # withheld means withheld: no score leaves the page with it
+                row = replace(row, p_pneumonia=None, p_at_prevalence=None)
+        writer.writerow(row.csv())
     return out.getvalue()
