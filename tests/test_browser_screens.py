@@ -7,7 +7,7 @@ import pytest
 from browser import new_page, require_browser, streamlit_app
 from conftest import DATASET
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # real Chromium and a Streamlit server
 
 
 @pytest.fixture
