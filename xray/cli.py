@@ -31,6 +31,7 @@ from xray.serve.pipeline import (
     done_paths,
     evaluate_folder,
     iter_shard,
+    path_text,
     score_paths,
 )
 from xray.model.registry import LoadedModel, ModelFileError, Registry
@@ -74,7 +75,7 @@ def cmd_predict(args) -> int:
             raise SystemExit(f"error: {exc}")
     model = _load_model(args)
     try:
-        out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
+        out = open(args.csv, "a" if done else "w", newline="", encoding="utf-8") if args.csv else sys.stdout
     except OSError as exc:
         raise SystemExit(f"error: cannot write {args.csv}: {exc.strerror or exc}")
     writer = csv.writer(out)
@@ -86,7 +87,7 @@ def cmd_predict(args) -> int:
         raise SystemExit("error: --prevalence must lie strictly between 0 and 1")
     prevalence = (model.card.calibration_prevalence, site if site is not None else model.card.calibration_prevalence)
     skipped: list[tuple[str, str]] = []
-    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
+    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if path_text(p) not in done)
     found = failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
         for path, prediction, error in score_paths(model, paths, args.batch_size, args.workers):
@@ -101,7 +102,7 @@ def cmd_predict(args) -> int:
     print(f"{found} image file(s) found and scored or reported" + (f" ({len(done)} already in the CSV)" if done else "")
           + (f"; {len(skipped)} other file(s) skipped:" if skipped else ""), file=sys.stderr)
     for path, reason in skipped:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(f"  skipped {path_text(path)}: {reason}", file=sys.stderr)
     if failures:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
     if not_xray:
@@ -148,7 +149,8 @@ def cmd_report(args) -> int:
             data = path.read_bytes()
         except OSError as exc:
             data, error = b"", f"cannot read: {exc.strerror or exc}"
-        result = A.analyse(model, data, path.name) if data else A.Analysis(path.name, "0" * 64, None, None, error)
+        name = path_text(path.name)  # a name that is not UTF-8, escaped as in the CSV
+        result = A.analyse(model, data, name) if data else A.Analysis(name, "0" * 64, None, None, error)
         header = R.read_dicom_header(data) if data else None
         item = R.ReportInput(result, threshold, prevalence, header)
         if result.prediction is not None:

@@ -201,6 +201,17 @@ def _is_dicom(data: bytes, name: str) -> bool:
     return _looks_like_acr_nema(data)
 
 
+def not_an_image_reason(path: str | os.PathLike) -> str:
+    """Why a file ``sniff`` passed over is not read: what it is when its first bytes say (a PDF, a ZIP
+    archive to extract, a text file), else "not an image or DICOM file"."""
+    try:
+        with open(path, "rb") as f:
+            reason = _describe_non_image(f.read(1024))
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return "not an image or DICOM file" if reason.startswith("not a recognised") else reason
+
+
 def sniff(path: str | os.PathLike) -> str | None:
     """What a file is, from its first bytes (and its name only for image formats Pillow sniffs itself):
     "DICOMDIR", "DICOM", "image", or None when it is not something the loader reads.
@@ -438,7 +449,7 @@ def _dicom_fields(ds) -> tuple[dict[str, str], dict[str, str]]:
     """(the fields shown to the clinician, the fields the intended-use guard reads)."""
     header = {key: value for key in DICOM_DISPLAY_FIELDS if (value := _text_field(ds, key))}
     guard_fields = {k: v for k, v in header.items() if k in ("Modality", "BodyPartExamined", "PatientAge", "ViewPosition")}
-    for key in ("PatientBirthDate", "StudyDate", "AcquisitionDate"):
+    for key in ("PatientBirthDate", "StudyDate", "AcquisitionDate", "ConversionType"):
         if value := _text_field(ds, key):
             guard_fields[key] = value
     for sequence, prefix in (("ViewCodeSequence", "ViewCode"), ("AnatomicRegionSequence", "AnatomicRegion")):

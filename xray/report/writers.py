@@ -168,7 +168,7 @@ def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
                    f"prevalence ({item.prevalence:.0%}) the same evidence means p(pneumonia) {adjusted:.3f}. The "
                    "decision compares the model's probability with the threshold.", 9)
     elif p is not None:
-        _text(pdf, guard.WHAT_TO_DO.get(p.outcome, ""), 9)
+        _text(pdf, guard.advice(p.outcome, p.ood_reason), 9)
     pdf.ln(1)
     _text(pdf, f"Model version {model.version} (created {card.created or 'unknown'}); report made "
                f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.", 9)
