@@ -234,11 +234,19 @@ def negative_film_score(pixels: np.ndarray) -> float:
     return float(lungs.mean() - box(_BAND_ROWS, _BAND_COLUMNS).mean())
 
 
+def looks_inverted(pixels: np.ndarray) -> bool:
+    """The central band darker than the lungs by more than the limit, and more so than the film read turned
+    by 90 degrees shows its band brighter (a film stored on its side puts the spine across the middle
+    rows; read turned, it is a normal film)."""
+    score = negative_film_score(pixels)
+    return score > NEGATIVE_FILM_LIMIT and score + negative_film_score(np.asarray(pixels).T) > 0
+
+
 def negative_film_reason(pixels: np.ndarray) -> str:
     """The reason to withhold a film that looks inverted (negative), or ''."""
-    score = negative_film_score(pixels)
-    if score <= NEGATIVE_FILM_LIMIT:
+    if not looks_inverted(pixels):
         return ""
+    score = negative_film_score(pixels)
     return (f"the film looks inverted (a negative: lungs brighter than the spine and mediastinum, by {score:.2f}; "
             f"limit {NEGATIVE_FILM_LIMIT:.2f}), as when a MONOCHROME1 DICOM is exported to PNG/JPEG without inverting it")
 
