@@ -187,8 +187,8 @@ def header_outcome(fields: Mapping[str, str], spec: Mapping[str, Any]) -> tuple[
     if outcome != VERDICT:
         return outcome, reason
     if region == "near chest":
-        return OUTSIDE_INTENDED_USE, (f"the DICOM header says {said}: not a chest radiograph as such; the model was "
-                                      "made for frontal chest radiographs")
+        return OUTSIDE_INTENDED_USE, (f"the DICOM header says {said}, a part of the chest or a region holding it "
+                                      "rather than the chest itself; the model was made for frontal chest radiographs")
     if region is None and said:
         return OUTSIDE_INTENDED_USE, (f"the DICOM header says {said}, which the guard cannot place (PS3.16 Table L-1); "
                                       "the model was made for chest radiographs")
