@@ -10,6 +10,7 @@ TID 4019). Pneumonia is SNOMED CT 233604007; present/absent/indeterminate are SC
 """
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import io
 import warnings
@@ -79,8 +80,6 @@ def utf8_header(ds):
     (single-byte, UTF-8 or ISO 2022 code extensions such as ISO 2022 IR 87; for bytes it does not declare,
     ``_undeclared_set``), declaring ISO_IR 192, so that results written from it are valid whatever the
     input's set. The caller's dataset is not changed."""
-    import copy
-
     import pydicom
 
     header = pydicom.Dataset()
