@@ -11,6 +11,13 @@ the Modality LUT, then the first usable VOI rule (VOI LUT sequence, then the win
 pixel range: a window narrower than 1 or lying outside the stored values is skipped, and the
 image's ``notes`` say which rule was used); MONOCHROME1 or a Presentation LUT Shape of INVERSE
 makes bone white. A multi-page TIFF (a scan and its thumbnail) gives its largest page.
+
+Every refusal is a ValueError with a one-line reason; two kinds have their own type, for callers that
+act on the kind (the CLI, the page, the DICOM node): ``IncompleteFileError`` for a file that ends
+before its own structure does (an interrupted transfer: send it again) and ``NotAnImageError`` for a
+complete file that holds no image (an SR, a DICOMDIR, a PDF, a ZIP archive). Decoder faults are named
+by what is wrong with the data, never by the decoder library; a sequential JPEG whose scan header
+gives other spectral-selection values than T.81 allows is decoded as IJG-based readers do.
 """
 from __future__ import annotations
 
@@ -396,7 +403,7 @@ def _read_dicom(data: bytes):
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(stream, force=True)
-        except (EOFError, struct_error) as exc:
+        except (EOFError, struct_error):
             raise IncompleteFileError(INCOMPLETE_DICOM) from None
         except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
             raise ValueError(f"reading the DICOM header failed: {exc}") from None
@@ -634,6 +641,7 @@ def _bone_white(pixels: np.ndarray, ds, notes: list[str]) -> np.ndarray:
 
 
 def _load_dicom(data: bytes) -> XrayImage:
+    """DICOM bytes -> XrayImage, one named step at a time (PS3.10 file, PS3.3 C.7.6.3 pixels, PS3.4 N.2)."""
     notes: list[str] = []
     ds = _read_dicom(data)
     _infer_file_meta(ds, notes)
