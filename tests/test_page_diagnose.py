@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NORMAL_FULLRES = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
 PNEUMONIA_FULLRES = FULLRES / "person1951_bacteria_4882.jpeg"
 PNEUMONIA_SMALL = DATASET / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
-
-
 INCOMPLETE_JPEG = "the JPEG file is incomplete (truncated: the transfer or copy was cut off): send or export it again"
+
 
 def upload(path: Path, name: str | None = None, mime: str = "image/jpeg") -> tuple[str, bytes, str]:
     return (name or path.name, path.read_bytes(), mime)
