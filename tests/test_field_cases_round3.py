@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -253,7 +254,7 @@ def test_a_zip_archive_is_named_as_such(tmp_path):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("IM000001.jpeg", SAMPLE.read_bytes())
-    with pytest.raises(NotAnImageError, match=f"^{ZIP_ARCHIVE}$"):
+    with pytest.raises(NotAnImageError, match=f"^{re.escape(ZIP_ARCHIVE)}$"):
         load_image(buffer.getvalue(), name="films.zip")
 
 

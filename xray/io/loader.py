@@ -82,7 +82,7 @@ class NotAnImageError(ValueError):
 
 
 INCOMPLETE_DICOM = "the DICOM file is incomplete (truncated: the transfer or copy was cut off): send or export it again"
-ZIP_ARCHIVE = "a ZIP archive: extract it and give the folder"
+ZIP_ARCHIVE = "a ZIP archive: extract it and give the folder (or drop the extracted files)"
 
 
 @dataclass
