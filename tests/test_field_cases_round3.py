@@ -142,7 +142,7 @@ def test_thorax_is_the_chest_and_gets_the_same_verdict_as_chest(shipped, tmp_pat
     control = predict(shipped, [load_image(child_dicom(tmp_path / "chest.dcm", BodyPartExamined="CHEST"))])[0]
     thorax = predict(shipped, [load_image(child_dicom(tmp_path / "thorax.dcm", BodyPartExamined="THORAX"))])[0]
     assert thorax.outcome == control.outcome and thorax.p_pneumonia == pytest.approx(control.p_pneumonia, abs=1e-6)
-    assert "THORAX" not in thorax.ood_reason
+    assert "THORAX" not in thorax.withheld_reason
 
 
 def test_the_anatomic_region_sequence_is_read_where_body_part_is_absent(shipped, tmp_path):
@@ -290,8 +290,8 @@ def test_a_film_exported_inverted_is_withheld_as_inverted(shipped, tmp_path):
     Image.fromarray(255 - np.asarray(Image.open(SAMPLE).convert("L"))).save(negative)
     prediction = predict(shipped, [load_image(negative)])[0]
     assert prediction.withheld and prediction.outcome == guard.OUTSIDE_INTENDED_USE
-    assert "looks inverted" in prediction.ood_reason and "negative" in prediction.ood_reason
-    assert "bone is white" in guard.advice(prediction.outcome, prediction.ood_reason)
+    assert "looks inverted" in prediction.withheld_reason and "negative" in prediction.withheld_reason
+    assert "bone is white" in guard.advice(prediction.outcome, prediction.withheld_reason)
     assert not predict(shipped, [load_image(SAMPLE)])[0].withheld
 
 
