@@ -28,7 +28,7 @@ from xray.govern.audit import record_event
 from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.serve.hirescam import legend as heatmap_legend
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, WHAT_TO_DO
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, advice
 from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
@@ -281,7 +281,7 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
         reason, outcome = prediction.withheld_reason, prediction.outcome
         title = "Not a chest radiograph" if outcome == NOT_A_CHEST_RADIOGRAPH else "Outside the intended use"
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
-                   + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(outcome, ""),
+                   + "  \nNo pneumonia verdict is given for it. " + advice(outcome, reason),
                    icon=":material/block:")
         with st.expander("Show the model's output anyway (not for clinical use)"):  # withheld means withheld
             st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
@@ -486,7 +486,10 @@ for name, data in files:
 forget_other_files({(r["analysis"].sha256, model.version) for r in results})
 
 for result in results:
-    if result["analysis"].error:
+    if result["analysis"].incomplete:  # an interrupted transfer: the same file sent again will load
+        st.error(f"**{escape_markdown(result['analysis'].name)}** arrived incomplete: "
+                 f"{escape_markdown(result['analysis'].error)}", icon=":material/sync_problem:")
+    elif result["analysis"].error:
         st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
                  f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
 readable = [r["analysis"] for r in results if r["analysis"].ok]

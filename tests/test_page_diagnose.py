@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NORMAL_FULLRES = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
 PNEUMONIA_FULLRES = FULLRES / "person1951_bacteria_4882.jpeg"
 PNEUMONIA_SMALL = DATASET / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
+INCOMPLETE_JPEG = "the JPEG file is incomplete (truncated: the transfer or copy was cut off): send or export it again"
 
 
 def upload(path: Path, name: str | None = None, mime: str = "image/jpeg") -> tuple[str, bytes, str]:
@@ -76,7 +77,7 @@ def test_analyse_scores_bytes_exactly_like_predict(tiny_model):
 def test_analyse_reports_unreadable_files_in_one_line(tiny_model):
     result = analysis.analyse(tiny_model, (GENERATED / "truncated.jpeg").read_bytes(), "truncated.jpeg")
     assert not result.ok and result.image is None
-    assert result.error == "truncated or damaged JPEG file"
+    assert result.error == INCOMPLETE_JPEG and result.incomplete
     assert analysis.analyse(tiny_model, b"", "empty.png").error == "empty file (0 bytes)"
 
 
@@ -105,7 +106,7 @@ def test_worklist_csv_has_cli_columns_sorted_by_probability(tiny_model):
     for row in rows[1:]:
         if row[0] in flagged:  # out of distribution: score kept, no verdict, reason as the CLI writes it
             assert row[1] and row[2] == "" and row[4].startswith(("not a chest radiograph: ", "outside intended use: "))
-    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", "truncated or damaged JPEG file", "", ""]
+    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", INCOMPLETE_JPEG, "", ""]
 
 
 # -- the page --------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def test_broken_file_gets_its_message_and_the_others_their_results(tiny_registry
     at = drop(start_app(), upload(GENERATED / "truncated.jpeg", name="broken *scan*.jpeg"), upload(NORMAL_FULLRES))
     assert len(at.error) == 1
     # the file name reaches markdown escaped: no bold, no link, text as typed
-    assert at.error[0].value == r"**broken \*scan\*\.jpeg** cannot be analysed: truncated or damaged JPEG file"
+    assert at.error[0].value == (r"**broken \*scan\*\.jpeg** arrived incomplete: the JPEG file is incomplete "
+                                 r"\(truncated\: the transfer or copy was cut off\)\: send or export it again")
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["File"]) == [NORMAL_FULLRES.name, "broken *scan*.jpeg"]
     assert list(table["Decision"])[1] == "unreadable"

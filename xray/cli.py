@@ -29,6 +29,7 @@ from xray.serve.pipeline import (
     done_paths,
     evaluate_folder,
     iter_shard,
+    path_text,
     score_paths,
 )
 from xray.model.registry import LoadedModel, ModelFileError, Registry
@@ -81,7 +82,7 @@ def cmd_predict(args) -> int:
             raise SystemExit(f"error: {exc}")
     model = _load_model(args)
     try:
-        out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
+        out = open(args.csv, "a" if done else "w", newline="", encoding="utf-8") if args.csv else sys.stdout
     except OSError as exc:
         raise SystemExit(f"error: cannot write {args.csv}: {exc.strerror or exc}")
     writer = csv.writer(out)
@@ -90,7 +91,7 @@ def cmd_predict(args) -> int:
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
     prevalence = (model.card.calibration_prevalence, _prevalence(args, model))
     skipped: list[tuple[str, str]] = []
-    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
+    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if path_text(p) not in done)
     found = failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
         for path, prediction, error in score_paths(model, paths, args.batch_size, args.workers):
@@ -105,7 +106,7 @@ def cmd_predict(args) -> int:
     print(f"{found} image file(s) found and scored or reported" + (f" ({len(done)} already in the CSV)" if done else "")
           + (f"; {len(skipped)} other file(s) skipped:" if skipped else ""), file=sys.stderr)
     for path, reason in skipped:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(f"  skipped {path_text(path)}: {reason}", file=sys.stderr)
     if failures:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
     if not_xray:
