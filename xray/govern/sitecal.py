@@ -7,7 +7,8 @@ shifts a model shows at a new hospital (see e.g. Van Calster et al., "Calibratio
 of predictive analytics", BMC Medicine 2019). Figures on the local set are cross-validated: each fold
 is scored with a calibration and threshold fitted on the other folds. With about 100 images their 95%
 intervals are wide (a sensitivity from 60 pneumonia images has an interval about +-0.06 wide at 0.95):
-the card and the page say so.
+the card and the page say so. Writing the calibrated version is an administrator's (``identity.require``);
+its card and an audit line (``site-calibration``) name who did it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 
 from xray.decide import calibration as C
 from xray.decide import metrics as M
+from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.io.folders import CLASSES, decoded_dataset, scan_dataset
 from xray.serve.inference import logits_of
 from xray.model.registry import LoadedModel, Registry
@@ -124,9 +127,16 @@ def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> 
     return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data)
 
 
-def write_version(registry: Registry, model: LoadedModel, result: Recalibration) -> str:
+def write_version(registry: Registry, model: LoadedModel, result: Recalibration, *, actor: Actor) -> str:
     """Save ``result`` as a new inactive version: the parent's weights byte for byte, its OOD statistics,
-    and a card that records the parent, the site data and the old and new calibration and threshold."""
+    and a card that records the parent, the site data, the old and new calibration and threshold, and who
+    calibrated (also one ``site-calibration`` audit line).
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is written).
+        OSError: the version or the audit line cannot be written.
+    """
+    require(actor, ADMINISTRATOR, "calibrating a model to this site")
     parent_dir = registry.version_dir(model.version)
     weights = (parent_dir / "model.pt").read_bytes()
     extras = {name: (parent_dir / name).read_bytes() for name in model.card.extra_files}
@@ -147,6 +157,7 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
         "site_calibration": {
             "parent": model.version, "data_root": data.root, "data_fingerprint": data.fingerprint,
             "counts": data.counts, "unreadable": len(data.unreadable), "rule": result.rule,
+            "by": actor.label, "subject": actor.subject,
             "old": {"threshold": model.threshold, "scale": old_scale, "bias": old_bias},
             "new": {"threshold": result.threshold, "scale": result.scale, "bias": result.bias},
             "before_on_site": result.before, "after_on_site_crossvalidated": result.after,
@@ -160,17 +171,24 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
         card["borderline"] = {**model.card.borderline_info, "below": round(band[0] * ratio, 4),
                               "above": round(band[1] * ratio, 4),
                               "method": model.card.borderline_info.get("method", "") + "; rescaled to the site calibration"}
-    version = registry.new_version_id("site")
-    return registry.save_version_bytes(weights, card, version, extras)
+    version = registry.save_version_bytes(weights, card, registry.new_version_id("site"), extras)
+    audit.record_event("site-calibration", actor=actor, version=version, parent=model.version,
+                       data_fingerprint=data.fingerprint, threshold=result.threshold, rule=result.rule)
+    return version
 
 
 def calibrate(registry: Registry, data_dir: str, version: str | None = None, rule: str | None = None,
-              workers: int = 0) -> tuple[str, Recalibration]:
-    """``python -m xray calibrate``: score, recalibrate and write the new version; returns (id, result)."""
+              workers: int = 0, *, actor: Actor) -> tuple[str, Recalibration]:
+    """``python -m xray calibrate``: score, recalibrate and write the new version; returns (id, result).
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (checked before any image is scored).
+    """
+    require(actor, ADMINISTRATOR, "calibrating a model to this site")
     model = registry.load(version, torch.device("cpu"))
     data = score_folder(model, data_dir, workers)
     result = recalibrate(model, data, rule)
-    return write_version(registry, model, result), result
+    return write_version(registry, model, result, actor=actor), result
 
 
 def describe(result: Recalibration) -> str:
