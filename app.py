@@ -14,7 +14,7 @@ ADMINISTRATOR_PAGES = {"pages/retrain.py"}  # not offered to clinicians (the eng
 
 st.set_page_config(page_title="Pneumonia X-ray assistant", page_icon=":material/radiology:", layout="wide")
 refuse_unsafe_serving()  # a non-loopback address without sign-in: refused before any page (README "Sign-in")
-actor = current_actor()  # nobody known: the sign-in page, and nothing else
+actor = current_actor(in_app=True)  # nobody known: the sign-in page, and nothing else
 identity_sidebar(actor)
 
 paths = [path for path, _, _ in PAGES if (HERE / path).is_file()

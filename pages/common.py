@@ -62,7 +62,7 @@ def refuse_unsafe_serving() -> None:
 
     Streamlit runs app.py for every browser session and nothing else produces a page, so no film, result
     or action is served before this check. On refusal the one line goes to the server log and the page,
-    the server is asked to stop, and the run stops. An operator who accepted the risk
+    and the server process ends (``stop_server``): the first visit ends it. An operator who accepted the risk
     (XRAY_ALLOW_UNAUTHENTICATED_NETWORK=1) gets a warning in the log and one audit line per server start.
     """
     address = st.get_option("server.address")
@@ -73,12 +73,24 @@ def refuse_unsafe_serving() -> None:
         LOG.error(refusal)
         print(refusal, file=sys.stderr, flush=True)
         st.error(refusal, icon=":material/lock:")
-        from streamlit import runtime  # the server: stop serving (AppTest's runtime is a stand-in)
-        if runtime.exists():
-            runtime.get_instance().stop()
+        stop_server()
         st.stop()
     if allowed and not configured and not identity.is_loopback(address):
         _note_unauthenticated_network(str(address))
+
+
+def stop_server() -> None:
+    """End the ``streamlit run`` process as Ctrl+C would (SIGTERM: Streamlit closes its sessions and exits).
+
+    Runtime.stop() alone leaves the HTTP server listening. Under AppTest the runtime is a stand-in: nothing.
+    """
+    import signal
+
+    from streamlit import runtime
+    from streamlit.runtime import Runtime
+
+    if runtime.exists() and type(runtime.get_instance()) is Runtime:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @st.cache_resource(show_spinner=False)
@@ -95,16 +107,23 @@ def _note_unauthenticated_network(address: str) -> bool:
     return True
 
 
-def current_actor() -> Actor:
+def current_actor(in_app: bool = False) -> Actor:
     """Who is at the screen: the signed-in user with their role, or (no ``[auth]``, local mode) the
-    machine's operator. Without a known user the page says what happened and what to do, and stops."""
+    machine's operator. Without a known user the page says what happened and what to do, and stops
+    (``in_app``: app.py's call, which also hides the page list)."""
     if not sign_in_configured():
         return identity.operator()
     try:
         return identity.from_claims(st.user.to_dict())
     except ValueError as exc:  # SignInError, a broken roles file or XRAY_SIGN_IN_HOURS
+        if in_app:  # a navigation of one hidden page: no list of page files (legacy mode) beside the sign-in
+            st.navigation([st.Page(_signing_in, title="Sign in", url_path="sign-in")], position="hidden")
         sign_in_page(str(exc))
         st.stop()
+
+
+def _signing_in() -> None:
+    """The placeholder page of the navigation shown while nobody is signed in (never run)."""
 
 
 def sign_in_page(problem: str) -> None:
@@ -113,11 +132,11 @@ def sign_in_page(problem: str) -> None:
     st.caption("Pneumonia X-ray assistant: sign in with your hospital account to see films and results.")
     signed_in = bool(st.user.get("is_logged_in"))
     if signed_in:
-        st.error(escape_markdown(problem[:1].upper() + problem[1:]) + ".", icon=":material/person_off:")
+        st.error(f"You cannot use the assistant yet: {escape_markdown(problem)}.", icon=":material/person_off:")
     attempt = st.session_state.pop(SIGN_IN_PROBLEM_KEY, None)
     if attempt:
         st.error(attempt, icon=":material/cloud_off:")
-    left, right = st.columns(2)
+    left, right, _ = st.columns([1, 1, 3])
     left.button("Sign in again" if signed_in else "Sign in", key="sign_in", type="primary", on_click=sign_in,
                 icon=":material/login:")
     if signed_in:
@@ -258,8 +277,9 @@ def validation_predictions(model: LoadedModel) -> tuple[list[int], list[float]] 
 
 def audit_trail() -> AuditTrail:
     """This session's audit trail (one line per distinct result shown)."""
-    if AUDIT_KEY not in st.session_state:
-        st.session_state[AUDIT_KEY] = AuditTrail(actor=current_actor())
+    actor = current_actor()
+    if AUDIT_KEY not in st.session_state or st.session_state[AUDIT_KEY].actor != actor:  # (a role changed)
+        st.session_state[AUDIT_KEY] = AuditTrail(actor=actor)
     return st.session_state[AUDIT_KEY]
 
 

@@ -208,7 +208,7 @@ def test_saving_a_site_threshold_needs_why_and_restore_brings_back_the_exact_car
     at = start_app()
     at.number_input(key="diagnose_threshold_exact").set_value(0.3).run()
     assert at.button(key="diagnose_save_default").disabled  # no reason or confirmation yet
-    assert not at.text_input.filter(lambda w: w.key == "diagnose_save_by")  # who saves is who is signed in
+    assert "diagnose_save_by" not in {w.key for w in at.text_input}  # who saves is who is signed in
     at.text_input(key="diagnose_save_why").input("local audit of 2026").run()
     assert at.button(key="diagnose_save_default").disabled
     at.checkbox(key="diagnose_save_confirm").check().run()
