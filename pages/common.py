@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import sys
 from pathlib import Path
 
 import streamlit as st
@@ -70,8 +69,7 @@ def refuse_unsafe_serving() -> None:
     allowed = settings.allow_unauthenticated_network()
     refusal = identity.serving_refusal(address, configured, allowed)
     if refusal:
-        LOG.error(refusal)
-        print(refusal, file=sys.stderr, flush=True)
+        LOG.error(refusal)  # the server log (stderr)
         st.error(refusal, icon=":material/lock:")
         stop_server()
         st.stop()
@@ -99,7 +97,6 @@ def _note_unauthenticated_network(address: str) -> bool:
     line = (f"Serving {address or 'every interface'} WITHOUT sign-in because XRAY_ALLOW_UNAUTHENTICATED_NETWORK "
             "is set: anyone who reaches this port acts as the machine's operator (administrator).")
     LOG.warning(line)
-    print(line, file=sys.stderr, flush=True)
     try:
         record_event("unauthenticated-network-serving", address=address)
     except OSError:

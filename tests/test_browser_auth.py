@@ -5,7 +5,12 @@ names who was at the screen; sign-out clears the session; no token or cookie rea
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +136,28 @@ def test_administrator_and_clinician_sign_in_roles_audit_and_sign_out(signed_app
     written = audit_log.read_text() + server_log.read_text()
     assert not any(cookie in written for cookie in cookies)
     assert "id_token" not in written and "access_token" not in written
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_network_address_without_sign_in_is_refused_by_the_real_server(tiny_registry, tmp_path):
+    """`streamlit run app.py --server.address 0.0.0.0` with no [auth], in a private network namespace whose
+    only interface is its own loopback (nothing outside the machine, or outside the namespace, can reach it)."""
+    require_browser()
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a private network namespace here (unshare -n)")
+    env = {**os.environ, "XRAY_WEIGHTS": str(tiny_registry), "XRAY_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+           "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("XRAY_ALLOW_UNAUTHENTICATED_NETWORK", None)
+    probe = [sys.executable, str(Path(__file__).with_name("serve_probe.py")), str(tmp_path / "streamlit.log")]
+    done = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *probe], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    refusals = [line for line in result["log"].splitlines() if line.startswith("Refusing to serve")]
+    assert refusals == ["Refusing to serve address 0.0.0.0 without sign-in: configure OpenID Connect in "
+                        ".streamlit/secrets.toml [auth] (README 'Sign-in'), or bind to localhost (server.address = "
+                        "\"localhost\"), or set XRAY_ALLOW_UNAUTHENTICATED_NETWORK=1 to accept the risk."], result["log"]
+    assert not result["still_running"]  # the server ended on the first visit
+    assert "Diagnose" not in result["page"] and "Drop chest X-rays" not in result["page"]
+    assert not (tmp_path / "audit.jsonl").exists()  # nothing was shown, so nothing was logged
