@@ -70,25 +70,26 @@ def refuse_unsafe_serving() -> None:
     refusal = identity.serving_refusal(address, configured, allowed)
     if refusal:
         LOG.error(refusal)  # the server log (stderr)
+        st.navigation([st.Page(_signing_in, title="Refused", url_path="refused")], position="hidden")
         st.error(refusal, icon=":material/lock:")
-        stop_server()
+        stop_server(delay_s=2.0)  # time for this page to reach the browser
         st.stop()
     if allowed and not configured and not identity.is_loopback(address):
         _note_unauthenticated_network(str(address))
 
 
-def stop_server() -> None:
-    """End the ``streamlit run`` process as Ctrl+C would (SIGTERM: Streamlit closes its sessions and exits).
-
-    Runtime.stop() alone leaves the HTTP server listening. Under AppTest the runtime is a stand-in: nothing.
-    """
+def stop_server(delay_s: float = 0.0) -> None:
+    """End the ``streamlit run`` process as Ctrl+C would (SIGTERM: Streamlit closes its sessions and exits),
+    after ``delay_s``. Runtime.stop() alone leaves the HTTP server listening. Under AppTest the runtime is a
+    stand-in: nothing happens."""
     import signal
+    import threading
 
     from streamlit import runtime
     from streamlit.runtime import Runtime
 
     if runtime.exists() and type(runtime.get_instance()) is Runtime:
-        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
 
 @st.cache_resource(show_spinner=False)
@@ -120,7 +121,7 @@ def current_actor(in_app: bool = False) -> Actor:
 
 
 def _signing_in() -> None:
-    """The placeholder page of the navigation shown while nobody is signed in (never run)."""
+    """The placeholder page of the navigation shown while nobody is signed in or serving is refused (never run)."""
 
 
 def sign_in_page(problem: str) -> None:

@@ -159,5 +159,6 @@ def test_a_network_address_without_sign_in_is_refused_by_the_real_server(tiny_re
                         ".streamlit/secrets.toml [auth] (README 'Sign-in'), or bind to localhost (server.address = "
                         "\"localhost\"), or set XRAY_ALLOW_UNAUTHENTICATED_NETWORK=1 to accept the risk."], result["log"]
     assert not result["still_running"]  # the server ended on the first visit
+    assert "Refusing to serve address 0.0.0.0 without sign-in" in result["page"]  # the browser is told too
     assert "Diagnose" not in result["page"] and "Drop chest X-rays" not in result["page"]
     assert not (tmp_path / "audit.jsonl").exists()  # nothing was shown, so nothing was logged

@@ -110,7 +110,7 @@ def test_a_network_address_without_sign_in_is_refused(tiny_registry, tmp_path, m
     from pages import common
 
     stops, get_option = [], st.get_option
-    monkeypatch.setattr(common, "stop_server", lambda: stops.append(1))
+    monkeypatch.setattr(common, "stop_server", lambda delay_s=0: stops.append(1))
     monkeypatch.setattr(st, "get_option", lambda key: "0.0.0.0" if key == "server.address" else get_option(key))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     assert len(at.error) == 1 and at.error[0].value.startswith("Refusing to serve address 0.0.0.0 without sign-in")
@@ -123,3 +123,11 @@ def test_a_network_address_without_sign_in_is_refused(tiny_registry, tmp_path, m
     assert not at.exception and at.get("file_uploader")
     events = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert "unauthenticated-network-serving" in events
+
+
+def test_xsrf_protection_stays_on():
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["enableXsrfProtection"] is True  # and Streamlit forces it on whenever [auth] is set
+    assert ".streamlit/secrets.toml" in (ROOT / ".gitignore").read_text().splitlines()  # no secret committed
