@@ -144,8 +144,9 @@ def test_a_network_address_without_sign_in_is_refused_by_the_real_server(tiny_re
     """`streamlit run app.py --server.address 0.0.0.0` with no [auth], in a private network namespace whose
     only interface is its own loopback (nothing outside the machine, or outside the namespace, can reach it)."""
     require_browser()
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
-        pytest.skip("cannot make a private network namespace here (unshare -n)")
+    if shutil.which("unshare") is None or shutil.which("ip") is None or subprocess.run(
+            ["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True).returncode:
+        pytest.skip("cannot make a private network namespace here (unshare -n, ip from iproute2)")
     env = {**os.environ, "XRAY_WEIGHTS": str(tiny_registry), "XRAY_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
            "PYTHONPATH": str(Path(__file__).parent)}
     env.pop("XRAY_ALLOW_UNAUTHENTICATED_NETWORK", None)
