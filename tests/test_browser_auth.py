@@ -41,7 +41,7 @@ def provider():
 
 @pytest.fixture
 def signed_app(provider, tiny_registry, tmp_path):
-    """app.py served on loopback with [auth] pointing at the provider and a roles file; yields (url, audit log, server log)."""
+    """app.py on loopback with [auth] pointing at the provider and a roles file; yields (url, audit log, server log)."""
     require_browser()
     pytest.importorskip("authlib")
     port = free_port()

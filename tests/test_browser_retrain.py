@@ -24,7 +24,8 @@ def app_url(tiny_registry, tmp_path):
         try:
             yield url
         finally:
-            if jobs.cancel_job(tiny_registry, actor=operator()):  # training outlives the server by design; not past the test
+            # training outlives the server by design; not past the test
+            if jobs.cancel_job(tiny_registry, actor=operator()):
                 job = jobs.current_job(tiny_registry)
                 jobs.wait_for_job(tiny_registry, job.id, 60)
 

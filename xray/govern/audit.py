@@ -5,8 +5,9 @@ only), which model version, the score, the threshold in force, the decision made
 by ``decision.decide``, whether the verdict was withheld and why, and who was at the screen (the
 signed-in user's provider subject, e-mail, role and issuer; the OS login in local mode and on the command
 line: ``identity.Actor.audit_fields``). Governance events (``record_event``) carry the same four fields.
-Never pixels, file names, DICOM patient fields, tokens or cookies. A result that was never displayed is never logged; the same (file, version,
-threshold, decision) shown again in one session is logged once (``AuditTrail``).
+Never pixels, file names, DICOM patient fields, tokens or cookies. A result that was never displayed is
+never logged; the same (file, version, threshold, decision) shown again in one session is logged once
+(``AuditTrail``).
 
 Path: ``settings.audit_log_path()`` ($XRAY_AUDIT_LOG, default ``<user data folder>/audit.jsonl``,
 outside the repository); XRAY_AUDIT_LOG=off disables it.

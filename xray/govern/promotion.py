@@ -147,7 +147,8 @@ def promote(registry: Registry, version: str, force: bool = False, reason: str =
     previous = registry.active_version()
     override = None
     if not result.passed:
-        override = {"by": actor.label, "subject": actor.subject, "at": utc_now(), "reason": " ".join(reason.split()), "gate": list(result.reasons)}
+        override = {"by": actor.label, "subject": actor.subject, "at": utc_now(), "reason": " ".join(reason.split()),
+                    "gate": list(result.reasons)}
     registry.activate(version, override=override)
     if override is not None:
         try:
