@@ -35,8 +35,14 @@ def auth_section() -> dict:
     """The ``[auth]`` table of .streamlit/secrets.toml ({} when sign-in is not configured)."""
     try:
         section = st.secrets.get("auth") if "auth" in st.secrets else None
-    except FileNotFoundError:  # no secrets file at all
-        return {}
+    except FileNotFoundError as exc:  # StreamlitSecretNotFoundError: no secrets file, or one that does not parse
+        if getattr(exc, "error_id", "no-secrets-found") == "no-secrets-found":
+            return {}
+        # a sign-in configuration that cannot be read must not fall back to working without sign-in
+        LOG.error("The sign-in configuration cannot be read: %s", exc)
+        st.error(f"The sign-in configuration (.streamlit/secrets.toml) cannot be read: {escape_markdown(str(exc))}. "
+                 "Nothing is shown until an administrator corrects it (README 'Sign-in').", icon=":material/lock:")
+        st.stop()
     return section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
 
 

@@ -131,3 +131,18 @@ def test_xsrf_protection_stays_on():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["enableXsrfProtection"] is True  # and Streamlit forces it on whenever [auth] is set
     assert ".streamlit/secrets.toml" in (ROOT / ".gitignore").read_text().splitlines()  # no secret committed
+
+
+def test_a_broken_sign_in_configuration_does_not_fall_back_to_no_sign_in(tiny_registry, tmp_path):
+    from streamlit import config
+
+    broken = tmp_path / "secrets.toml"
+    broken.write_text('[auth\nclient_id = "x"\n')
+    before = config.get_option("secrets.files")
+    config.set_option("secrets.files", [str(broken)])
+    try:
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    finally:
+        config.set_option("secrets.files", before)
+    assert "sign-in configuration (.streamlit/secrets.toml) cannot be read" in at.error[0].value
+    assert not at.get("file_uploader") and not at.exception
