@@ -12,6 +12,8 @@ from conftest import DATASET, FIXTURES
 from xray.govern.identity import operator
 from xray.train import jobs
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # real Chromium and a Streamlit server
+
 TRAINING_TIMEOUT_MS = 240_000  # a tiny run takes seconds; two shared cores can make it slow
 
 

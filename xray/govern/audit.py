@@ -23,8 +23,8 @@ from xray import settings
 from xray.govern.identity import Actor, operator
 
 FIELDS = ("time", "sha256", "model_version", "p_pneumonia", "threshold", "decision", "outcome", "reason",
-          "ood", "shown_in", "user", "email", "role", "issuer")
-VERDICT = "verdict"
+          "withheld", "shown_in", "user", "email", "role", "issuer")
+# lines written before 2026-12-02 say "ood" for "withheld" and carry no user, email, role or issuer
 
 
 def audit_path() -> Path | None:
@@ -46,7 +46,7 @@ def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen
     """
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError("sha256 must be 64 lower-case hex digits")
-    withheld = bool(prediction.ood)
+    withheld = prediction.withheld
     return {
         "time": utc_now_ms(),
         "sha256": sha256,
@@ -55,8 +55,8 @@ def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen
         "threshold": float(threshold),  # exact: the screen and the CSV decide at this very value
         "decision": prediction.decision(threshold),  # None when withheld: no verdict was shown
         "outcome": prediction.outcome,
-        "reason": " ".join(str(prediction.ood_reason).split()) if withheld else "",
-        "ood": withheld,
+        "reason": " ".join(prediction.withheld_reason.split()) if withheld else "",
+        "withheld": withheld,
         "shown_in": shown_in,
         **(actor or operator()).audit_fields(),
     }
@@ -113,7 +113,7 @@ class AuditTrail:
         """
         # the screen and the worklist are one display; a report or download is its own record
         channel = "export" if shown_in in ("report", "csv") else "screen"
-        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.ood,
+        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.withheld,
                channel)
         if key in self.logged:
             return None
