@@ -199,16 +199,18 @@ def test_presets_are_distinct_operating_points_and_set_the_threshold(tiny_regist
     assert at.number_input(key="diagnose_threshold_exact").value == card["threshold"]  # exactly
 
 
-def test_saving_a_site_threshold_needs_who_and_why_and_restore_brings_back_the_exact_card_value(tiny_registry):
+def test_saving_a_site_threshold_needs_why_and_restore_brings_back_the_exact_card_value(tiny_registry):
     import json
+
+    from xray.govern.identity import operator
 
     labels, scores, card = validation_of(tiny_registry)
     card_file = tiny_registry / "versions" / card["version"] / "card.json"
     card_bytes = card_file.read_bytes()
     at = start_app()
     at.number_input(key="diagnose_threshold_exact").set_value(0.3).run()
-    assert at.button(key="diagnose_save_default").disabled  # no name, reason or confirmation yet
-    at.text_input(key="diagnose_save_by").input("Dr Ward").run()
+    assert at.button(key="diagnose_save_default").disabled  # no reason or confirmation yet
+    assert "diagnose_save_by" not in {w.key for w in at.text_input}  # who saves is who is signed in
     at.text_input(key="diagnose_save_why").input("local audit of 2026").run()
     assert at.button(key="diagnose_save_default").disabled
     at.checkbox(key="diagnose_save_confirm").check().run()
@@ -216,11 +218,11 @@ def test_saving_a_site_threshold_needs_who_and_why_and_restore_brings_back_the_e
     assert not at.exception, at.exception
     assert card_file.read_bytes() == card_bytes  # the model's card is untouched
     site = json.loads((tiny_registry / "site.json").read_text())["thresholds"][card["version"]]
-    assert site["threshold"] == 0.3 and site["by"] == "Dr Ward" and site["why"] == "local audit of 2026"
+    assert site["threshold"] == 0.3 and site["by"] == operator().label and site["why"] == "local audit of 2026"
     assert any("Saved 0.300000" in s.value for s in at.success)
     fresh = start_app()  # a new session starts at the site's threshold
     assert fresh.number_input(key="diagnose_threshold_exact").value == 0.3
-    assert any("Dr Ward" in c.value for c in fresh.sidebar.caption)
+    assert any(operator().label in c.value and "local audit of 2026" in c.value for c in fresh.sidebar.caption)
     fresh.button(key="diagnose_restore_threshold").click().run()
     assert fresh.number_input(key="diagnose_threshold_exact").value == card["threshold"]  # exactly, not 0.734
     assert start_app().number_input(key="diagnose_threshold_exact").value == card["threshold"]

@@ -2,6 +2,9 @@
 
 Argparse and thin commands only: the work is done by the engine's wings (``serve.pipeline``, ``train``,
 ``model.registry``, ``govern``, ``report.batch``, ``bench``). The top wing: nothing in ``xray/`` imports this module.
+
+The command line is the machine operator's tool: it acts as the OS login with the administrator's rights
+(``identity.operator``), without the app's sign-in; its audit lines name that login.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from xray.clock import utc_stamp
 from xray.train import events as E
 from xray.govern import promotion
 from xray.govern import sitecal
+from xray.govern.identity import operator
 from xray.report import batch
 from xray.atomic import atomic_write_json
 from xray.bench import add_arguments as bench_arguments
@@ -142,7 +146,7 @@ def cmd_calibrate(args) -> int:
     registry = Registry(args.registry or None)
     try:
         version, result = sitecal.calibrate(registry, args.data_dir, args.model or None, args.rule or None,
-                                            args.workers)
+                                            args.workers, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(sitecal.terminal_summary(result), file=sys.stderr)
@@ -162,7 +166,7 @@ def cmd_fit_ood(args) -> int:
         raise SystemExit(f"error: {exc}")
     if args.activate:  # through the gate, like every other way to make a version live
         try:
-            promotion.promote(registry, version)
+            promotion.promote(registry, version, actor=operator())
         except promotion.PromotionRefused as exc:
             raise SystemExit(f"error: new version {version} saved but not activated: {exc} "
                              f"(python -m xray activate {version} --force --reason '...')")
@@ -229,7 +233,7 @@ def cmd_train(args) -> int:
 def cmd_jobs(args) -> int:
     root = Registry(args.registry or None).root
     if args.cancel:
-        if not cancel_job(root):
+        if not cancel_job(root, actor=operator()):
             print("no training job is running", file=sys.stderr)
             return 1
         print("asked the running training job to stop", file=sys.stderr)
@@ -270,7 +274,7 @@ def cmd_activate(args) -> int:
             print(f"  {args.version} {name}: {figure}", file=sys.stderr)
         for name, figure in result.active_figures.items():
             print(f"  active {result.active_version} {name}: {figure}", file=sys.stderr)
-        promotion.promote(registry, args.version, force=args.force, reason=args.reason)
+        promotion.promote(registry, args.version, force=args.force, reason=args.reason, actor=operator())
     except promotion.PromotionRefused as exc:
         raise SystemExit(f"error: {exc} (python -m xray activate {args.version} --force --reason '...')")
     except (ModelFileError, ValueError) as exc:
@@ -284,7 +288,7 @@ def cmd_activate(args) -> int:
 
 def cmd_rollback(args) -> int:
     try:
-        version = promotion.rollback(Registry(args.registry or None), reason=args.reason)
+        version = promotion.rollback(Registry(args.registry or None), reason=args.reason, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(f"active model: {version}", file=sys.stderr)
@@ -292,7 +296,11 @@ def cmd_rollback(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xray", description="Pneumonia chest X-ray assistant engine")
+    parser = argparse.ArgumentParser(
+        prog="python -m xray", description="Pneumonia chest X-ray assistant engine",
+        epilog="The command line is the machine operator's tool: it runs as your OS login with the administrator's "
+               "rights and without the app's sign-in, and the audit log names that login. People at a screen use the "
+               "app, where sign-in and roles apply (README 'Sign-in').")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p):
