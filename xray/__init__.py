@@ -13,6 +13,7 @@ against it, counting imports inside functions; ``python scripts/import_graph.py`
   pipeline.
 - ``govern``: the promotion gate, the audit log, site calibration.
 - ``report``: PDF and DICOM results.
+- ``node``: the DICOM node (receive films from the PACS, score them, send results back; spool and queue).
 - ``train``: the loop, its config, optimiser, events, background jobs, robustness checks.
 - ``cli``, ``bench``, ``__main__``: the command line on top.
 """
@@ -27,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("serve",),
     ("govern",),
     ("report",),
+    ("node",),
     ("train",),
     ("bench",),
     ("cli", "__main__"),

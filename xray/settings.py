@@ -7,6 +7,15 @@
 | XRAY_AUDIT_LOG | the audit log file; ``off`` disables it | ``<user data folder>/audit.jsonl`` |
 | XRAY_CACHE | decoded-image cache folder | the platform's user cache folder |
 | XRAY_DATA | the per-user data folder (audit log default) | the platform's user data folder |
+| XRAY_NODE_AE_TITLE | the DICOM node's own AE title (``python -m xray node``) | ``XRAYAI`` |
+| XRAY_NODE_PORT | the port the node listens on | 11112 |
+| XRAY_NODE_HOST | the address the node listens on | ``0.0.0.0`` (every interface) |
+| XRAY_NODE_DESTINATION | where results go, ``AET@HOST:PORT`` (the PACS) | none: the node needs one |
+| XRAY_NODE_ALLOW | calling AE titles the node accepts, comma-separated | the destination's AE title |
+| XRAY_NODE_SPOOL | the node's spool and queue folder | ``<user data folder>/node`` |
+| XRAY_NODE_MAX_ASSOCIATIONS | concurrent associations the node accepts | 4 |
+| XRAY_NODE_SPOOL_MB | the spool's size limit (received objects and results waiting for delivery) | 2048 |
+| XRAY_NODE_KEEP_HOURS | how long a delivered film stays in the spool for the Worklist's detail view | 24 |
 
 The user folders come from ``platformdirs`` (XDG on Linux, ``~/Library`` on macOS, ``%LOCALAPPDATA%``
 on Windows), so nothing the app does at run time writes into the repository.
@@ -59,6 +68,16 @@ def audit_log_path() -> Path | None:
     if value.lower() in OFF_VALUES:
         return None
     return Path(value) if value else user_data_dir() / "audit.jsonl"
+
+
+def node_setting(name: str) -> str:
+    """$XRAY_NODE_<NAME> as given ('' when unset); ``xray.node`` parses and checks it."""
+    return _env(f"XRAY_NODE_{name.upper()}")
+
+
+def node_spool_path() -> Path:
+    """$XRAY_NODE_SPOOL, or ``<user data folder>/node``: the DICOM node's spool and queue (and the Worklist's)."""
+    return Path(node_setting("spool") or user_data_dir() / "node")
 
 
 def data_roots() -> list[Path]:

@@ -31,6 +31,7 @@ FONT, FONT_BOLD = FONT_DIR / "DejaVuSans.ttf", FONT_DIR / "DejaVuSans-Bold.ttf"
 FONT_FALLBACK = FONT_DIR / "DroidSansFallbackFull.ttf"  # CJK and other scripts DejaVu lacks (Apache 2.0)
 MANUFACTURER = "Pneumonia X-ray assistant"
 ALGORITHM = "Pneumonia X-ray assistant CNN"
+NOT_ASSESSED = "Pneumonia not assessed"  # the SR's comment for a film without a verdict, then why
 DISCLAIMER = "Decision support, not a diagnosis: the decision stays with the clinician who reads the image."
 
 
@@ -229,10 +230,11 @@ def _banner(picture: Image.Image, text: str, colour: tuple[int, int, int]) -> np
     return np.asarray(out)
 
 
-def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None):
+def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None,
+                      sop_uid: str | None = None):
     """A Secondary Capture Image of the radiograph (with the heatmap when a verdict was given) under a
     result banner; in the input's study when the input was DICOM, else in a new study (said in the
-    series description)."""
+    series description). ``sop_uid``: fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
 
     film, heat = _pictures(model, item)
@@ -240,7 +242,7 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
     colour = {PNEUMONIA: (192, 57, 43), BORDERLINE: (211, 84, 0)}.get(decision, (39, 119, 72) if decision else (90, 90, 90))
     pixels = _banner(heat or film, result_line(item) + f" | model {model.version} | decision support only", colour)
     common = dict(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=sop_uid or hd.UID(),
                   instance_number=1, manufacturer=MANUFACTURER,
                   series_description="Pneumonia assistant result", patient_orientation=("L", "F"))
     if item.dicom is not None:
@@ -258,10 +260,12 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
     return sc
 
 
-def structured_report(model: LoadedModel, item: ReportInput, evidence):
+def structured_report(model: LoadedModel, item: ReportInput, evidence, uids: tuple[str, str] | None = None):
     """A Comprehensive SR (TID 1500) holding the finding (pneumonia present / absent / indeterminate,
-    or no verdict with its reason), p(pneumonia), the threshold and the algorithm (TID 4019). It
-    references ``evidence`` (the input's DICOM image, or the Secondary Capture for other inputs)."""
+    or 'not assessed' with its reason: a withheld verdict, or a film that could not be read, which has
+    no p(pneumonia)), the threshold and the algorithm (TID 4019). It references ``evidence`` (the
+    input's DICOM image, or the Secondary Capture for other inputs). ``uids``: (series, SOP instance),
+    fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -270,13 +274,13 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
                "NORMAL": hd.sr.CodedConcept("2667000", "SCT", "Absent"),
                BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
     p = item.analysis.prediction
-    measurements = [
+    measurements = [] if p is None else [
         hd.sr.Measurement(name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
                           value=round(float(p.p_pneumonia), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
-                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version)),
-        hd.sr.Measurement(name=hd.sr.CodedConcept("threshold", "99XRAYAI", "Operating threshold"),
-                          value=round(float(item.threshold), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units")),
-    ]
+                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version))]
+    measurements.append(hd.sr.Measurement(name=hd.sr.CodedConcept("threshold", "99XRAYAI", "Operating threshold"),
+                                          value=round(float(item.threshold), 6),
+                                          unit=hd.sr.CodedConcept("1", "UCUM", "no units")))
     decision = item.decision
     evaluations = [hd.sr.QualitativeEvaluation(pneumonia, present[decision])] if decision in present else []
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -284,9 +288,10 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version),
         finding_type=pneumonia, measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)])
-    if p.withheld:
+    if p is None or p.withheld:
+        why = f"unreadable): {item.analysis.error}" if p is None else f"no verdict, {p.outcome}): {p.ood_reason}"
         group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"No verdict ({p.outcome}): {p.ood_reason}"[:1024],
+            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"{NOT_ASSESSED} ({why}"[:1024],
             relationship_type="CONTAINS"))
     observer = hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                      observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -295,8 +300,9 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray"),
         imaging_measurements=[group])
-    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=hd.UID(),
-                               series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
+    series_uid, sop_uid = uids or (hd.UID(), hd.UID())
+    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=series_uid,
+                               series_number=901, sop_instance_uid=sop_uid, instance_number=1,
                                manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
                                series_description="Pneumonia assistant result (structured report)")
     return sr
