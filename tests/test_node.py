@@ -419,3 +419,33 @@ def test_kill_9_mid_batch_then_a_resend_gives_every_film_exactly_one_result(node
     assert len([f for f in node.queue().films() if f["sop_uid"] in uids]) == len(uids)
     wait_for(lambda: all(f["state"] == "delivered" for f in node.queue().films() if f["sop_uid"] in uids), 30,
              "undelivered films")
+
+
+def test_a_full_spool_and_an_unsupported_sop_class_are_refused_with_their_reasons(tiny_registry, tmp_path):
+    """The node in this process (the same ``Node`` the command runs): tiny limits, real associations."""
+    from xray.node.service import Node as Service
+    from xray.node.service import NodeConfig, parse_destination
+
+    config = NodeConfig(ae_title=NODE_AET, port=free_port(), host="127.0.0.1", allowed=[MODALITY_AET],
+                        destination=parse_destination(f"{PACS_AET}@127.0.0.1:{free_port()}"), spool=tmp_path / "spool",
+                        spool_mb=0.01, registry=str(tiny_registry))
+    service = Service(config)
+    service.start()
+    try:
+        film = tmp_path / "film.dcm"
+        uid = make_film(film, jpegs()[0]).SOPInstanceUID  # 50 kB: over a 10 kB spool
+        sent = storescu(config.port, [film])
+        assert "A700" in (sent.stdout + sent.stderr).upper() or sent.returncode != 0
+        (reason,) = [r["reason"] for r in service.spool.refusals() if r["sop_uid"] == uid]
+        assert reason.startswith("spool full") and not service.spool.films()
+        ct = tmp_path / "ct.dcm"
+        ds = make_film(ct, jpegs()[0])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        ds.save_as(ct, enforce_file_format=True)
+        assert storescu(config.port, [ct], options=("-R",)).returncode != 0
+        reasons = wait_for(lambda: [r["reason"] for r in service.spool.refusals() if "SOP class" in r["reason"]], 10,
+                           "the unsupported SOP class was not recorded")
+        assert "1.2.840.10008.5.1.4.1.1.2" in reasons[0] and "not supported" in reasons[0]
+        assert echo(config.port, MODALITY_AET).returncode == 0
+    finally:
+        service.stop()

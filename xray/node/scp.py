@@ -116,29 +116,31 @@ class Receiver:
                  assoc.requestor.port)
 
     def on_released(self, event) -> None:
-        """A sender that stored nothing and had contexts refused: one refusal naming what it offered
-        (senders such as storescu offer every class they know, so a refused context alone says nothing)."""
-        assoc = event.assoc
-        if self.stores.pop(id(assoc), 0):
-            return
+        self._ended(event.assoc, aborted=False)
+
+    def on_aborted(self, event) -> None:
+        self._ended(event.assoc, aborted=True)
+
+    def _ended(self, assoc, aborted: bool) -> None:
+        """A sender that stored nothing and had contexts refused gets one refusal naming what it offered
+        (senders such as storescu offer every class they know, so a refused context alone says nothing);
+        an abort is recorded as such."""
+        stored = self.stores.pop(id(assoc), 0)
         refused = [c for c in assoc.rejected_contexts if str(c.abstract_syntax) != Verification]
-        if not refused:
-            return
         classes = sorted({str(c.abstract_syntax) for c in refused if c.result == 0x03})
         syntaxes = sorted({str(t) for c in refused if c.result == 0x04 for t in c.transfer_syntax})
         parts = []
-        if classes:
+        if not stored and classes:
             parts.append(f"SOP class not supported ({', '.join(classes[:4])}{' ...' if len(classes) > 4 else ''}; "
                          "the node stores CR, DX and Secondary Capture images)")
-        if syntaxes:
+        if not stored and syntaxes:
             parts.append(f"transfer syntax not supported ({', '.join(syntaxes[:4])}; the node decodes uncompressed, "
                          "JPEG, JPEG-LS, JPEG 2000 and RLE)")
-        self.refuse(assoc.requestor.ae_title, "", "nothing stored: " + "; ".join(parts or ["contexts refused"]))
-
-    def on_aborted(self, event) -> None:
-        self.stores.pop(id(event.assoc), None)
-        self.refuse(event.assoc.requestor.ae_title, "", "the sender aborted the association (a transfer cut short: "
-                                                        "objects it had not seen acknowledged were not kept)")
+        if parts:
+            self.refuse(assoc.requestor.ae_title, "", "nothing stored: " + "; ".join(parts))
+        if aborted:
+            self.refuse(assoc.requestor.ae_title, "", "the sender aborted the association (a transfer cut short: "
+                                                      "objects it had not seen acknowledged were not kept)")
 
     def on_store(self, event):
         """Spool the object atomically, queue it durably, then answer; nothing else happens here."""
@@ -172,7 +174,7 @@ class Receiver:
                     self.used = self.spool.used_bytes()  # delivered results may have been cleaned
                 if self.used + len(data) > self.limit:
                     return self._status(OUT_OF_RESOURCES, calling, sop_uid,
-                                        f"spool full ({self.used / 1e6:.0f} MB of {self.limit / 1e6:.0f} MB waiting "
+                                        f"spool full ({self.used / 1e6:.3g} MB of {self.limit / 1e6:.3g} MB waiting "
                                         "to be scored or delivered); send again later")
                 atomic_write_bytes(self.spool.inbox_path(sop_uid), data)
                 self.used += len(data)

@@ -111,9 +111,15 @@ def score(model: LoadedModel, spool: Spool, rows: list, site_prevalence: float |
         except ValueError as exc:
             loaded.append((row, data, None, " ".join(str(exc).split())))
     images = [image for _, _, image, _ in loaded if image is not None]
-    predictions = iter(predict(model, images) if images else [])
+    try:
+        predictions = iter(predict(model, images) if images else [])
+    except Exception:  # one film breaks the batch: score each alone, so only that one goes without a verdict
+        LOG.exception("scoring a batch failed; scoring its films one at a time")
+        predictions = iter([_alone(model, image) for image in images])
     for row, data, image, error in loaded:
         prediction = next(predictions) if image is not None else None
+        if isinstance(prediction, str):
+            image, prediction, error = None, None, prediction
         try:
             _record(model, spool, row, data, image, prediction, error, threshold, (calibrated_at, prevalence))
         except Exception as exc:  # a result that cannot be built stays visible, undelivered, with why
@@ -122,6 +128,13 @@ def score(model: LoadedModel, spool: Spool, rows: list, site_prevalence: float |
                                           "error": f"no result could be built: {exc}", "outcome": UNREADABLE,
                                           "results": json.dumps([]),
                                           "last_error": f"no result could be built: {exc}"})
+
+
+def _alone(model: LoadedModel, image: XrayImage) -> Prediction | str:
+    try:
+        return predict(model, [image])[0]
+    except Exception as exc:
+        return f"scoring failed: {' '.join(str(exc).split())[:200]}"
 
 
 def _record(model: LoadedModel, spool: Spool, row, data: bytes, image: XrayImage | None,
