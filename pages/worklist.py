@@ -15,7 +15,8 @@ from xray.report import writers as report
 ORDER_KEY = "worklist_order"
 PICK_KEY = "worklist_pick"  # the SOP Instance UID whose detail is open
 TABLE_KEY = "worklist_table"
-ROWS_KEY = "worklist_rows"  # SOP Instance UIDs in the table's order
+ROWS_KEY = "worklist_rows"  # SOP Instance UIDs in the table's order, as last shown
+OPEN_KEY = "worklist_open"  # a row was clicked: rerun the whole page to open it
 REFRESH_SECONDS = 5
 
 
@@ -36,6 +37,16 @@ def model_for(film: dict, active: LoadedModel) -> LoadedModel | None:
         return None
 
 
+def pick_row() -> None:
+    """A click opens the film in the row the clinician saw (the order of the table as shown, even if a
+    refresh has reordered it since)."""
+    rows = st.session_state.get(TABLE_KEY, {}).get("selection", {}).get("rows", [])
+    shown = st.session_state.get(ROWS_KEY, [])
+    if rows and rows[0] < len(shown):
+        st.session_state[PICK_KEY] = shown[rows[0]]
+        st.session_state[OPEN_KEY] = True
+
+
 @st.fragment(run_every=REFRESH_SECONDS)
 def studies(spool: Spool) -> None:
     """The table and the refusals, refreshed every few seconds; a click opens the film below."""
@@ -53,18 +64,14 @@ def studies(spool: Spool) -> None:
         st.dataframe(
             {"Received": [triage.received_text(f) for f in films],
              "Patient": [f["patient_name"] for f in films], "Patient ID": [f["patient_id"] for f in films],
-             "Accession": [f["accession"] for f in films], "Study date": [f["study_date"] for f in films],
-             "Decision": [triage.decision_text(f) for f in films],
+             "Accession": [f["accession"] for f in films], "Decision": [triage.decision_text(f) for f in films],
              "p(pneumonia)": [f["p_pneumonia"] if f["label"] else None for f in films],  # withheld means withheld
-             "Reason": [f["error"] or "" for f in films],
-             "Results": [triage.delivery_text(f) for f in films]},
-            hide_index=True, key=TABLE_KEY, on_select="rerun", selection_mode="single-row",
+             "Results": [triage.delivery_text(f) for f in films], "Reason": [f["error"] or "" for f in films],
+             "Study date": [f["study_date"] for f in films]},
+            hide_index=True, key=TABLE_KEY, on_select=pick_row, selection_mode="single-row",
             column_config={"p(pneumonia)": st.column_config.ProgressColumn("p(pneumonia)", min_value=0.0,
                                                                            max_value=1.0, format="%.3f")})
-        rows = st.session_state.get(TABLE_KEY, {}).get("selection", {}).get("rows", [])
-        picked = films[rows[0]]["sop_uid"] if rows and rows[0] < len(films) else None
-        if picked and picked != st.session_state.get(PICK_KEY):
-            st.session_state[PICK_KEY] = picked
+        if st.session_state.pop(OPEN_KEY, False):
             st.rerun(scope="app")  # the detail view lies outside this fragment
         st.caption("Click a row to open that film below.")
     if refusals:

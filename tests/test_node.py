@@ -422,14 +422,14 @@ def test_kill_9_mid_batch_then_a_resend_gives_every_film_exactly_one_result(node
              "undelivered films")
 
 
-def test_a_full_spool_and_an_unsupported_sop_class_are_refused_with_their_reasons(tiny_registry, tmp_path):
+def test_a_full_spool_an_unsupported_sop_class_and_too_many_associations_are_refused_with_reasons(tiny_registry, tmp_path):
     """The node in this process (the same ``Node`` the command runs): tiny limits, real associations."""
     from xray.node.service import Node as Service
     from xray.node.service import NodeConfig, parse_destination
 
     config = NodeConfig(ae_title=NODE_AET, port=free_port(), host="127.0.0.1", allowed=[MODALITY_AET],
                         destination=parse_destination(f"{PACS_AET}@127.0.0.1:{free_port()}"), spool=tmp_path / "spool",
-                        spool_mb=0.01, registry=str(tiny_registry))
+                        spool_mb=0.01, registry=str(tiny_registry), max_associations=1)
     service = Service(config)
     service.start()
     try:
@@ -447,6 +447,20 @@ def test_a_full_spool_and_an_unsupported_sop_class_are_refused_with_their_reason
         reasons = wait_for(lambda: [r["reason"] for r in service.spool.refusals() if "SOP class" in r["reason"]], 10,
                            "the unsupported SOP class was not recorded")
         assert "1.2.840.10008.5.1.4.1.1.2" in reasons[0] and "not supported" in reasons[0]
+        assert echo(config.port, MODALITY_AET).returncode == 0
+        from pynetdicom import AE
+
+        caller = AE(ae_title=MODALITY_AET)
+        caller.add_requested_context("1.2.840.10008.1.1")
+        held = caller.associate("127.0.0.1", config.port, ae_title=NODE_AET)  # the one association allowed
+        try:
+            assert held.is_established
+            busy = echo(config.port, MODALITY_AET)
+            assert busy.returncode != 0 and "Local Limit Exceeded" in busy.stderr, busy.stderr
+        finally:
+            held.release()
+        wait_for(lambda: any(r["reason"].startswith("association limit reached (1 at once)")
+                             for r in service.spool.refusals()), 10, "the association limit's refusal was not recorded")
         assert echo(config.port, MODALITY_AET).returncode == 0
     finally:
         service.stop()
