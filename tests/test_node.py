@@ -320,11 +320,12 @@ def test_films_routed_by_the_pacs_get_exactly_one_result_each_as_predict_says(no
         finding, comment = sr_finding(sr)
         assert evidence_uid(sr) == source.SOPInstanceUID and sr.PatientName == source.PatientName
         if row[2]:  # a verdict: the same finding as the CSV's label, and the evidence map in the same study
-            assert finding == FINDING[row[2]], (name, row, comment)
+            assert finding == FINDING[row[2]] and "Probability of pneumonia" in str(sr), (name, row, comment)
             assert len(found) == 2 and {d.Modality for d in found} == {"SR", "OT"}
             labels.add(row[2])
         else:  # no verdict: 'not assessed' and the guard's reason, as the CSV's error column
             assert finding is None and "Pneumonia not assessed" in comment, comment
+            assert "Probability of pneumonia" not in str(sr)  # withheld means withheld
             assert row[4].split(": ", 1)[1][:60] in comment, (row, comment)
     assert "BORDERLINE" in labels and len(labels) >= 2, labels
     assert "years old" in expected["adult.dcm"][4]  # the adult, by its header

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATASET
-from test_node import make_film
+from test_node import make_film, sr_finding
 from xray.model.registry import Registry
 from xray.node import worker
 from xray.node.spool import Received, Spool
@@ -89,3 +89,27 @@ def test_the_worklist_lists_the_nodes_films_by_urgency_with_reasons_and_delivery
     at.session_state["worklist_pick"] = films["Poe^Anna"]["sop_uid"]
     at.run()
     assert any("Not assessed" in e.value for e in at.error)
+
+
+def test_the_nodes_results_validate_and_say_why_a_film_was_not_assessed(spool):
+    import shutil
+    import subprocess
+
+    import pydicom
+
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.skip("dicom3tools (dciodvfy) is not installed")
+    films = {f["patient_name"]: f for f in spool.films()}
+    assert [len(films[name]["results"]) for name in ("Doe^Jane", "Roe^Richard", "Poe^Anna")] == [2, 1, 1]
+    for path in sorted(spool.outbox.glob("*.dcm")):
+        check = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, (path.name, errors)
+    broken = pydicom.dcmread(spool.outbox / films["Poe^Anna"]["results"][0])
+    assert broken.SOPInstanceUID == films["Poe^Anna"]["sr_uid"] and broken.PatientName == "Poe^Anna"
+    assert sr_finding(broken)[1].startswith("Pneumonia not assessed (unreadable): decoding the DICOM pixel data")
+    adult = pydicom.dcmread(spool.outbox / films["Roe^Richard"]["results"][0])
+    finding, comment = sr_finding(adult)
+    assert finding is None and comment.startswith(
+        "Pneumonia not assessed (no verdict, outside intended use): the patient is 45 years old")

@@ -13,16 +13,12 @@ import io
 import logging
 import threading
 
-import pydicom
-from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
-
 from xray.atomic import atomic_write_bytes
 from xray.model.registry import sha256_bytes
 from xray.node.spool import Received, Spool
 
 LOG = logging.getLogger("xray.node")
+VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A: the Verification SOP class (C-ECHO)
 
 # PS3.4 B.5: the radiograph storage SOP classes (CR, DX for presentation and for processing) and
 # Secondary Capture as film digitisers send it
@@ -52,14 +48,14 @@ SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0
 UNCOMPRESSED = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 
 
-def _text(ds: Dataset, key: str) -> str:
+def _text(ds, key: str) -> str:
     try:
         return str(ds.get(key, "") or "").strip()
     except Exception:  # a malformed optional field must not lose the object
         return ""
 
 
-def damage(ds: Dataset, syntax: str) -> str:
+def damage(ds, syntax: str) -> str:
     """Why a received object cannot be a radiograph to score ('' when it looks whole): no pixel data, no
     size, or uncompressed pixel data shorter than its header says (a transfer cut short)."""
     if "PixelData" not in ds:
@@ -126,7 +122,7 @@ class Receiver:
         (senders such as storescu offer every class they know, so a refused context alone says nothing);
         an abort is recorded as such."""
         stored = self.stores.pop(id(assoc), 0)
-        refused = [c for c in assoc.rejected_contexts if str(c.abstract_syntax) != Verification]
+        refused = [c for c in assoc.rejected_contexts if str(c.abstract_syntax) != VERIFICATION]
         classes = sorted({str(c.abstract_syntax) for c in refused if c.result == 0x03})
         syntaxes = sorted({str(t) for c in refused if c.result == 0x04 for t in c.transfer_syntax})
         parts = []
@@ -144,6 +140,8 @@ class Receiver:
 
     def on_store(self, event):
         """Spool the object atomically, queue it durably, then answer; nothing else happens here."""
+        import pydicom
+
         request = event.request
         calling = event.assoc.requestor.ae_title
         sop_uid = str(request.AffectedSOPInstanceUID)
@@ -188,7 +186,9 @@ class Receiver:
         self.wake.set()
         return SUCCESS
 
-    def _status(self, code: int, calling: str, sop_uid: str, reason: str) -> Dataset:
+    def _status(self, code: int, calling: str, sop_uid: str, reason: str):
+        from pydicom.dataset import Dataset
+
         self.refuse(calling, sop_uid, reason)
         status = Dataset()
         status.Status = code
@@ -196,19 +196,24 @@ class Receiver:
         return status
 
 
-def make_ae(ae_title: str, receiver: Receiver, max_associations: int) -> AE:
-    """The acceptor: Verification and the radiograph storage classes, the allowed callers only."""
+def make_ae(ae_title: str, receiver: Receiver, max_associations: int):
+    """The acceptor (a pynetdicom ``AE``): Verification and the radiograph storage classes, the allowed
+    callers only."""
+    from pynetdicom import AE
+
     ae = AE(ae_title=ae_title)
     ae.maximum_associations = max_associations
     ae.require_calling_aet = receiver.allowed
     ae.maximum_pdu_size = 0  # no limit on what the sender may send per PDU
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for uid in STORAGE_CLASSES:
         ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     return ae
 
 
 def handlers(receiver: Receiver) -> list:
+    from pynetdicom import evt
+
     return [(evt.EVT_C_ECHO, receiver.on_echo), (evt.EVT_C_STORE, receiver.on_store),
             (evt.EVT_REJECTED, receiver.on_rejected), (evt.EVT_ACCEPTED, receiver.on_accepted),
             (evt.EVT_ABORTED, receiver.on_aborted), (evt.EVT_RELEASED, receiver.on_released)]

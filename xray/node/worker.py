@@ -17,9 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import generate_uid
-from pynetdicom import AE
-
 from xray.atomic import atomic_write_bytes
 from xray.govern import audit
 from xray.io.loader import XrayImage, load_image
@@ -53,6 +50,8 @@ class Destination:
 
 def result_uid(sop_uid: str, role: str) -> str:
     """The UID of one result of one input (``role``: sr, sr-series, sc, sc-series): the same every time."""
+    from pydicom.uid import generate_uid
+
     return generate_uid(entropy_srcs=["xray-node", role, sop_uid])
 
 
@@ -177,6 +176,8 @@ def deliver(spool: Spool, rows: list, ae_title: str, destination: Destination, r
             keep_s: float) -> int:
     """Send each row's results (SC, then SR) by C-STORE in one association; returns how many films were
     delivered. A film whose results were not all stored stays ``scored`` with the reason and a later try."""
+    from pynetdicom import AE
+
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for uid in (SECONDARY_CAPTURE, COMPREHENSIVE_SR):

@@ -262,8 +262,8 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
 
 def structured_report(model: LoadedModel, item: ReportInput, evidence, uids: tuple[str, str] | None = None):
     """A Comprehensive SR (TID 1500) holding the finding (pneumonia present / absent / indeterminate,
-    or 'not assessed' with its reason: a withheld verdict, or a film that could not be read, which has
-    no p(pneumonia)), the threshold and the algorithm (TID 4019). It references ``evidence`` (the
+    or 'not assessed' with its reason, and then no p(pneumonia): a withheld verdict, or a film that could
+    not be read), the threshold and the algorithm (TID 4019). It references ``evidence`` (the
     input's DICOM image, or the Secondary Capture for other inputs). ``uids``: (series, SOP instance),
     fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
@@ -274,7 +274,8 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence, uids: tup
                "NORMAL": hd.sr.CodedConcept("2667000", "SCT", "Absent"),
                BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
     p = item.analysis.prediction
-    measurements = [] if p is None else [
+    # no p(pneumonia) without a verdict, as on the PDF: withheld means withheld
+    measurements = [] if p is None or p.withheld else [
         hd.sr.Measurement(name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
                           value=round(float(p.p_pneumonia), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
                           algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version))]
