@@ -240,6 +240,8 @@ def clean(spool: Spool, keep_s: float) -> int:
     """Delete the received objects of films delivered over ``keep_s`` ago (their rows stay); returns how many."""
     rows = spool.to_clean(keep_s)
     for row in rows:
+        for name in json.loads(row["results"] or "[]"):  # left behind by a crash just after delivery
+            _unlink(spool.outbox / name)
         _unlink(spool.root / "in" / row["file"])
         spool.cleaned(row["sop_uid"])
     return len(rows)
