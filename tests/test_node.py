@@ -176,8 +176,11 @@ def registry(tiny_registry_template, tmp_path_factory) -> Path:
     model = Registry(root).load()
     t = model.default_threshold
     logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
+    films = [root.parent / f"{i}.dcm" for i in range(len(jpegs()))]  # scored as the node will see them
+    for film, jpeg in zip(films, jpegs()):
+        make_film(film, jpeg)
     distances = sorted({abs(logit(min(max(p.p_pneumonia, 1e-6), 1 - 1e-6)) - logit(t))
-                        for p in predict(model, [load_image(path) for path in jpegs()])})
+                        for p in predict(model, [load_image(path) for path in films])})
     band = (distances[0] + distances[1]) / 2  # the nearest film inside, the others outside
     Registry(root).update_card(model.version, {"borderline": {"below": band, "above": band}})
     return root
