@@ -18,10 +18,9 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
-
-from datetime import datetime
 
 from xray.clock import utc_now_ms
 
