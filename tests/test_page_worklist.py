@@ -113,3 +113,34 @@ def test_the_nodes_results_validate_and_say_why_a_film_was_not_assessed(spool):
     finding, comment = sr_finding(adult)
     assert finding is None and comment.startswith(
         "Pneumonia not assessed (no verdict, outside intended use): the patient is 45 years old")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_click_on_a_row_opens_the_film_and_new_films_appear_by_themselves_in_chromium(spool, tmp_path):
+    """`streamlit run app.py` and Debian's Chromium: the live table (a fragment refreshing every few
+    seconds) shows a film the node queues after the page opened, and a click opens a row's detail view."""
+    from browser import new_page, require_browser, streamlit_app
+
+    require_browser()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with streamlit_app(tmp_path / "streamlit.log", {}) as url, sync_api.sync_playwright() as p:
+        browser, page = new_page(p)
+        try:
+            page.goto(url + "/worklist", wait_until="domcontentloaded")
+            page.get_by_text("3 film(s) received").wait_for()
+            film = tmp_path / "late.dcm"  # the node receives another film while the page is open
+            ds = make_film(film, sorted((DATASET / "PNEUMONIA").glob("*.jpeg"))[1], name="Late^Lou")
+            data = film.read_bytes()
+            spool.inbox_path(ds.SOPInstanceUID).write_bytes(data)
+            spool.add(Received(ds.SOPInstanceUID, "ORTHANC", ds.SOPClassUID, "1.2.840.10008.1.2.1",
+                               ds.StudyInstanceUID, "Late^Lou", "ID-late", "A-4", "20261201"), len(data),
+                      hashlib.sha256(data).hexdigest())
+            page.get_by_text("4 film(s) received").wait_for()  # no click, no reload: the fragment refreshed
+            grid = page.locator('[data-testid="stDataFrame"]').first
+            box = grid.bounding_box()
+            page.mouse.click(box["x"] + 12, box["y"] + 35 + 35 * 3 + 17)  # the 4th row's selection cell: Doe^Jane
+            page.get_by_text("Decision at threshold").wait_for()
+            assert page.locator("h3").filter(has_text="Doe^Jane").count() == 1
+        finally:
+            browser.close()
