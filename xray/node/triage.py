@@ -14,6 +14,7 @@ from xray.node.spool import DELIVERED, RECEIVED, Spool
 from xray.serve import guard
 from xray.serve.analysis import Analysis
 from xray.serve.inference import Prediction
+from xray.serve.pipeline import UNREADABLE
 
 NEWEST, URGENCY = "newest first", "by urgency"
 # PNEUMONIA first, then BORDERLINE, then NORMAL; then films without a verdict, then those not yet scored
@@ -25,7 +26,7 @@ def urgency(film: dict) -> int:
         return 5
     if film["label"] in URGENCY_RANK:
         return URGENCY_RANK[film["label"]]
-    return 3 if film["outcome"] != "unreadable" else 4
+    return 3 if film["outcome"] != UNREADABLE else 4
 
 
 def ordered(films: list[dict], order: str = NEWEST) -> list[dict]:
@@ -42,8 +43,8 @@ def decision_text(film: dict) -> str:
         return "waiting to be scored"
     if film["label"]:
         return film["label"]
-    if film["outcome"] == "unreadable":
-        return "unreadable"
+    if film["outcome"] == UNREADABLE:
+        return UNREADABLE
     return film["outcome"] or "no verdict"
 
 
@@ -70,12 +71,12 @@ def received_text(film: dict) -> str:
 
 def prediction_of(film: dict) -> Prediction | None:
     """The recorded result as a ``Prediction`` (None for an unreadable film or one not scored yet)."""
-    if film["p_pneumonia"] is None or film["outcome"] in (None, "unreadable"):
+    if film["p_pneumonia"] is None or film["outcome"] in (None, UNREADABLE):
         return None
     withheld = film["outcome"] != guard.VERDICT
     reason = film["error"].split(": ", 1)[1] if withheld and ": " in (film["error"] or "") else ""
     band = tuple(film["band"]) if film["band"] else None
-    return Prediction(float(film["p_pneumonia"]), film["model_version"], withheld, reason, band, film["outcome"])
+    return Prediction(float(film["p_pneumonia"]), film["model_version"], film["outcome"], reason, band)
 
 
 def analysis_of(spool: Spool, film: dict) -> tuple[Analysis | None, bytes, str]:

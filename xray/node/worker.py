@@ -3,7 +3,7 @@ results, deliver them to the destination with back-off, clean the spool.
 
 Scoring is the product's one path: ``xray.io.loader.load_image``, ``xray.serve.inference.predict``
 (the intended-use guard included), the decision at the version's threshold in force
-(``Prediction.decision``: the rule and the band), the CSV row of ``xray.serve.pipeline.csv_row``, one
+(``Prediction.decision``: the rule and the band), the CSV row of ``xray.serve.pipeline.ResultRow``, one
 audit line (``xray.govern.audit``, ``shown_in="report"``), and the SR and SC of
 ``xray.report.writers``. The results' UIDs are derived from the input's SOP Instance UID, so a film
 scored or sent again after a crash gives the PACS the same objects, never a second result.
@@ -24,7 +24,7 @@ from xray.node.spool import Spool
 from xray.report import writers as R
 from xray.serve.analysis import Analysis
 from xray.serve.inference import Prediction, predict
-from xray.serve.pipeline import csv_row
+from xray.serve.pipeline import UNREADABLE, ResultRow
 
 LOG = logging.getLogger("xray.node")
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -32,7 +32,6 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 RESULT_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # Explicit, Implicit VR Little Endian
 # PS3.4 B.2.3: Success and the warnings (coercion, elements discarded, does not match SOP class): stored
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
-UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,8 @@ def _record(model: LoadedModel, spool: Spool, row, data: bytes, image: XrayImage
             prediction: Prediction | None, error: str, threshold: float, prevalence: tuple[float, float]) -> None:
     sop_uid = row["sop_uid"]
     analysis = Analysis(f"{sop_uid}.dcm", row["sha256"], image, prediction, error)
-    csv = csv_row(sop_uid, prediction, error, threshold, prevalence)
+    result = ResultRow.of(sop_uid, prediction, error, threshold, prevalence, row["sha256"])  # the CSV's row
+    csv = result.csv()
     if prediction is not None:
         audit.record(row["sha256"], prediction, threshold, "report")  # before the result leaves the node
     header = R.read_dicom_header(data)
@@ -157,13 +157,13 @@ def _record(model: LoadedModel, spool: Spool, row, data: bytes, image: XrayImage
     sr = R.structured_report(model, item, header, (result_uid(sop_uid, "sr-series"), sr_uid))
     atomic_write_bytes(spool.outbox / f"{stem}.sr.dcm", R.dicom_bytes(sr))
     files.append(f"{stem}.sr.dcm")
-    outcome = UNREADABLE if prediction is None else prediction.outcome
     spool.scored(sop_uid, {
-        "model_version": model.version, "threshold": threshold, "label": csv[2], "error": csv[4], "outcome": outcome,
+        "model_version": model.version, "threshold": threshold, "label": result.label, "error": result.error,
+        "outcome": result.outcome,
         "p_pneumonia": None if prediction is None else float(prediction.p_pneumonia),
         "band": json.dumps(list(prediction.band)) if prediction is not None and prediction.band else None,
         "csv_row": json.dumps(csv), "results": json.dumps(files), "sr_uid": sr_uid, "sc_uid": sc_uid})
-    LOG.info("scored %s: %s", sop_uid, csv[2] or f"not assessed ({csv[4]})")
+    LOG.info("scored %s: %s", sop_uid, result.label or f"not assessed ({result.error})")
 
 
 def backoff(attempts: int, longest: float) -> float:
