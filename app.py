@@ -7,6 +7,7 @@ from pages.common import current_actor, identity_sidebar, refuse_unsafe_serving
 
 HERE = Path(__file__).resolve().parent
 PAGES = [("pages/diagnose.py", "Diagnose", ":material/radiology:"),
+         ("pages/worklist.py", "Worklist", ":material/format_list_numbered:"),
          ("pages/retrain.py", "Retrain", ":material/model_training:"),
          ("pages/models.py", "Models", ":material/inventory_2:"),
          ("pages/about.py", "About", ":material/info:")]

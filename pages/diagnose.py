@@ -450,67 +450,73 @@ def worklist(model: LoadedModel, results: list[dict], threshold: float) -> None:
 
 
 # -- the page -------------------------------------------------------------------------------------
-model = require_model()
-validation = validation_predictions(model)
-with st.sidebar:
-    threshold = threshold_sidebar(model, current_threshold(model), validation)
+def main() -> None:
+    """The page (not run when pages/worklist.py imports this module for its detail view)."""
+    model = require_model()
+    validation = validation_predictions(model)
+    with st.sidebar:
+        threshold = threshold_sidebar(model, current_threshold(model), validation)
 
-st.title("Diagnose")
-st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
-           "it assists a clinician and does not diagnose.")
-st.caption(calibration_in_force(model))
+    st.title("Diagnose")
+    st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
+               "it assists a clinician and does not diagnose.")
+    st.caption(calibration_in_force(model))
 
-# No type filter: DICOM files often come without an extension; unreadable files get a clear message.
-uploads = st.file_uploader("Drop chest X-rays here (DICOM with or without extension, PNG, JPEG, TIFF, HEIC), one "
-                           "or many", accept_multiple_files=True,
-                           key="diagnose_uploads")
-samples = sorted(SAMPLES_DIR.glob("*/*.jp*g")) + sorted(SAMPLES_DIR.glob("*/*.png"))
-if samples:
-    pick, add, clear = st.columns([3, 1, 1], vertical_alignment="bottom")
-    chosen = pick.selectbox("Or try a bundled sample", samples, key="diagnose_sample_choice",
-                            format_func=lambda p: f"{p.parent.name} / {p.name}")
-    if add.button("Try this sample", key="diagnose_try_sample", type="primary", width="stretch"):
-        chosen_samples = st.session_state.setdefault(SAMPLES_KEY, [])
-        if chosen not in chosen_samples:
-            chosen_samples.append(chosen)
-    if clear.button("Clear samples", key="diagnose_clear_samples", width="stretch",
-                    disabled=not st.session_state.get(SAMPLES_KEY)):
-        st.session_state[SAMPLES_KEY] = []
+    # No type filter: DICOM files often come without an extension; unreadable files get a clear message.
+    uploads = st.file_uploader("Drop chest X-rays here (DICOM with or without extension, PNG, JPEG, TIFF, HEIC), one "
+                               "or many", accept_multiple_files=True,
+                               key="diagnose_uploads")
+    samples = sorted(SAMPLES_DIR.glob("*/*.jp*g")) + sorted(SAMPLES_DIR.glob("*/*.png"))
+    if samples:
+        pick, add, clear = st.columns([3, 1, 1], vertical_alignment="bottom")
+        chosen = pick.selectbox("Or try a bundled sample", samples, key="diagnose_sample_choice",
+                                format_func=lambda p: f"{p.parent.name} / {p.name}")
+        if add.button("Try this sample", key="diagnose_try_sample", type="primary", width="stretch"):
+            chosen_samples = st.session_state.setdefault(SAMPLES_KEY, [])
+            if chosen not in chosen_samples:
+                chosen_samples.append(chosen)
+        if clear.button("Clear samples", key="diagnose_clear_samples", width="stretch",
+                        disabled=not st.session_state.get(SAMPLES_KEY)):
+            st.session_state[SAMPLES_KEY] = []
 
-files = [(upload.name, upload.getvalue()) for upload in uploads or []]
-files += [(path.name, path.read_bytes()) for path in st.session_state.get(SAMPLES_KEY, [])]
-results, seen = [], set()
-for name, data in files:
-    result = cached_result(model, name, data)
-    if result["analysis"].sha256 not in seen:  # the same image dropped twice is shown once
-        seen.add(result["analysis"].sha256)
-        results.append(result)
-forget_other_files({(r["analysis"].sha256, model.version) for r in results})
+    files = [(upload.name, upload.getvalue()) for upload in uploads or []]
+    files += [(path.name, path.read_bytes()) for path in st.session_state.get(SAMPLES_KEY, [])]
+    results, seen = [], set()
+    for name, data in files:
+        result = cached_result(model, name, data)
+        if result["analysis"].sha256 not in seen:  # the same image dropped twice is shown once
+            seen.add(result["analysis"].sha256)
+            results.append(result)
+    forget_other_files({(r["analysis"].sha256, model.version) for r in results})
 
-for result in results:
-    if result["analysis"].incomplete:  # an interrupted transfer: the same file sent again will load
-        st.error(f"**{escape_markdown(result['analysis'].name)}** arrived incomplete: "
-                 f"{escape_markdown(result['analysis'].error)}", icon=":material/sync_problem:")
-    elif result["analysis"].error:
-        st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
-                 f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
-readable = [r["analysis"] for r in results if r["analysis"].ok]
-with st.sidebar:
-    prevalence_sidebar(model, readable)
-if not results:
-    st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), "
-            "the decision at the current threshold and where the model looked.", icon=":material/info:")
-elif len(results) > 1:
-    st.subheader("Worklist")
-    worklist(model, results, threshold)
-if len(readable) == 1:
-    image_detail(model, readable[0], threshold)
-elif readable:
-    by_sha = {a.sha256: a for a in readable}
-    order = [row.sha256 for row in analysis.worklist_rows(readable, threshold)]  # worklist order
-    picked = st.session_state.pop(REVIEW_PICK_KEY, None)
-    if picked in by_sha:
-        st.session_state["diagnose_review_choice"] = picked
-    chosen_sha = st.selectbox("Image to review", order, key="diagnose_review_choice",
-                              format_func=lambda sha: by_sha[sha].name)
-    image_detail(model, by_sha[chosen_sha], threshold)
+    for result in results:
+        if result["analysis"].incomplete:  # an interrupted transfer: the same file sent again will load
+            st.error(f"**{escape_markdown(result['analysis'].name)}** arrived incomplete: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/sync_problem:")
+        elif result["analysis"].error:
+            st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
+    readable = [r["analysis"] for r in results if r["analysis"].ok]
+    with st.sidebar:
+        prevalence_sidebar(model, readable)
+    if not results:
+        st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), "
+                "the decision at the current threshold and where the model looked.", icon=":material/info:")
+    elif len(results) > 1:
+        st.subheader("Worklist")
+        worklist(model, results, threshold)
+    if len(readable) == 1:
+        image_detail(model, readable[0], threshold)
+    elif readable:
+        by_sha = {a.sha256: a for a in readable}
+        order = [row.sha256 for row in analysis.worklist_rows(readable, threshold)]  # worklist order
+        picked = st.session_state.pop(REVIEW_PICK_KEY, None)
+        if picked in by_sha:
+            st.session_state["diagnose_review_choice"] = picked
+        chosen_sha = st.selectbox("Image to review", order, key="diagnose_review_choice",
+                                  format_func=lambda sha: by_sha[sha].name)
+        image_detail(model, by_sha[chosen_sha], threshold)
+
+
+if __name__ == "__main__":  # Streamlit runs a page as __main__
+    main()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m xray {predict,evaluate,train,jobs,bench,fit-ood,versions,activate,rollback}``.
+"""Command line: ``python -m xray {predict,evaluate,train,jobs,bench,fit-ood,versions,activate,rollback,node}``.
 
 Argparse and thin commands only: the work is done by the engine's wings (``serve.pipeline``, ``train``,
 ``model.registry``, ``govern``, ``report.batch``, ``bench``). The top wing: nothing in ``xray/`` imports this module.
@@ -40,6 +40,7 @@ from xray.model.registry import LoadedModel, ModelFileError, Registry
 from xray.train.loop import Cancelled, fit_ood_for_version
 from xray.train.loop import main as train_main
 from xray.train.config import add_arguments, config_from_args
+from xray.node import service as node_service
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -295,6 +296,40 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    """Run the DICOM node until SIGTERM or Ctrl-C."""
+    try:
+        given = {k: v for k, v in dict(
+            ae_title=args.ae_title, port=args.port, host=args.host, allowed=args.allow, spool=args.spool,
+            max_associations=args.max_associations, spool_mb=args.spool_mb, keep_hours=args.keep_hours,
+            retry_max_s=args.retry_max, registry=args.registry or None,
+            destination=node_service.parse_destination(args.destination) if args.destination else None).items()
+            if v not in (None, [])}
+        options = {**node_service.env_defaults(), **given}
+        missing = [name for name in ("ae_title", "port", "destination") if name not in options]
+        if missing:
+            raise ValueError("missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
+                             + " (or XRAY_NODE_" + ", XRAY_NODE_".join(m.upper() for m in missing) + ")")
+        config = node_service.NodeConfig(**options)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    node_service.setup_logging(config.spool)
+    node = node_service.Node(config)
+    try:
+        node.start()
+    except (ModelFileError, ValueError, OSError) as exc:
+        raise SystemExit(f"error: the node cannot start: {exc}")
+    stop = node.stopping
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    node.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xray", description="Pneumonia chest X-ray assistant engine",
@@ -388,6 +423,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="why; recorded in the audit log")
     p.add_argument("--registry", default="")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("node", help="a DICOM node: receive films from the PACS, send results (SR, SC) back")
+    p.add_argument("--ae-title", default=None, help="this node's AE title ($XRAY_NODE_AE_TITLE)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on ($XRAY_NODE_PORT)")
+    p.add_argument("--destination", default=None, metavar="AET@HOST:PORT",
+                   help="where results go, usually the PACS that sends the films ($XRAY_NODE_DESTINATION)")
+    p.add_argument("--allow", action="append", default=None, metavar="AET",
+                   help="a calling AE title to accept (repeat; default: the destination's; $XRAY_NODE_ALLOW)")
+    p.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0; $XRAY_NODE_HOST)")
+    p.add_argument("--spool", default=None, help="spool and queue folder (default <user data folder>/node)")
+    p.add_argument("--max-associations", type=int, default=None, help="concurrent associations (default 4)")
+    p.add_argument("--spool-mb", type=float, default=None, help="spool size limit in MB (default 2048)")
+    p.add_argument("--keep-hours", type=float, default=None,
+                   help="hours a delivered film stays in the spool for the Worklist (default 24; 0: delete at once)")
+    p.add_argument("--retry-max", type=float, default=None,
+                   help="longest wait between delivery tries, seconds (default 300; tries back off from 2 s)")
+    p.add_argument("--registry", default="", help="registry folder (default weights/ or $XRAY_WEIGHTS)")
+    p.set_defaults(func=cmd_node)
     return parser
 
 

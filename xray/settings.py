@@ -10,6 +10,15 @@
 | XRAY_ROLES | the site's roles file (TOML: who is clinician or administrator; README "Sign-in") | ``<user data folder>/roles.toml`` |
 | XRAY_SIGN_IN_HOURS | how long a sign-in stays good before the page asks for a new one | 12 (one shift) |
 | XRAY_ALLOW_UNAUTHENTICATED_NETWORK | ``1``: serve a non-loopback address without sign-in (logged; not recommended) | off |
+| XRAY_NODE_AE_TITLE | the DICOM node's own AE title (``python -m xray node``) | ``XRAYAI`` |
+| XRAY_NODE_PORT | the port the node listens on | 11112 |
+| XRAY_NODE_HOST | the address the node listens on | ``0.0.0.0`` (every interface) |
+| XRAY_NODE_DESTINATION | where results go, ``AET@HOST:PORT`` (the PACS) | none: the node needs one |
+| XRAY_NODE_ALLOW | calling AE titles the node accepts, comma-separated | the destination's AE title |
+| XRAY_NODE_SPOOL | the node's spool and queue folder | ``<user data folder>/node`` |
+| XRAY_NODE_MAX_ASSOCIATIONS | concurrent associations the node accepts | 4 |
+| XRAY_NODE_SPOOL_MB | the spool's size limit (received objects and results waiting for delivery) | 2048 |
+| XRAY_NODE_KEEP_HOURS | how long a delivered film stays in the spool for the Worklist's detail view | 24 |
 
 The user folders come from ``platformdirs`` (XDG on Linux, ``~/Library`` on macOS, ``%LOCALAPPDATA%``
 on Windows), so nothing the app does at run time writes into the repository.
@@ -63,6 +72,16 @@ def audit_log_path() -> Path | None:
     if value.lower() in OFF_VALUES:
         return None
     return Path(value) if value else user_data_dir() / "audit.jsonl"
+
+
+def node_setting(name: str) -> str:
+    """$XRAY_NODE_<NAME> as given ('' when unset); ``xray.node`` parses and checks it."""
+    return _env(f"XRAY_NODE_{name.upper()}")
+
+
+def node_spool_path() -> Path:
+    """$XRAY_NODE_SPOOL, or ``<user data folder>/node``: the DICOM node's spool and queue (and the Worklist's)."""
+    return Path(node_setting("spool") or user_data_dir() / "node")
 
 
 def data_roots() -> list[Path]:

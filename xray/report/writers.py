@@ -34,6 +34,7 @@ FONT, FONT_BOLD = FONT_DIR / "DejaVuSans.ttf", FONT_DIR / "DejaVuSans-Bold.ttf"
 FONT_FALLBACK = FONT_DIR / "DroidSansFallbackFull.ttf"  # CJK and other scripts DejaVu lacks (Apache 2.0)
 MANUFACTURER = "Pneumonia X-ray assistant"
 ALGORITHM = "Pneumonia X-ray assistant CNN"
+NOT_ASSESSED = "Pneumonia not assessed"  # the SR's comment for a film without a verdict, then why
 DISCLAIMER = "Decision support, not a diagnosis: the decision stays with the clinician who reads the image."
 
 
@@ -305,10 +306,11 @@ def _banner(picture: Image.Image, text: str, colour: tuple[int, int, int]) -> np
     return np.asarray(out)
 
 
-def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None):
+def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None,
+                      sop_uid: str | None = None):
     """A Secondary Capture Image of the radiograph (with the heatmap when a verdict was given) under a
     result banner; in the input's study when the input was DICOM, else in a new study (said in the
-    series description)."""
+    series description). ``sop_uid``: fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
 
     film, heat = _pictures(model, item)
@@ -316,7 +318,7 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
     colour = decision_colour(decision)
     pixels = _banner(heat or film, result_line(item) + f" | model {model.version} | decision support only", colour)
     common = dict(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=sop_uid or hd.UID(),
                   instance_number=1, manufacturer=MANUFACTURER,
                   series_description="Pneumonia assistant result", patient_orientation=("L", "F"))
     if item.dicom is not None:
@@ -342,10 +344,12 @@ def _codes():
             hd.sr.CodedConcept("1", "UCUM", "no units"))
 
 
-def structured_report(model: LoadedModel, item: ReportInput, evidence):
+def structured_report(model: LoadedModel, item: ReportInput, evidence, uids: tuple[str, str] | None = None):
     """A Comprehensive SR (TID 1500) holding the finding (pneumonia present / absent / indeterminate,
-    or no verdict with its reason), p(pneumonia), the threshold and the algorithm (TID 4019). It
-    references ``evidence`` (the input's DICOM image, or the Secondary Capture for other inputs)."""
+    or 'not assessed' with its reason, and then no p(pneumonia): a withheld verdict, or a film that could
+    not be read), the threshold and the algorithm (TID 4019). It references ``evidence`` (the
+    input's DICOM image, or the Secondary Capture for other inputs). ``uids``: (series, SOP instance),
+    fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -357,13 +361,13 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
                BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
     p = item.analysis.prediction
     probability, threshold_value, no_units = _codes()
-    measurements = [
-        # DCM 122157 "Probability" in the group whose finding is pneumonia; DCM 122411 "Threshold Value";
-        # UCUM "1" (no units): standard codes (PS3.16 Annex D), so no private coding scheme to declare
+    # DCM 122157 "Probability" in the group whose finding is pneumonia; DCM 122411 "Threshold Value";
+    # UCUM "1" (no units): standard codes (PS3.16 Annex D), so no private coding scheme to declare.
+    # No p(pneumonia) without a verdict, as on the PDF: withheld means withheld.
+    measurements = [] if p is None or p.withheld else [
         hd.sr.Measurement(name=probability, value=round(float(p.p_pneumonia), 6), unit=no_units,
-                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version)),
-        hd.sr.Measurement(name=threshold_value, value=round(float(item.threshold), 6), unit=no_units),
-    ]
+                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version))]
+    measurements.append(hd.sr.Measurement(name=threshold_value, value=round(float(item.threshold), 6), unit=no_units))
     decision = item.decision
     evaluations = [hd.sr.QualitativeEvaluation(pneumonia, present[decision])] if decision in present else []
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -371,9 +375,10 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version),
         finding_type=pneumonia, measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)])
-    if p.withheld:
+    if p is None or p.withheld:
+        why = f"unreadable): {item.analysis.error}" if p is None else f"no verdict, {p.outcome}): {p.withheld_reason}"
         group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"No verdict ({p.outcome}): {p.withheld_reason}"[:1024],
+            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"{NOT_ASSESSED} ({why}"[:1024],
             relationship_type="CONTAINS"))
     observer = hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                      observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -382,8 +387,9 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray"),
         imaging_measurements=[group])
-    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=hd.UID(),
-                               series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
+    series_uid, sop_uid = uids or (hd.UID(), hd.UID())
+    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=series_uid,
+                               series_number=901, sop_instance_uid=sop_uid, instance_number=1,
                                manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
                                series_description="Pneumonia assistant result (structured report)")
     sr.SpecificCharacterSet = OUTPUT_CHARACTER_SET
