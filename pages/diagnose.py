@@ -10,8 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import (PRESET_MIN_GAP, PRESET_RULES, audit_trail, current_threshold, escape_markdown,
-                          record_shown, require_model, set_threshold, validation_predictions)
+from pages.common import (PRESET_MIN_GAP, PRESET_RULES, audit_trail, current_actor, current_threshold,
+                          escape_markdown, is_administrator, record_shown, require_model, set_threshold,
+                          validation_predictions)
 from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, plain_reason, result_ui
 from xray.decide import metrics
 from xray.decide.prevalence import estimate_if_enough, predictive_values, ESTIMATE_MIN_IMAGES
@@ -31,7 +32,7 @@ SAMPLES_KEY = "diagnose_samples"  # bundled sample paths the clinician chose to 
 PREVALENCE_KEY = "diagnose_prevalence"  # the session's prevalence (from the site's saved setting)
 WORKLIST_ORDER_KEY = "diagnose_worklist_order"  # sha256 of each worklist row, in display order
 REVIEW_PICK_KEY = "diagnose_review_pick"  # the row a click chose, applied before the review selectbox
-SAVE_BY_KEY, SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_by", "diagnose_save_why", "diagnose_save_confirm"
+SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_why", "diagnose_save_confirm"
 NOTICE_KEY = "diagnose_notice"  # (kind, text) of the last sidebar action, shown beside its button
 THRESHOLD_PROBLEM_KEY = "diagnose_threshold_problem"
 
@@ -57,7 +58,10 @@ def main() -> None:
             results.append(result)
     forget_other_files({(r["analysis"].sha256, model.version) for r in results})
     for result in results:
-        if result["analysis"].error:
+        if result["analysis"].incomplete:  # an interrupted transfer: the same file sent again will load
+            st.error(f"**{escape_markdown(result['analysis'].name)}** arrived incomplete: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/sync_problem:")
+        elif result["analysis"].error:
             st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
                      f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
     with st.sidebar:
@@ -119,8 +123,8 @@ def typed_threshold() -> None:
 def save_site_threshold(model: LoadedModel, threshold: float) -> None:
     try:
         saved = siteconfig.save_threshold(Registry(), model.version, threshold, st.session_state.get(SAVE_WHY_KEY, ""),
-                                          by=st.session_state.get(SAVE_BY_KEY, ""))
-    except (OSError, ValueError) as exc:
+                                          actor=current_actor())
+    except (OSError, ValueError) as exc:  # PermissionError (the role) is an OSError
         notice("error", f"The threshold was not saved: {exc}")
         return
     notice("success", f"Saved {saved.threshold:.6f} as this site's threshold for model {model.version}.")
@@ -128,7 +132,7 @@ def save_site_threshold(model: LoadedModel, threshold: float) -> None:
 
 def restore_card_threshold(model: LoadedModel) -> None:
     try:
-        siteconfig.restore_threshold(Registry(), model.version)
+        siteconfig.restore_threshold(Registry(), model.version, actor=current_actor())
     except (OSError, ValueError) as exc:  # ModelFileError is a ValueError
         notice("error", f"The threshold was not restored: {exc}")
         return
@@ -138,11 +142,11 @@ def restore_card_threshold(model: LoadedModel) -> None:
 
 def save_prevalence() -> None:
     try:
-        saved = siteconfig.save_prevalence(Registry(), st.session_state[PREVALENCE_KEY])
+        siteconfig.save_prevalence(Registry(), st.session_state[PREVALENCE_KEY], actor=current_actor())
     except (OSError, ValueError) as exc:
         notice("error", f"The prevalence was not saved: {exc}")
         return
-    notice("success", f"Saved {saved:.1%} as this site's prevalence.")
+    notice("success", f"Saved {st.session_state[PREVALENCE_KEY]:.1%} as this site's prevalence.")
 
 
 def use_estimate(value: float) -> None:
@@ -228,16 +232,19 @@ def presets_ui(model: LoadedModel, threshold: float, validation) -> None:
 
 
 def site_threshold_ui(model: LoadedModel, threshold: float) -> None:
+    """Administrators save the session's threshold for everyone (by their signed-in name); a clinician
+    changes this session's threshold only."""
+    actor = current_actor()
+    if not is_administrator(actor):
+        return
     with st.expander("Save this threshold for this site", icon=":material/save:"):
         st.caption("The model's card is never changed: the site's threshold is kept apart, and the model's own "
-                   "can be restored exactly. Recorded in the audit log.")
-        st.text_input("Your name", key=SAVE_BY_KEY)
+                   f"can be restored exactly. Recorded in the audit log as saved by {escape_markdown(actor.label)}.")
         st.text_input("Why this threshold", key=SAVE_WHY_KEY)
         confirmed = st.checkbox(f"Use {threshold:.6f} as the default for everyone at this site", key=SAVE_CONFIRM_KEY)
         st.button("Save the site threshold", key="diagnose_save_default", on_click=save_site_threshold,
                   args=(model, threshold), icon=":material/save:",
-                  disabled=not (confirmed and st.session_state.get(SAVE_BY_KEY, "").strip()
-                                and st.session_state.get(SAVE_WHY_KEY, "").strip())
+                  disabled=not (confirmed and st.session_state.get(SAVE_WHY_KEY, "").strip())
                   or abs(threshold - model.default_threshold) < 1e-12)
     st.button("Restore the model's own threshold", key="diagnose_restore_threshold", on_click=restore_card_threshold,
               args=(model,), disabled=model.site_threshold is None, icon=":material/undo:")
@@ -289,7 +296,9 @@ def prevalence_ui(model: LoadedModel, readable: list[analysis.Analysis]) -> None
                     format="%.2f", key=PREVALENCE_KEY,
                     help=f"The model's probabilities are calibrated at {model.card.calibration_prevalence:.0%}. "
                          "PPV, NPV and the adjusted probability use this value; the decision does not.")
-    st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence, icon=":material/save:")
+    if is_administrator(current_actor()):
+        st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence,
+                  icon=":material/save:")
     scores = [a.prediction.p_pneumonia for a in readable if not a.prediction.withheld]
     estimate = estimate_if_enough(scores, model.card.calibration_prevalence)
     if estimate is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import ensure_app_navigation, escape_markdown, rule_in_words
+from pages.common import current_actor, ensure_app_navigation, escape_markdown, is_administrator, rule_in_words
 from xray.decide import metrics
 from xray.govern import promotion, sitecal
 from xray.model.card import ModelCard
@@ -53,7 +53,10 @@ def main() -> None:
         st.warning("No version is active: activate one below.", icon=":material/warning:")
     versions_ui(registry, cards, active)
     selected = compare_ui(cards, versions, active)
-    activate_ui(selected, active, gate_ui(registry, selected, active))
+    result = gate_ui(registry, selected, active)
+    if not is_administrator(current_actor(), "Activating, rolling back and calibrating model versions"):
+        st.stop()  # a clinician compares versions; the engine refuses the actions below to anyone else anyway
+    activate_ui(selected, active, result)
     rollback_ui(registry, cards, active)
     calibrate_ui(active)
 
@@ -115,11 +118,11 @@ def activate(version: str, active: str | None, force: bool = False) -> None:
     """Activate through the promotion gate (audited there); with ``force``, the override reason is recorded."""
     reason = st.session_state.get(OVERRIDE_REASON_KEY if force else ACTIVATE_REASON_KEY, "")
     try:
-        promotion.promote(Registry(), version, force=force, reason=reason)
+        promotion.promote(Registry(), version, force=force, reason=reason, actor=current_actor())
     except promotion.PromotionRefused as exc:
         say("activate", "error", f"Model {version} was not activated: {exc}")
         return
-    except (ModelFileError, ValueError) as exc:
+    except (ModelFileError, ValueError, PermissionError) as exc:
         say("activate", "error", f"Model {version} was not activated: {exc}.")
         return
     note = f" Override recorded: {reason}." if force else ""
@@ -133,8 +136,8 @@ def activate(version: str, active: str | None, force: bool = False) -> None:
 def roll_back(expected: str, active: str) -> None:
     """Roll back through ``promotion.rollback`` (audited, with the reason typed)."""
     try:
-        version = promotion.rollback(Registry(), st.session_state.get(ROLLBACK_REASON_KEY, ""))
-    except (ModelFileError, ValueError, OSError) as exc:
+        version = promotion.rollback(Registry(), st.session_state.get(ROLLBACK_REASON_KEY, ""), actor=current_actor())
+    except (ModelFileError, ValueError, OSError) as exc:  # OSError: the audit line; PermissionError: the role
         say("rollback", "error", f"Nothing was rolled back: {exc}.")
         return
     st.session_state[ROLLBACK_CONFIRM_KEY] = False
@@ -154,7 +157,8 @@ def site_recalibration(folder: str, version: str) -> sitecal.Recalibration:
 def create_calibrated(folder: str, version: str) -> None:
     try:
         registry = Registry()
-        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version))
+        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version),
+                                    actor=current_actor())
         figures = promotion.acceptance_figures(registry.card(new))
     except (OSError, ValueError, ModelFileError) as exc:
         say("calibrate", "error", f"No calibrated version was written: {exc}.")

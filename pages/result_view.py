@@ -19,7 +19,7 @@ from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.model.registry import LoadedModel
 from xray.report import exports, writers
 from xray.serve import analysis, hirescam
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, WHAT_TO_DO
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, advice
 
 HEATMAPS_KEY = "result_heatmaps"  # {(sha256, model version): (display pixels, display-size colour levels)}
 HEATMAP_CAPTION = "Evidence for pneumonia: colour marks the regions that raised p(pneumonia)"
@@ -105,7 +105,7 @@ def verdict_ui(model: LoadedModel, result: analysis.Analysis, threshold: float, 
                  else "Outside the intended use")
         reason = plain_reason(prediction.withheld_reason)
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
-                   + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(prediction.outcome, ""),
+                   + "  \nNo pneumonia verdict is given for it. " + advice(prediction.outcome, prediction.withheld_reason),
                    icon=":material/block:")
         with st.expander("Details"):
             st.markdown(escape_markdown(prediction.withheld_reason))

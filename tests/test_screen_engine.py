@@ -116,7 +116,7 @@ def test_dicom_results_zip_holds_the_sc_and_sr_in_the_inputs_study(tiny_model, t
     withheld = replace(item, analysis=replace(a, prediction=replace(a.prediction, outcome="outside intended use",
                                                                     withheld_reason="adult")))
     sr = writers.structured_report(tiny_model, withheld, withheld.dicom)
-    assert "Probability of pneumonia" not in str(sr) and "Operating threshold" in str(sr)  # withheld means withheld
+    assert "122157" not in str(sr) and "122411" in str(sr)  # no Probability, the Threshold Value: withheld means withheld
     with pytest.raises(ValueError, match="DICOM inputs only"):
         exports.dicom_results(tiny_model, replace(item, dicom=None), AuditTrail(tmp_path / "a.jsonl"))
 

@@ -1,54 +1,60 @@
-"""The site's choices, each one audited: the operating threshold a site saves for a version (and the model's
-own restored), and the site's pneumonia prevalence. The values live in ``xray.model.site`` (``site.json``
-beside the registry); this module is the one way a person changes them, so every change leaves one audit
-line (who, what, why) before anyone sees its effect.
+"""The site's saved threshold and prevalence, changed by administrators only: each change checks the role
+(``identity.require``), records the signed-in identity with the value (``xray.model.site``) and writes one
+audit line (``threshold-saved``, ``threshold-restored``, ``prevalence-saved``).
+
+A clinician changes the session's own threshold and prevalence on the page; these calls change the
+default for everyone at the site.
 """
 from __future__ import annotations
 
 from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.model.card import ModelCard
 from xray.model.registry import Registry
 from xray.model.site import SavedThreshold
 
 
-def save_threshold(registry: Registry, version: str, threshold: float, why: str, *, by: str) -> SavedThreshold:
-    """Save ``threshold`` as the site's default for ``version`` (the card is never changed), by ``by``, because
-    ``why``; audited (``threshold-saved``).
+def save_threshold(registry: Registry, version: str, threshold: float, why: str, *, actor: Actor) -> SavedThreshold:
+    """Save ``threshold`` as the site's default for ``version``, by ``actor``, because ``why``.
 
     Raises:
-        ValueError: a threshold outside [0, 1], or no name or no reason.
-        OSError: the settings or the audit log cannot be written.
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is saved).
+        ValueError: a threshold outside [0, 1] or no reason.
+        OSError: the site file or the audit line cannot be written.
     """
-    saved = registry.site.save_threshold(version, threshold, by, why)
-    audit.record_event("threshold-saved", version=version, threshold=saved.threshold, by=saved.by, why=saved.why)
+    require(actor, ADMINISTRATOR, "saving the site's threshold")
+    saved = registry.site.save_threshold(version, threshold, actor.label, why, actor.subject)
+    audit.record_event("threshold-saved", actor=actor, version=version, threshold=saved.threshold, why=saved.why)
     return saved
 
 
-def restore_threshold(registry: Registry, version: str, *, by: str = "") -> bool:
-    """Forget the site's threshold for ``version`` (the card's comes back, exactly); audited
-    (``threshold-restored``). False when the site had none (nothing written).
+def restore_threshold(registry: Registry, version: str, *, actor: Actor) -> bool:
+    """Forget the site's threshold for ``version`` (the card's comes back); True when there was one.
 
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is changed).
         ModelFileError: the version's card cannot be read.
-        OSError: the settings or the audit log cannot be written.
+        OSError: the site file or the audit line cannot be written.
     """
+    require(actor, ADMINISTRATOR, "restoring the model's own threshold for the site")
     card_threshold = registry.card(version).threshold  # what comes back
-    if not registry.site.restore_threshold(version):
-        return False
-    audit.record_event("threshold-restored", version=version, threshold=card_threshold, by=by.strip())
-    return True
+    restored = registry.site.restore_threshold(version)
+    if restored:
+        audit.record_event("threshold-restored", actor=actor, version=version, threshold=card_threshold)
+    return restored
 
 
-def save_prevalence(registry: Registry, prevalence: float, *, by: str = "") -> float:
-    """Save the site's pneumonia prevalence; audited (``prevalence-saved``).
+def save_prevalence(registry: Registry, prevalence: float | None, *, actor: Actor) -> None:
+    """Save (None: clear) the site's pneumonia prevalence.
 
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is saved).
         ValueError: a prevalence outside (0, 1).
-        OSError: the settings or the audit log cannot be written.
+        OSError: the site file or the audit line cannot be written.
     """
+    require(actor, ADMINISTRATOR, "saving the site's prevalence")
     registry.site.set_prevalence(prevalence)
-    audit.record_event("prevalence-saved", prevalence=float(prevalence), by=by.strip())
-    return float(prevalence)
+    audit.record_event("prevalence-saved", actor=actor, prevalence=prevalence)
 
 
 def site_prevalence(registry: Registry, card: ModelCard) -> float:
