@@ -35,20 +35,23 @@ def test_siteconfig_change_the_settings_and_leave_one_audit_line_each(tiny_regis
     registry = Registry(tiny_registry)
     version = registry.active_version()
     card_threshold = registry.card(version).threshold
-    saved = siteconfig.save_threshold(registry, version, 0.25, "local audit", by="Dr Ward")
+    from xray.govern.identity import ADMINISTRATOR, Actor
+
+    dr = Actor("s-ward", "dr.ward@ward.example", ADMINISTRATOR, "http://idp.example")
+    saved = siteconfig.save_threshold(registry, version, 0.25, "local audit", actor=dr)
     assert registry.site.saved_threshold(version).threshold == 0.25 == saved.threshold
-    assert {k: audit_lines()[-1][k] for k in ("event", "version", "threshold", "by", "why")} == {
-        "event": "threshold-saved", "version": version, "threshold": 0.25, "by": "Dr Ward", "why": "local audit"}
+    assert {k: audit_lines()[-1][k] for k in ("event", "version", "threshold", "why")} == {
+        "event": "threshold-saved", "version": version, "threshold": 0.25, "why": "local audit"}
     with pytest.raises(ValueError):
-        siteconfig.save_threshold(registry, version, 1.5, "typo", by="Dr Ward")
+        siteconfig.save_threshold(registry, version, 1.5, "typo", actor=dr)
     count = len(audit_lines())
-    assert siteconfig.restore_threshold(registry, version)
+    assert siteconfig.restore_threshold(registry, version, actor=dr)
     assert registry.site.saved_threshold(version) is None and registry.load().default_threshold == card_threshold
     assert audit_lines()[-1]["event"] == "threshold-restored" and len(audit_lines()) == count + 1
-    assert not siteconfig.restore_threshold(registry, version)  # nothing to restore: no line
+    assert not siteconfig.restore_threshold(registry, version, actor=dr)  # nothing to restore: no line
     assert len(audit_lines()) == count + 1
     assert siteconfig.site_prevalence(registry, registry.card(version)) == registry.card(version).calibration_prevalence
-    siteconfig.save_prevalence(registry, 0.3)
+    siteconfig.save_prevalence(registry, 0.3, actor=dr)
     assert siteconfig.site_prevalence(registry, registry.card(version)) == 0.3
     assert audit_lines()[-1]["event"] == "prevalence-saved" and audit_lines()[-1]["prevalence"] == 0.3
 
@@ -152,13 +155,14 @@ def test_rollback_never_goes_to_a_version_that_was_only_live_where_the_model_was
 
 def test_site_calibration_preview_card_and_gate_read_one_set_of_figures(tiny_registry, tmp_path, monkeypatch):
     from xray.govern import sitecal
+    from xray.govern.identity import operator
 
     monkeypatch.setattr(promotion, "MIN_PER_CLASS", 4)  # the one minimum: the gate's
     monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 8)
     registry = Registry(tiny_registry)
     model = registry.load()
     result = sitecal.recalibrate(model, sitecal.score_folder(model, str(DATASET)))
-    new = sitecal.write_version(registry, model, result)
+    new = sitecal.write_version(registry, model, result, actor=operator())
     figures = promotion.acceptance_figures(registry.card(new))
     assert registry.card(new).threshold == result.threshold
     assert figures["sensitivity"].value == pytest.approx(result.after["sensitivity"])
