@@ -54,20 +54,20 @@ def test_age_from_patient_age_or_from_birth_and_study_dates():
 ])
 def test_the_dicom_header_withholds_with_its_reason(tiny_model, tmp_path, fields, outcome, words):
     prediction = predict(tiny_model, [load_image(dicom_with(tmp_path, "x.dcm", **fields))])[0]
-    assert prediction.withheld and prediction.outcome == outcome and words in prediction.ood_reason
+    assert prediction.withheld and prediction.outcome == outcome and words in prediction.withheld_reason
     assert prediction.decision(0.5) is None
 
 
 def test_a_child_in_the_age_band_falls_through_to_the_image_checks(tiny_model, tmp_path):
     prediction = predict(tiny_model, [load_image(dicom_with(tmp_path, "x.dcm", PatientAge="003Y", ViewPosition="AP"))])[0]
-    assert "DICOM header" not in prediction.ood_reason
+    assert "DICOM header" not in prediction.withheld_reason
 
 
 def test_adult_films_from_another_hospital_are_outside_intended_use_never_not_a_chest_radiograph(shipped):
     for path in EXTERNAL:
         prediction = predict(shipped, [load_image(path)])[0]
-        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.ood_reason)
-        assert "not a chest" not in prediction.ood_reason.lower()
+        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.withheld_reason)
+        assert "not a chest" not in prediction.withheld_reason.lower()
 
 
 def test_the_shipped_guard_gives_a_verdict_on_the_pediatric_samples(shipped):
@@ -75,6 +75,7 @@ def test_the_shipped_guard_gives_a_verdict_on_the_pediatric_samples(shipped):
         assert predict(shipped, [load_image(path)])[0].outcome == guard.VERDICT, path.name
 
 
+@pytest.mark.slow
 def test_cli_three_outcomes(tmp_path):
     photo = tmp_path / "photo.png"
     rng = np.random.default_rng(0)
@@ -123,9 +124,9 @@ def test_the_shipped_guard_withholds_nih_films_that_issue_13s_let_through(shippe
         image = load_image(path)
         assert predict(before, [image])[0].outcome == guard.VERDICT, path.name
         prediction = predict(shipped, [image])[0]
-        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.ood_reason)
-        assert prediction.ood_reason.startswith("the film looks unlike the pediatric films the model was made for: "
-                                                "another kind of equipment or an older patient"), prediction.ood_reason
+        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.withheld_reason)
+        assert prediction.withheld_reason.startswith("the film looks unlike the pediatric films the model was made for: "
+                                                "another kind of equipment or an older patient"), prediction.withheld_reason
 
 
 def test_the_shipped_version_records_its_leave_one_source_out_figures(shipped):
@@ -156,5 +157,5 @@ def test_a_dicom_child_inside_the_band_is_still_judged_by_its_pixels(shipped, tm
     path = tmp_path / "child.dcm"
     ds.save_as(path)
     prediction = predict(shipped, [load_image(path)])[0]
-    assert "DICOM header" not in prediction.ood_reason
-    assert prediction.outcome == guard.OUTSIDE_INTENDED_USE and "equipment" in prediction.ood_reason
+    assert "DICOM header" not in prediction.withheld_reason
+    assert prediction.outcome == guard.OUTSIDE_INTENDED_USE and "equipment" in prediction.withheld_reason

@@ -28,7 +28,7 @@ def test_shipped_predictions_are_unchanged(monkeypatch, record):
     for path, prediction in zip(paths, predictions):
         p, withheld, reason = RECORD["predictions"][path]
         assert prediction.p_pneumonia == pytest.approx(p, abs=1e-9), path
-        assert (prediction.withheld, prediction.ood_reason) == (withheld, reason), path
+        assert (prediction.withheld, prediction.withheld_reason) == (withheld, reason), path
 
 
 def test_the_issue_23_guard_kept_the_ensembles_weights_and_scores():
