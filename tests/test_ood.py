@@ -327,16 +327,19 @@ def test_logistic_regression_reaches_the_optimum_of_its_objective():
 
 def test_combined_limit_flags_its_percentile_of_validation_and_survives_a_round_trip():
     rng = np.random.default_rng(1)
-    train, val = rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8))
-    outside = rng.normal(size=(400, 8)) + 1.5  # other hospitals: shifted in every feature
-    base = O.fit_stats(train, val, percentile=99.0, grid=1)
-    stats = O.fit_outside(base, train, outside, val, base.distances(val))
-    val_scores = stats.combined_scores(base.distances(val), stats.outside_scores(val))
+    films = lambda n, shift: rng.normal(size=(n, 2 * 4 * 4)) + shift  # noqa: E731 (2 channels on the 4x4 grid)
+    to_2x2 = lambda f: f.reshape(-1, 2, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(-1, 8)  # noqa: E731 (the distance's grid)
+    train, val = films(2000, 0.0), films(2000, 0.0)
+    outside = films(400, 0.7)  # other hospitals: shifted a little in every feature
+    base = O.fit_stats(to_2x2(train), to_2x2(val), percentile=99.0, grid=2)
+    stats = O.fit_outside(base, train, outside, val, base.distances(to_2x2(val)))
+    val_scores = stats.combined_scores(base.distances(to_2x2(val)), stats.outside_scores(val))
     assert np.mean(val_scores > stats.combined_threshold) == pytest.approx(0.01, abs=0.002)
-    new = rng.normal(size=(500, 8)) + 1.5  # more films from elsewhere
-    caught = np.mean(stats.combined_scores(base.distances(new), stats.outside_scores(new)) > stats.combined_threshold)
-    alone = np.mean(base.distances(new) > base.threshold)
-    assert caught > 0.9 and caught > alone  # the discriminative part sees what the distance misses
+    new = films(500, 0.7)  # more films from elsewhere
+    caught = np.mean(stats.combined_scores(base.distances(to_2x2(new)), stats.outside_scores(new))
+                     > stats.combined_threshold)
+    alone = np.mean(base.distances(to_2x2(new)) > base.threshold)
+    assert caught > 0.9 and alone < 0.7  # the discriminative part sees what the distance misses
     again = O.OodStats.from_bytes(stats.to_bytes())
     np.testing.assert_array_equal(again.outside, stats.outside)
     np.testing.assert_array_equal(again.combined, stats.combined)
