@@ -14,8 +14,10 @@ from pages.common import (
     PRESET_MIN_GAP,
     PRESET_RULES,
     audit_trail,
+    current_actor,
     current_threshold,
     escape_markdown,
+    is_administrator,
     record_shown,
     require_model,
     set_threshold,
@@ -24,11 +26,11 @@ from pages.common import (
 from xray.serve import analysis
 from xray.decide import metrics
 from xray.report import writers as report
-from xray.govern.audit import record_event
+from xray.govern import siteconfig
 from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.serve.hirescam import legend as heatmap_legend
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, WHAT_TO_DO
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, advice
 from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
@@ -54,7 +56,7 @@ DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPa
 
 
 # -- engine calls, cached per (file content, model version) so reruns never re-run the model --------
-SAVE_BY_KEY, SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_by", "diagnose_save_why", "diagnose_save_confirm"
+SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_why", "diagnose_save_confirm"
 SAVED_KEY, SAVE_ERROR_KEY = "diagnose_saved", "diagnose_save_error"
 
 def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
@@ -90,12 +92,11 @@ def forget_other_files(keep: set[tuple[str, str]]) -> None:
 
 # -- sidebar: the operating threshold and what it means on validation ------------------------------
 def save_site_threshold(model: LoadedModel, threshold: float) -> None:
-    """Save the threshold for this site (not in the model's card), with who and why; audited."""
-    by, why = st.session_state.get(SAVE_BY_KEY, ""), st.session_state.get(SAVE_WHY_KEY, "")
+    """Save the threshold for this site (not in the model's card), by the signed-in user, with why; audited."""
+    why = st.session_state.get(SAVE_WHY_KEY, "")
     try:
-        saved = Registry().site.save_threshold(model.version, threshold, by, why)
-        record_event("threshold-saved", version=model.version, threshold=saved.threshold, by=saved.by, why=saved.why)
-    except (OSError, ValueError) as exc:
+        saved = siteconfig.save_threshold(Registry(), model.version, threshold, why, actor=current_actor())
+    except (OSError, ValueError) as exc:  # PermissionError (the role) is an OSError
         st.session_state[SAVE_ERROR_KEY] = f"The threshold was not saved: {exc}"
         return
     st.session_state[SAVED_KEY] = f"Saved {saved.threshold:.6f} as this site's threshold for model {model.version}."
@@ -104,9 +105,8 @@ def save_site_threshold(model: LoadedModel, threshold: float) -> None:
 def restore_card_threshold(model: LoadedModel) -> None:
     """Forget the site's threshold: the model's own comes back, exactly."""
     try:
-        Registry().site.restore_threshold(model.version)
-        record_event("threshold-restored", version=model.version, threshold=model.threshold)
-    except OSError as exc:
+        siteconfig.restore_threshold(Registry(), model.version, actor=current_actor())
+    except (OSError, ValueError) as exc:  # ModelFileError is a ValueError
         st.session_state[SAVE_ERROR_KEY] = f"The threshold was not restored: {exc}"
         return
     set_threshold(model.threshold)
@@ -123,8 +123,7 @@ def site_prevalence(model: LoadedModel) -> float:
 
 def save_prevalence() -> None:
     try:
-        Registry().site.set_prevalence(st.session_state[PREVALENCE_KEY])
-        record_event("prevalence-saved", prevalence=st.session_state[PREVALENCE_KEY])
+        siteconfig.save_prevalence(Registry(), st.session_state[PREVALENCE_KEY], actor=current_actor())
         st.session_state[SAVED_KEY] = f"Saved {st.session_state[PREVALENCE_KEY]:.1%} as this site's prevalence."
     except (OSError, ValueError) as exc:
         st.session_state[SAVE_ERROR_KEY] = f"The prevalence was not saved: {exc}"
@@ -142,7 +141,9 @@ def prevalence_sidebar(model: LoadedModel, readable: list) -> None:
                     format="%.2f", key=PREVALENCE_KEY,
                     help=f"The model's probabilities are calibrated at {model.card.calibration_prevalence:.0%} "
                          "(its calibration set). PPV, NPV and the adjusted probability use this value.")
-    st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence, icon=":material/save:")
+    if is_administrator(current_actor()):
+        st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence,
+                  icon=":material/save:")
     scores = [a.prediction.p_pneumonia for a in readable if not a.prediction.withheld]
     if len(scores) >= EM_MIN_IMAGES:
         estimate = estimate_prevalence(scores, model.card.calibration_prevalence)
@@ -202,19 +203,20 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
                "Figures in brackets: validation sensitivity and specificity at that point.")
     if model.site_threshold is not None:
         st.caption(f"Site threshold {model.site_threshold:.6f}, {escape_markdown(model.site_threshold_note)}.")
-    with st.expander("Save this threshold for this site", icon=":material/save:"):
-        st.caption("The model's card is never changed: the site's threshold is kept apart, and the model's own "
-                   "can be restored exactly. Recorded in the audit log.")
-        st.text_input("Your name", key=SAVE_BY_KEY)
-        st.text_input("Why this threshold", key=SAVE_WHY_KEY)
-        confirmed = st.checkbox(f"Use {threshold:.6f} as the default for everyone at this site", key=SAVE_CONFIRM_KEY)
-        st.button("Save the site threshold", key="diagnose_save_default", on_click=save_site_threshold,
-                  args=(model, threshold), icon=":material/save:",
-                  disabled=not (confirmed and st.session_state.get(SAVE_BY_KEY, "").strip()
-                                and st.session_state.get(SAVE_WHY_KEY, "").strip())
-                  or abs(threshold - model.default_threshold) < 1e-12)
-    st.button("Restore the model's own threshold", key="diagnose_restore_threshold", on_click=restore_card_threshold,
-              args=(model,), disabled=model.site_threshold is None, icon=":material/undo:")
+    actor = current_actor()
+    if is_administrator(actor):  # a clinician changes this session's threshold only
+        with st.expander("Save this threshold for this site", icon=":material/save:"):
+            st.caption("The model's card is never changed: the site's threshold is kept apart, and the model's own "
+                       f"can be restored exactly. Recorded in the audit log as saved by {escape_markdown(actor.label)}.")
+            st.text_input("Why this threshold", key=SAVE_WHY_KEY)
+            confirmed = st.checkbox(f"Use {threshold:.6f} as the default for everyone at this site", key=SAVE_CONFIRM_KEY)
+            st.button("Save the site threshold", key="diagnose_save_default", on_click=save_site_threshold,
+                      args=(model, threshold), icon=":material/save:",
+                      disabled=not (confirmed and st.session_state.get(SAVE_WHY_KEY, "").strip())
+                      or abs(threshold - model.default_threshold) < 1e-12)
+        st.button("Restore the model's own threshold", key="diagnose_restore_threshold",
+                  on_click=restore_card_threshold, args=(model,), disabled=model.site_threshold is None,
+                  icon=":material/undo:")
     saved = st.session_state.pop(SAVED_KEY, None)
     if saved:
         st.success(saved)
@@ -281,7 +283,7 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
         reason, outcome = prediction.withheld_reason, prediction.outcome
         title = "Not a chest radiograph" if outcome == NOT_A_CHEST_RADIOGRAPH else "Outside the intended use"
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
-                   + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(outcome, ""),
+                   + "  \nNo pneumonia verdict is given for it. " + advice(outcome, reason),
                    icon=":material/block:")
         with st.expander("Show the model's output anyway (not for clinical use)"):  # withheld means withheld
             st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
@@ -488,7 +490,10 @@ def main() -> None:
     forget_other_files({(r["analysis"].sha256, model.version) for r in results})
 
     for result in results:
-        if result["analysis"].error:
+        if result["analysis"].incomplete:  # an interrupted transfer: the same file sent again will load
+            st.error(f"**{escape_markdown(result['analysis'].name)}** arrived incomplete: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/sync_problem:")
+        elif result["analysis"].error:
             st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
                      f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
     readable = [r["analysis"] for r in results if r["analysis"].ok]

@@ -2,6 +2,9 @@
 
 Argparse and thin commands only: the work is done by the engine's wings (``serve.pipeline``, ``train``,
 ``model.registry``, ``govern``, ``report.batch``, ``bench``). The top wing: nothing in ``xray/`` imports this module.
+
+The command line is the machine operator's tool: it acts as the OS login with the administrator's rights
+(``identity.operator``), without the app's sign-in; its audit lines name that login.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from xray.clock import utc_stamp
 from xray.train import events as E
 from xray.govern import promotion
 from xray.govern import sitecal
+from xray.govern.identity import operator
 from xray.report import batch
 from xray.atomic import atomic_write_json
 from xray.bench import add_arguments as bench_arguments
@@ -29,6 +33,7 @@ from xray.serve.pipeline import (
     done_paths,
     evaluate_folder,
     iter_shard,
+    path_text,
     score_paths,
 )
 from xray.model.registry import LoadedModel, ModelFileError, Registry
@@ -82,7 +87,7 @@ def cmd_predict(args) -> int:
             raise SystemExit(f"error: {exc}")
     model = _load_model(args)
     try:
-        out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
+        out = open(args.csv, "a" if done else "w", newline="", encoding="utf-8") if args.csv else sys.stdout
     except OSError as exc:
         raise SystemExit(f"error: cannot write {args.csv}: {exc.strerror or exc}")
     writer = csv.writer(out)
@@ -91,7 +96,7 @@ def cmd_predict(args) -> int:
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
     prevalence = (model.card.calibration_prevalence, _prevalence(args, model))
     skipped: list[tuple[str, str]] = []
-    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
+    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if path_text(p) not in done)
     found = failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
         for path, prediction, error in score_paths(model, paths, args.batch_size, args.workers):
@@ -106,7 +111,7 @@ def cmd_predict(args) -> int:
     print(f"{found} image file(s) found and scored or reported" + (f" ({len(done)} already in the CSV)" if done else "")
           + (f"; {len(skipped)} other file(s) skipped:" if skipped else ""), file=sys.stderr)
     for path, reason in skipped:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(f"  skipped {path_text(path)}: {reason}", file=sys.stderr)
     if failures:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
     if not_xray:
@@ -142,7 +147,7 @@ def cmd_calibrate(args) -> int:
     registry = Registry(args.registry or None)
     try:
         version, result = sitecal.calibrate(registry, args.data_dir, args.model or None, args.rule or None,
-                                            args.workers)
+                                            args.workers, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(sitecal.terminal_summary(result), file=sys.stderr)
@@ -162,7 +167,7 @@ def cmd_fit_ood(args) -> int:
         raise SystemExit(f"error: {exc}")
     if args.activate:  # through the gate, like every other way to make a version live
         try:
-            promotion.promote(registry, version)
+            promotion.promote(registry, version, actor=operator())
         except promotion.PromotionRefused as exc:
             raise SystemExit(f"error: new version {version} saved but not activated: {exc} "
                              f"(python -m xray activate {version} --force --reason '...')")
@@ -229,7 +234,7 @@ def cmd_train(args) -> int:
 def cmd_jobs(args) -> int:
     root = Registry(args.registry or None).root
     if args.cancel:
-        if not cancel_job(root):
+        if not cancel_job(root, actor=operator()):
             print("no training job is running", file=sys.stderr)
             return 1
         print("asked the running training job to stop", file=sys.stderr)
@@ -270,7 +275,7 @@ def cmd_activate(args) -> int:
             print(f"  {args.version} {name}: {figure}", file=sys.stderr)
         for name, figure in result.active_figures.items():
             print(f"  active {result.active_version} {name}: {figure}", file=sys.stderr)
-        promotion.promote(registry, args.version, force=args.force, reason=args.reason)
+        promotion.promote(registry, args.version, force=args.force, reason=args.reason, actor=operator())
     except promotion.PromotionRefused as exc:
         raise SystemExit(f"error: {exc} (python -m xray activate {args.version} --force --reason '...')")
     except (ModelFileError, ValueError) as exc:
@@ -284,7 +289,7 @@ def cmd_activate(args) -> int:
 
 def cmd_rollback(args) -> int:
     try:
-        version = promotion.rollback(Registry(args.registry or None), reason=args.reason)
+        version = promotion.rollback(Registry(args.registry or None), reason=args.reason, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(f"active model: {version}", file=sys.stderr)
@@ -326,7 +331,11 @@ def cmd_node(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xray", description="Pneumonia chest X-ray assistant engine")
+    parser = argparse.ArgumentParser(
+        prog="python -m xray", description="Pneumonia chest X-ray assistant engine",
+        epilog="The command line is the machine operator's tool: it runs as your OS login with the administrator's "
+               "rights and without the app's sign-in, and the audit log names that login. People at a screen use the "
+               "app, where sign-in and roles apply (README 'Sign-in').")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p):

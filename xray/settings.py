@@ -7,6 +7,9 @@
 | XRAY_AUDIT_LOG | the audit log file; ``off`` disables it | ``<user data folder>/audit.jsonl`` |
 | XRAY_CACHE | decoded-image cache folder | the platform's user cache folder |
 | XRAY_DATA | the per-user data folder (audit log default) | the platform's user data folder |
+| XRAY_ROLES | the site's roles file (TOML: who is clinician or administrator; README "Sign-in") | ``<user data folder>/roles.toml`` |
+| XRAY_SIGN_IN_HOURS | how long a sign-in stays good before the page asks for a new one | 12 (one shift) |
+| XRAY_ALLOW_UNAUTHENTICATED_NETWORK | ``1``: serve a non-loopback address without sign-in (logged; not recommended) | off |
 | XRAY_NODE_AE_TITLE | the DICOM node's own AE title (``python -m xray node``) | ``XRAYAI`` |
 | XRAY_NODE_PORT | the port the node listens on | 11112 |
 | XRAY_NODE_HOST | the address the node listens on | ``0.0.0.0`` (every interface) |
@@ -23,6 +26,7 @@ on Windows), so nothing the app does at run time writes into the repository.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 import platformdirs
@@ -91,3 +95,47 @@ def data_roots_help() -> str:
     sep = os.pathsep
     return (f"set XRAY_DATA_ROOTS to the allowed folders, separated by '{sep}' (e.g. "
             f"XRAY_DATA_ROOTS=/data/xrays{sep}/mnt/pacs-export), then restart the server")
+
+
+def roles_path() -> Path:
+    """$XRAY_ROLES, or ``<user data folder>/roles.toml``: the site's file mapping users and claims to roles."""
+    value = _env("XRAY_ROLES")
+    return Path(value).expanduser() if value else user_data_dir() / "roles.toml"
+
+
+def read_roles() -> dict:
+    """The roles file as a table (``{}`` when there is none); its meaning is ``xray.govern.identity``'s.
+
+    Raises:
+        ValueError: the file exists but cannot be read or is not valid TOML (the message names the file).
+    """
+    path = roles_path()
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"the roles file {path} cannot be read: {exc}") from None
+
+
+def sign_in_max_hours() -> float:
+    """$XRAY_SIGN_IN_HOURS (default 12): a sign-in older than this is asked to be renewed.
+
+    Raises:
+        ValueError: not a positive number.
+    """
+    value = _env("XRAY_SIGN_IN_HOURS") or "12"
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = float("nan")
+    if not hours > 0:
+        raise ValueError(f"XRAY_SIGN_IN_HOURS must be a positive number of hours, not {value!r}")
+    return hours
+
+
+def allow_unauthenticated_network() -> bool:
+    """$XRAY_ALLOW_UNAUTHENTICATED_NETWORK set to 1/true/yes: the operator accepts serving a network
+    address without sign-in (the app logs it at every start)."""
+    return _env("XRAY_ALLOW_UNAUTHENTICATED_NETWORK").lower() in ("1", "true", "yes")

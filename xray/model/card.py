@@ -217,13 +217,15 @@ class SiteCalibration:
 class ActivationOverride:
     """One activation past the promotion gate: who, when (UTC), the typed reason and the gate's reasons."""
 
-    by: str
+    by: str  # the signed-in user's e-mail (or name), the OS login on the command line
     at: str
     reason: str
     gate: tuple[str, ...] = ()
+    subject: str = ""  # the identity provider's subject of ``by`` ("" for the OS login and older cards)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"by": self.by, "at": self.at, "reason": self.reason, "gate": list(self.gate)}
+        return {"by": self.by, "at": self.at, "reason": self.reason, "gate": list(self.gate),
+                **({"subject": self.subject} if self.subject else {})}
 
     @classmethod
     def all_from(cls, blocks: Any) -> tuple["ActivationOverride", ...]:
@@ -239,7 +241,8 @@ class ActivationOverride:
         gate = block.get("gate") or ()
         return cls(by=str(block.get("by", "") or ""), at=str(block.get("at", "") or ""),
                    reason=str(block.get("reason", "") or ""),
-                   gate=(str(gate),) if isinstance(gate, str) else tuple(str(g) for g in gate))
+                   gate=(str(gate),) if isinstance(gate, str) else tuple(str(g) for g in gate),
+                   subject=str(block.get("subject", "") or ""))
 
 
 @dataclass(frozen=True)
