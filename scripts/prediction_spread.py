@@ -3,7 +3,7 @@ one environment: this interpreter's Pillow/numpy/torch, the thread count and CPU
 
     python scripts/prediction_spread.py [--threads N] [--no-mkldnn]    # one JSON line on stdout
 
-Run it under several environments (ATEN_CPU_CAPABILITY=default|avx2|avx512, ONEDNN_MAX_CPU_ISA=AVX2|SSE41,
+Run it under several environments (MKL_ENABLE_INSTRUCTIONS=AVX2|SSE4_2, ONEDNN_MAX_CPU_ISA=AVX2|SSE41, ATEN_CPU_CAPABILITY,
 OMP_NUM_THREADS/MKL_NUM_THREADS, other venvs) to set tests/test_shipped_model.py's tolerance. It also says
 where a difference starts: the decoded pixels, the 128x128 model input, or the logits (digests of each)."""
 from __future__ import annotations
