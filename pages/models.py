@@ -8,7 +8,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import ensure_app_navigation
+from pages.common import current_actor, ensure_app_navigation, is_administrator
 from xray.govern import promotion
 from xray.train import jobs
 from xray.decide import metrics
@@ -37,7 +37,7 @@ def summary(card: ModelCard) -> dict[str, str]:
            "Threshold": f"{card.threshold:.6f}",
            **{label: number(validation.figure(key)) for label, key in FIGURES},
            "Validation images": str(validation.n or "-"),
-           "Validation split": validation.split or "-",
+           "Validation split": validation.description or "-",
            "Trained on": (f"{Path(data.root).name} (folder '{data.root}' on the training machine)"
                           if data.root else "-"),
            "Data fingerprint": (data.fingerprint or "-")[:12],
@@ -72,12 +72,12 @@ def activate(version: str, force: bool = False) -> None:
     """Activate through the promotion gate; with ``force``, the typed override reason is recorded."""
     reason = st.session_state.get(OVERRIDE_REASON_KEY, "")
     try:
-        promotion.promote(Registry(), version, force=force, reason=reason)
+        promotion.promote(Registry(), version, force=force, reason=reason, actor=current_actor())
         note = f" (override recorded: {reason})" if force else ""
         st.session_state[MESSAGE_KEY] = ("success", f"Model {version} is now active: the Diagnose page uses it{note}.")
     except promotion.PromotionRefused as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}")
-    except (ModelFileError, ValueError) as exc:
+    except (ModelFileError, ValueError, PermissionError) as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}.")
 
 
@@ -92,7 +92,8 @@ def site_recalibration(folder: str, version: str) -> sitecal.Recalibration:
 def create_calibrated(folder: str, version: str) -> None:
     try:
         registry = Registry()
-        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version))
+        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version),
+                                    actor=current_actor())
         st.session_state[MESSAGE_KEY] = ("success", f"Created {new}: {version}'s weights with this site's calibration. "
                                                     "Compare it above and activate it when it passes the gate.")
     except (OSError, ValueError, ModelFileError) as exc:
@@ -101,9 +102,9 @@ def create_calibrated(folder: str, version: str) -> None:
 
 def roll_back() -> None:
     try:
-        version = Registry().rollback()
+        version = promotion.rollback(Registry(), actor=current_actor())
         st.session_state[MESSAGE_KEY] = ("success", f"Rolled back: model {version} is active again.")
-    except (ModelFileError, ValueError) as exc:
+    except (ModelFileError, ValueError, OSError) as exc:  # OSError: the audit line; PermissionError: the role
         st.session_state[MESSAGE_KEY] = ("error", f"Nothing was rolled back: {exc}.")
 
 
@@ -177,6 +178,8 @@ if result is not None:
         st.error(f"{selected} does not pass the promotion gate: " + "; ".join(result.reasons) + ".",
                  icon=":material/gpp_bad:")
 
+if not is_administrator(current_actor(), "Activating, rolling back and calibrating model versions"):
+    st.stop()  # a clinician compares versions; the engine refuses the actions below to anyone else anyway
 activate_col, rollback_col = st.columns(2)
 activate_col.button(f"Activate {selected}", key="models_activate", type="primary",
                     disabled=selected == active or (result is not None and not result.passed),
@@ -196,8 +199,8 @@ if result is not None and not result.passed:
 
 st.subheader("Calibrate to this site")
 st.caption("Refit the active model's probability calibration and threshold on a labelled folder from this site "
-           f"(NORMAL/ and PNEUMONIA/ at any depth, at least {sitecal.MIN_IMAGES} images with "
-           f"{sitecal.MIN_PER_CLASS} of each class). The network's weights are not changed: the result is a new, "
+           f"(NORMAL/ and PNEUMONIA/ at any depth, at least {promotion.MIN_ACCEPTANCE_IMAGES} images with "
+           f"{promotion.MIN_PER_CLASS} of each class, as the promotion gate requires). The network's weights are not changed: the result is a new, "
            "inactive version, activated like any other, through the gate.")
 site_folder = st.text_input("Labelled folder", key=CALIBRATE_FOLDER_KEY, placeholder="/path/to/site/labelled",
                             help="Allowed locations: " + ", ".join(map(str, jobs.data_roots())))

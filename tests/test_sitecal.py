@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DATASET, FULLRES
 from xray.decide import prevalence as P
-from xray.govern import sitecal
+from xray.govern import promotion
 from xray.cli import main
 from xray.model.registry import Registry
 
@@ -47,14 +47,15 @@ def _site_folder(tmp_path):
 
 
 def test_calibrate_refuses_a_folder_too_small_or_missing_a_class(tiny_registry, tmp_path):
-    with pytest.raises(SystemExit, match=f"needs at least {sitecal.MIN_IMAGES} with {sitecal.MIN_PER_CLASS} of each"):
+    with pytest.raises(SystemExit, match=f"needs at least {promotion.MIN_ACCEPTANCE_IMAGES} with "
+                                         f"{promotion.MIN_PER_CLASS} of each"):
         main(["calibrate", str(_site_folder(tmp_path))])
 
 
 def test_calibrate_writes_a_new_version_with_identical_weights_and_a_complete_card(tiny_registry, tmp_path,
                                                                                      monkeypatch, capsys):
-    monkeypatch.setattr(sitecal, "MIN_PER_CLASS", 4)
-    monkeypatch.setattr(sitecal, "MIN_IMAGES", 8)
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 4)  # the one minimum: the gate's (sitecal requires it too)
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 8)
     site = _site_folder(tmp_path)
     (site / "NORMAL" / "broken.jpeg").write_bytes(b"not a jpeg")
     registry = Registry(tiny_registry)

@@ -10,40 +10,28 @@ log. Every figure carries its n and 95% interval (Wilson for proportions, Hanley
 The acceptance set is the card's validation set (a patient-level split of the training folder, or a
 site's labelled folder for a calibrated version). Two versions validated on different images are
 compared figure to figure, each on its own set: the gate says so when their data fingerprints differ.
-Rolling back to the previously active version is not gated (it was live before).
+Rolling back to the previously active version is not gated (it was live before). Activating and rolling
+back are an administrator's (``identity.require``); the override and the audit line name the actor.
 """
 from __future__ import annotations
 
-import getpass
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from xray.clock import utc_now
 from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.decide import metrics as M
+from xray.decide.metrics import Figure
 from xray.model.card import ModelCard
 from xray.model.registry import ReadOnlyVersion, Registry
 
+# The one minimum of a labelled set a version is accepted on (this gate) or calibrated on (xray.govern.sitecal)
 MIN_ACCEPTANCE_IMAGES = 200  # below this a sensitivity interval is wider than +-0.05 at 0.95
 MIN_PER_CLASS = 50  # each class, so that specificity means something too
 SENSITIVITY_MARGIN = 0.02  # at the operating threshold, below the active version's
 AUC_MARGIN = 0.01
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A validation figure with the number of images it rests on and its 95% interval."""
-
-    value: float
-    n: int
-    low: float
-    high: float
-
-    def __str__(self) -> str:
-        if self.value != self.value:
-            return "n/a"
-        return f"{self.value:.3f} (95% CI {self.low:.3f}-{self.high:.3f}, n={self.n})"
 
 
 def acceptance_figures(card: ModelCard, threshold: float | None = None) -> dict[str, Figure]:
@@ -55,14 +43,17 @@ def acceptance_figures(card: ModelCard, threshold: float | None = None) -> dict[
     y = np.asarray(validation.labels)
     p = np.asarray(validation.scores)
     t = card.threshold if threshold is None else float(threshold)
-    positives, negatives = int(y.sum()), int((1 - y).sum())
-    tp, tn = int(np.sum((p >= t) & (y == 1))), int(np.sum((p < t) & (y == 0)))
+    sensitivity, specificity = M.sensitivity_specificity(y, p >= t)
+    positives, negatives = sensitivity.n, specificity.n
     auc = M.roc_auc(y, p) if positives and negatives else float("nan")
-    return {"sensitivity": Figure(tp / positives if positives else float("nan"), positives,
-                                  *M.wilson_interval(tp, positives)),
-            "specificity": Figure(tn / negatives if negatives else float("nan"), negatives,
-                                  *M.wilson_interval(tn, negatives)),
+    return {"sensitivity": sensitivity, "specificity": specificity,
             "roc_auc": Figure(auc, positives + negatives, *M.auc_interval(auc, positives, negatives))}
+
+
+def large_enough(pneumonia: int, normal: int) -> bool:
+    """Whether a labelled set of ``pneumonia`` + ``normal`` images may accept a version (this gate) or
+    calibrate one to a site: at least ``MIN_ACCEPTANCE_IMAGES`` with ``MIN_PER_CLASS`` of each class."""
+    return pneumonia + normal >= MIN_ACCEPTANCE_IMAGES and min(pneumonia, normal) >= MIN_PER_CLASS
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,7 @@ def check_promotion(candidate: ModelCard, active: ModelCard | None) -> GateResul
         reasons.append("its card holds no evaluation on an acceptance set")
     else:
         n, pos, neg = figures["roc_auc"].n, figures["sensitivity"].n, figures["specificity"].n
-        if n < MIN_ACCEPTANCE_IMAGES or min(pos, neg) < MIN_PER_CLASS:
+        if not large_enough(pos, neg):
             reasons.append(f"it was evaluated on only {n} images ({pos} pneumonia, {neg} normal); the gate needs "
                            f"at least {MIN_ACCEPTANCE_IMAGES} with {MIN_PER_CLASS} of each class")
     active_figures: dict[str, Figure] = {}
@@ -124,16 +115,19 @@ def gate(registry: Registry, version: str) -> GateResult:
     return check_promotion(registry.card(version), registry.card(active) if active else None)
 
 
-def promote(registry: Registry, version: str, force: bool = False, reason: str = "", by: str = "") -> GateResult:
+def promote(registry: Registry, version: str, force: bool = False, reason: str = "", *,
+            actor: Actor) -> GateResult:
     """Activate ``version`` if it passes the gate, or with ``force`` and a ``reason`` (recorded).
 
     Every activation writes one audit line (``activation``, or ``activation-override`` with the gate's
-    reasons), naming the version that was live before.
+    reasons), naming the version that was live before and ``actor``.
 
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is changed).
         PromotionRefused: it fails the gate and ``force`` is False.
         ValueError: ``force`` without a reason; or the version cannot be loaded.
     """
+    require(actor, ADMINISTRATOR, f"activating model {version}")
     result = gate(registry, version)
     if not result.passed:
         if not force:
@@ -141,41 +135,37 @@ def promote(registry: Registry, version: str, force: bool = False, reason: str =
         if not reason.strip():
             raise ValueError("an override needs a reason")
     previous = registry.active_version()
-    who = by.strip() or _user()
     override = None
     if not result.passed:
-        override = {"by": who, "at": utc_now(), "reason": " ".join(reason.split()), "gate": list(result.reasons)}
+        override = {"by": actor.label, "at": utc_now(), "reason": " ".join(reason.split()),
+                    "gate": list(result.reasons), **({"subject": actor.subject} if not actor.local else {})}
     registry.activate(version, override=override)
     if override is not None:
         try:
             card = registry.card(version)
-            registry.update_card(version, {"activation_overrides": [*card.get("activation_overrides", []), override]})
+            registry.update_card(version, {"activation_overrides": [*(o.to_dict() for o in card.activation_overrides),
+                                                                   override]})
         except ReadOnlyVersion:
             pass  # a shipped card stays as shipped; the marker and the audit log hold the override
-        audit.record_event("activation-override", version=version, previous=previous, **override)
+        audit.record_event("activation-override", actor=actor, version=version, previous=previous,
+                           reason=override["reason"], gate=override["gate"])
     else:
-        audit.record_event("activation", version=version, previous=previous, by=who,
+        audit.record_event("activation", actor=actor, version=version, previous=previous,
                            reason=" ".join(reason.split()), gate="passed")
     return result
 
 
-def rollback(registry: Registry, reason: str = "", by: str = "") -> str:
+def rollback(registry: Registry, reason: str = "", *, actor: Actor) -> str:
     """Re-activate the previously active version (not gated: it was live before); one audit line.
 
     Returns:
         The version now active.
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is changed).
         ValueError: there is no earlier version to roll back to.
     """
+    require(actor, ADMINISTRATOR, "rolling back the active model")
     previous = registry.active_version()
     version = registry.rollback()
-    audit.record_event("rollback", version=version, previous=previous, by=by.strip() or _user(),
-                       reason=" ".join(reason.split()))
+    audit.record_event("rollback", actor=actor, version=version, previous=previous, reason=" ".join(reason.split()))
     return version
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name (containers): say so rather than invent one
-        return "unknown user"

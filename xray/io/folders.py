@@ -1,5 +1,6 @@
 """Labelled folders: find NORMAL/PNEUMONIA at any depth, train/val/test parts, patient ids,
-duplicates, a patient-level split, and decoding every image once into a uint8 cache."""
+duplicates, a patient-level split, decoding every image once into a uint8 cache, and ``load_training_data``:
+the folder as training, site checks, bench and robustness all read it."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -22,6 +23,11 @@ from xray.io.preprocess import try_read_model_input
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SMALL_VAL = 100  # a val/ part smaller than this is supplemented by a patient split of train/
+
+# What ``load_training_data`` reports while it works (``xray.train.events`` lists them with the training events)
+SCAN = "scan"  # the folder scan: root, n, patients, counts, duplicates, skipped
+DECODE = "decode"  # done, total
+UNREADABLE = "unreadable"  # files: [[relative path, reason], ...]
 
 
 @dataclass(frozen=True)
@@ -84,11 +90,60 @@ def patient_id(path: str | os.PathLike) -> str:
     return Path(path).stem.lower()
 
 
+LINK_LOOP = "a link to a folder searched already (a loop, or a second link to it): its files are counted once"
+
+
+def walk_folders(root: Path, skip: Callable[[Path, str], None] | None = None
+                 ) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` in a stable order that follows links to folders (research shares and PACS mounts are laid
+    out with them) and enters each real folder once: a link back to a folder already entered (a loop) is
+    passed to ``skip`` with the reason. Hidden folders are left out; ``dirnames`` may be pruned as in os.walk."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        try:
+            status = here.stat()
+        except OSError as exc:
+            if skip is not None:
+                skip(here, f"cannot read: {exc.strerror or exc}")
+            dirnames[:] = []
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            if skip is not None:
+                skip(here, LINK_LOOP)
+            dirnames[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield here, dirnames, sorted(filenames)
+
+
+def walk_files(root: Path, skip: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+    """Every file under ``root`` once (``walk_folders``): a second path to a file already listed (through a
+    link) and a link whose target is missing go to ``skip`` with the reason. Hidden files are listed."""
+    first: dict[tuple[int, int], Path] = {}
+    for here, _, filenames in walk_folders(root, skip):
+        for name in filenames:
+            path = here / name
+            try:
+                status = path.stat()
+            except OSError as exc:
+                if skip is not None:
+                    skip(path, "a broken link (its target does not exist)" if path.is_symlink()
+                         else f"cannot read: {exc.strerror or exc}")
+                continue
+            key = (status.st_dev, status.st_ino)
+            if key in first:
+                if skip is not None:
+                    skip(path, f"the same file as {first[key]} (reached through a link): counted once")
+                continue
+            first[key] = path
+            yield path
+
+
 def _class_dirs(root: Path) -> list[tuple[Path, int, str]]:
     found = []
-    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
-        dirnames.sort()
-        here = Path(dirpath)
+    for here, dirnames, _ in walk_folders(root):
         for d in list(dirnames):
             if d.upper() in CLASSES:
                 rel_parts = (here / d).relative_to(root).parts[:-1]
@@ -111,26 +166,28 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
     if not class_dirs:
         raise ValueError(f"no NORMAL/ or PNEUMONIA/ folder anywhere under {root}")
     samples, skipped, by_hash = [], [], defaultdict(list)
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append((str(path.relative_to(root)) if path.is_relative_to(root) else str(path), reason))
+
     for class_dir, label, part in class_dirs:
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                rel = str(path.relative_to(root))
-                if name.startswith("."):
-                    continue
-                try:
-                    data = path.read_bytes()
-                except OSError as exc:
-                    skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
-                    continue
-                kind = sniff_bytes(data[:512], name)  # by content: extensionless DICOM counts, renamed text not
-                if kind not in ("image", "DICOM"):
-                    skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                by_hash[digest].append(rel)
-                samples.append(Sample(path, label, part, patient_id(path), digest))
+        for path in walk_files(class_dir, skip):
+            name = path.name
+            rel = str(path.relative_to(root))
+            if name.startswith("."):
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+                continue
+            kind = sniff_bytes(data[:512], name)  # by content: extensionless DICOM counts, renamed text not
+            if kind not in ("image", "DICOM"):
+                skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            by_hash[digest].append(rel)
+            samples.append(Sample(path, label, part, patient_id(path), digest))
     present = Counter(s.label for s in samples)
     if not samples:
         raise ValueError(f"no image files in the NORMAL/ and PNEUMONIA/ folders under {root}")
@@ -283,3 +340,76 @@ def decoded_dataset(scan: DatasetScan, image_size: int, workers: int = 0, use_ca
         except OSError:
             pass  # a read-only home only costs speed
     return images, errors
+
+
+# -- the folder as training reads it ----------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """A labelled folder decoded once and divided into training, validation and test images."""
+
+    scan: DatasetScan
+    images: np.ndarray  # (N, S, S) uint8, every readable sample
+    labels: np.ndarray  # (N,) int64
+    train: np.ndarray  # indices into images
+    val: np.ndarray
+    test: np.ndarray
+    description: str  # how validation was formed, for the card
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def pos_weight(self) -> float:
+        """Normal over pneumonia training images: balances the classes' total weight in the loss."""
+        n_pos = int(self.labels[self.train].sum())
+        return (len(self.train) - n_pos) / max(n_pos, 1)
+
+
+def load_training_data(data_dir: str | os.PathLike, image_size: int, split: str = "id-range", val_fraction: float = 0.15,
+                seed: int = 0, workers: int = 0,
+                emit: Callable[[dict], None] = lambda event: None) -> TrainingData:
+    """Scan ``data_dir``, decode every image once (cached) at ``image_size``, and divide it by patient.
+
+    A ``val/`` part of at least ``SMALL_VAL`` images with both classes is the validation set; otherwise
+    ``SPLITS[split]`` holds out ``val_fraction`` of the training images (seeded), plus any small ``val/``.
+    Progress goes to ``emit`` as ``SCAN``, ``DECODE`` and ``UNREADABLE`` events.
+
+    Raises:
+        ValueError: no labelled images, an unknown ``split``, or a training or validation set lacking a class.
+    """
+    scan = scan_dataset(data_dir)
+    emit({"event": SCAN, **scan.summary()})
+    images, errors = decoded_dataset(scan, image_size, workers,
+                                     progress=lambda i, n: emit({"event": DECODE, "done": i, "total": n}))
+    ok = np.array([not e for e in errors])
+    unreadable = [(scan.relative(s.path), e) for s, e in zip(scan.samples, errors) if e]
+    emit({"event": UNREADABLE, "files": unreadable})
+    samples = [s for s, good in zip(scan.samples, ok) if good]
+    images = images[ok]
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    parts = np.array([s.part for s in samples])
+    if "train" in set(parts):
+        train_pool = np.nonzero(parts == "train")[0]
+        given_val = np.nonzero(parts == "val")[0]
+        test = np.nonzero(parts == "test")[0]
+    else:
+        train_pool, given_val, test = np.arange(len(samples)), np.array([], int), np.array([], int)
+    if len(given_val) >= SMALL_VAL and len(set(labels[given_val])) == 2:
+        train, val = train_pool, given_val
+        description = f"the folder's val/ part ({len(val)} images)"
+    else:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; one of {sorted(SPLITS)}")
+        tr, va = SPLITS[split]([samples[i] for i in train_pool], val_fraction, seed)
+        train, val = train_pool[tr], np.concatenate([train_pool[va], given_val]).astype(int)
+        if split == "id-range":
+            description = (f"patient-level split of the training images by patient number: the lowest and highest "
+                           f"numbers of each acquisition batch ({val_fraction:.0%} of images, {len(va)} images)")
+        else:
+            description = (f"patient-level split of the training images ({val_fraction:.0%} of patients, "
+                           f"seed {seed}, {len(va)} images)")
+        if len(given_val):
+            description += f" plus the folder's small val/ part ({len(given_val)} images)"
+    for name, idx in (("training", train), ("validation", val)):
+        if len(set(labels[idx])) < 2:
+            raise ValueError(f"the {name} set lacks one class: too few readable images")
+    scan.samples = samples
+    return TrainingData(scan, images, labels, train, val, test, description, unreadable)

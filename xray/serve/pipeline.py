@@ -12,6 +12,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from xray.decide import metrics as M
-from xray.io.folders import scan_dataset
-from xray.io.loader import dicomdir_files, sniff
+from xray.io.folders import scan_dataset, walk_files
+from xray.io.loader import dicomdir_files, not_an_image_reason, sniff
 from xray.serve.inference import Prediction, predict
 from xray.io.preprocess import ModelInput, try_read_model_input
 from xray.decide.prevalence import adjust_to_prevalence
@@ -34,8 +35,9 @@ CSV_HEADER = ["path", "p_pneumonia", "label", "threshold", "error", "prevalence"
 def iter_image_paths(paths: list[str], skipped: list[tuple[str, str]] | None = None) -> Iterator[Path]:
     """Files as given, and every image or DICOM file found recursively under folders, in a stable order.
 
-    Files are recognised by content (``imageio.sniff``): extensionless DICOM from CD and PACS exports
-    included. A DICOMDIR given as a file yields the images it lists; inside a folder it is an index
+    Files are recognised by content (``loader.sniff``): extensionless DICOM from CD and PACS exports
+    included. Links to folders are followed, each real file is listed once and a loop is reported
+    (``folders.walk_files``). A DICOMDIR given as a file yields the images it lists; inside a folder it is an index
     whose images the walk finds anyway. Everything passed over is appended to ``skipped`` as
     (path, reason): nothing is skipped silently.
     """
@@ -46,24 +48,21 @@ def iter_image_paths(paths: list[str], skipped: list[tuple[str, str]] | None = N
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    file = Path(dirpath) / name
-                    if name.startswith("."):
-                        skip(file, "hidden file")
-                        continue
-                    try:
-                        kind = sniff(file)
-                    except OSError as exc:
-                        skip(file, f"cannot read: {exc.strerror or exc}")
-                        continue
-                    if kind == "DICOMDIR":
-                        skip(file, "DICOMDIR index: the images it lists are scored from this folder")
-                    elif kind is None:
-                        skip(file, "not an image or DICOM file")
-                    else:
-                        yield file
+            for file in walk_files(path, skip):  # links to folders followed, each real file once, loops reported
+                if file.name.startswith("."):
+                    skip(file, "hidden file")
+                    continue
+                try:
+                    kind = sniff(file)
+                except OSError as exc:
+                    skip(file, f"cannot read: {exc.strerror or exc}")
+                    continue
+                if kind == "DICOMDIR":
+                    skip(file, "DICOMDIR index: the images it lists are scored from this folder")
+                elif kind is None:
+                    skip(file, not_an_image_reason(file))
+                else:
+                    yield file
         elif path.is_file() and _is_dicomdir(path):
             try:
                 listed = dicomdir_files(path)
@@ -89,7 +88,14 @@ def _is_dicomdir(path: Path) -> bool:
 def shard_of(key: str, count: int) -> int:
     """Which of ``count`` shards a file belongs to, from a hash of its path relative to the folder
     given: every machine agrees whatever the mount point, and new files never move the others."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
+    return int.from_bytes(hashlib.sha256(os.fsencode(key)).digest()[:8], "big") % count
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """A path as text that any UTF-8 file or terminal takes: a name's bytes that are not UTF-8 (a Latin-1
+    name unzipped from a Windows archive arrives as surrogates) are written as backslash escapes
+    (``M\\xfcller``), so the file can be told apart and found again; other names are unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1),
@@ -108,34 +114,79 @@ def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1),
                 yield path
 
 
+UNREADABLE = "unreadable"  # ResultRow.outcome of a file that could not be read (beside the guard's outcomes)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One file's result as every table shows it (the CSV of ``predict``, the worklist and its CSV), with
+    separate fields: ``outcome`` is the guard's (``guard.VERDICT`` ...) or ``UNREADABLE``, ``reason`` why
+    there is no verdict (one line)."""
+
+    path: str
+    p_pneumonia: float | None  # None when the file could not be read; kept (for research) when withheld
+    label: str  # PNEUMONIA / NORMAL / BORDERLINE at ``threshold``; "" when withheld or unreadable
+    threshold: float
+    outcome: str
+    reason: str = ""
+    prevalence: float | None = None  # the site's, for the last two CSV columns
+    p_at_prevalence: float | None = None  # the same evidence at ``prevalence`` (Bayes' rule); never decides
+    sha256: str = ""
+
+    @classmethod
+    def of(cls, path: str, prediction: Prediction | None, error: str, threshold: float,
+           prevalence: tuple[float, float] | None = None, sha256: str = "") -> "ResultRow":
+        """The row of a scored, withheld or unreadable file. ``prevalence``: (the version's calibration
+        prevalence, the site's), or None to leave the last two columns empty."""
+        calibrated_at, site = prevalence if prevalence is not None else (None, None)
+        path = path_text(path)  # a name that is not UTF-8 is escaped in every table
+        if prediction is None:
+            return cls(path, None, "", threshold, UNREADABLE, " ".join(str(error).split()), site, None, sha256)
+        adjusted = None
+        if site is not None and calibrated_at is not None and not prediction.withheld:
+            adjusted = float(adjust_to_prevalence(prediction.p_pneumonia, calibrated_at, site))
+        if prediction.withheld:  # no verdict, but the score stays visible (docs/ood.md)
+            return cls(path, prediction.p_pneumonia, "", threshold, prediction.outcome,
+                       " ".join(prediction.withheld_reason.split()), site, None, sha256)
+        return cls(path, prediction.p_pneumonia, prediction.decision(threshold), threshold, prediction.outcome,
+                   "", site, adjusted, sha256)
+
+    @property
+    def error(self) -> str:
+        """The CSV's error column: the read error, or "<outcome>: <reason>" when withheld; "" for a verdict."""
+        if self.outcome == UNREADABLE:
+            return self.reason
+        return f"{self.outcome}: {self.reason}" if self.label == "" else ""
+
+    def csv(self) -> list[str]:
+        """The row under ``CSV_HEADER``."""
+        return [self.path, "" if self.p_pneumonia is None else f"{self.p_pneumonia:.6f}", self.label,
+                f"{self.threshold:.6f}", self.error, "" if self.prevalence is None else f"{self.prevalence:.4f}",
+                "" if self.p_at_prevalence is None else f"{self.p_at_prevalence:.6f}"]
+
+
 def csv_row(path: str, prediction: Prediction | None, error: str, threshold: float,
             prevalence: tuple[float, float] | None = None) -> list[str]:
-    """The one CSV row (columns ``CSV_HEADER``) for a scored, withheld or unreadable file.
+    """The one CSV row (columns ``CSV_HEADER``) for a scored, withheld or unreadable file (``ResultRow``).
 
-    ``label`` is ``Prediction.decision(threshold)`` (PNEUMONIA / NORMAL / BORDERLINE) for a verdict, empty
+    ``path`` is written as ``path_text`` (names that are not UTF-8 escaped). ``label`` is
+    ``Prediction.decision(threshold)`` (PNEUMONIA / NORMAL / BORDERLINE) for a verdict, empty
     when the verdict was withheld (``p_pneumonia`` stays, for research; ``error`` says why) or the file
     could not be read. ``prevalence``: (the version's calibration prevalence, the site's), for the last
     two columns; the decision never depends on it.
     """
-    calibrated_at, site = prevalence if prevalence is not None else (None, None)
-    tail = [f"{site:.4f}" if site is not None else "", ""]
-    if prediction is None:
-        return [path, "", "", f"{threshold:.6f}", " ".join(str(error).split()), *tail]
-    if site is not None and calibrated_at is not None:
-        tail[1] = f"{float(adjust_to_prevalence(prediction.p_pneumonia, calibrated_at, site)):.6f}"
-    if prediction.withheld:  # no verdict, but the score stays visible (docs/ood.md)
-        return [path, f"{prediction.p_pneumonia:.6f}", "", f"{threshold:.6f}",
-                f"{prediction.outcome}: " + " ".join(prediction.ood_reason.split()), tail[0], ""]
-    return [path, f"{prediction.p_pneumonia:.6f}", prediction.decision(threshold), f"{threshold:.6f}", "", *tail]
+    return ResultRow.of(path, prediction, error, threshold, prevalence).csv()
 
 
 def done_paths(csv_path: Path) -> set[str]:
-    """Paths already in a predict CSV (for --resume); a last line torn by a crash is cut off first."""
+    """Paths already in a predict CSV, as ``path_text`` writes them (for --resume: compare
+    ``path_text(path)``); a last line torn by a crash is cut off first."""
     with open(csv_path, "r+b") as f:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)  # that file is scored again
-    rows = list(csv.reader(open(csv_path, newline="")))
+    with open(csv_path, newline="", encoding="utf-8", errors="backslashreplace") as f:
+        rows = list(csv.reader(f))
     if rows and rows[0] != CSV_HEADER:
         raise ValueError(f"{csv_path} is not a predict CSV with columns {','.join(CSV_HEADER)}; cannot resume it")
     return {row[0] for row in rows[1:] if len(row) == len(CSV_HEADER)}
@@ -146,7 +197,7 @@ def _prepare_chunk(paths: list[Path], image_size: int) -> list[tuple[ModelInput 
     return [try_read_model_input(path, image_size) for path in paths]
 
 
-def pipeline_split(workers: int = 0) -> tuple[int, int]:
+def cpu_allocation(workers: int = 0) -> tuple[int, int]:
     """(network threads, decoding processes) for ``score_paths`` on this machine's cores."""
     cores = os.cpu_count() or 1
     threads = max(1, min(torch.get_num_threads(), cores // 2))
@@ -164,7 +215,7 @@ def score_paths(model: LoadedModel, paths: Iterable[Path], batch_size: int = 32,
     cores the decoders need), the decoders the rest plus one. On 2 cores that is 1 thread + 2 workers:
     987 images/s vs 568 with 2 threads + 2 workers (docs/scaling.md)."""
     threads = torch.get_num_threads()
-    net_threads, workers = pipeline_split(workers)
+    net_threads, workers = cpu_allocation(workers)
     if model.device.type == "cpu":
         torch.set_num_threads(net_threads)
     source, pending, batch = iter(paths), deque(), []

@@ -29,11 +29,13 @@ from xray.clock import utc_stamp
 from xray.train import events as E
 from xray import settings
 from xray.atomic import atomic_write_json, atomic_write_text
+from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.io.folders import CLASSES, scan_dataset
 from xray.train.events import read_events  # noqa: F401 (part of this module's interface)
 from xray.model.registry import Registry
 from xray.settings import PACKAGE_ROOT
-from xray.train.loop import load_data
+from xray.io.folders import load_training_data
 from xray.train.config import TrainConfig, command_line
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
@@ -98,7 +100,7 @@ class FolderReport:
 
 def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
                    progress: Callable[[int, int], None] | None = None) -> FolderReport:
-    """Check a dataset folder exactly as training will read it (xray.train.load_data).
+    """Check a dataset folder exactly as training will read it (``xray.io.folders.load_training_data``).
 
     Raises:
         ValueError: the folder is outside the data roots or cannot be trained on; the message says why.
@@ -114,7 +116,7 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
             progress(event["done"], event["total"])
 
     try:
-        splits = load_data(cfg, emit)  # decodes once into the on-disk cache the training run reuses
+        data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)  # decodes once into the on-disk cache the training run reuses
     except ValueError:
         unreadable = seen.get("unreadable", {}).get("files", [])
         if "scan" in seen and len(unreadable) == seen["scan"]["n"]:
@@ -123,13 +125,13 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
         raise
 
     def per_class(indices) -> dict[str, int]:
-        return {name: int((splits.labels[indices] == label).sum()) for label, name in enumerate(CLASSES)}
+        return {name: int((data.labels[indices] == label).sum()) for label, name in enumerate(CLASSES)}
 
-    scan = splits.scan
+    scan = data.scan
     return FolderReport(root=str(root), counts=scan.counts(), patients=len({s.patient for s in scan.samples}),
-                        fingerprint=scan.fingerprint(), train=per_class(splits.train), val=per_class(splits.val),
-                        test=int(len(splits.test)), validation=splits.description,
-                        duplicates=scan.duplicates, unreadable=[tuple(u) for u in splits.unreadable],
+                        fingerprint=scan.fingerprint(), train=per_class(data.train), val=per_class(data.val),
+                        test=int(len(data.test)), validation=data.description,
+                        duplicates=scan.duplicates, unreadable=[tuple(u) for u in data.unreadable],
                         skipped=[tuple(s) for s in scan.skipped])
 
 
@@ -315,12 +317,15 @@ def validate_config(registry_root: str | os.PathLike, cfg: TrainConfig) -> None:
             raise JobRefused(f"fine-tuning keeps the model's image size: set it to {size} (the image size of {source})")
 
 
-def start_job(registry_root: str | os.PathLike, cfg: TrainConfig) -> Job:
-    """Start ``python -m xray train`` for ``cfg`` in its own process group and return the job.
+def start_job(registry_root: str | os.PathLike, cfg: TrainConfig, *, actor: Actor) -> Job:
+    """Start ``python -m xray train`` for ``cfg`` in its own process group and return the job; the job
+    record and one ``training-started`` audit line name ``actor``.
 
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is started).
         JobRefused: a job is already running on this registry, or the folder or settings are unusable.
     """
+    require(actor, ADMINISTRATOR, "starting a training job")
     registry_root = Path(registry_root).resolve()
     try:
         data_dir = check_data_root(cfg.data_dir)
@@ -355,12 +360,17 @@ def start_job(registry_root: str | os.PathLike, cfg: TrainConfig) -> Job:
         stat = _proc_stat(process.pid)
         record = {"id": job_id, "state": RUNNING, "reason": "", "pid": process.pid,
                   "start_ticks": stat[1] if stat else None, "started": time.time(), "argv": argv,
-                  "config": cfg.to_dict(), "registry": str(registry_root)}
+                  "config": cfg.to_dict(), "registry": str(registry_root), "by": actor.label,
+                  "subject": actor.subject}
         atomic_write_json(job_dir / "status.json", record)
     finally:
         os.close(lock_fd)
     threading.Thread(target=_reap, args=(process, job_dir), daemon=True).start()
     remember_folder(registry_root, str(data_dir))
+    try:
+        audit.record_event("training-started", actor=actor, job=job_id, data_dir=str(data_dir))
+    except OSError:
+        pass  # the job record names who started it; an unwritable audit log does not orphan a running job
     return Job(job_id, job_dir, record)
 
 
@@ -373,8 +383,13 @@ def _reap(process: subprocess.Popen, job_dir: Path) -> None:
         pass
 
 
-def cancel_job(registry_root: str | os.PathLike, job_id: str | None = None) -> bool:
-    """Ask the running job to stop (SIGTERM to its process group); False if none was running."""
+def cancel_job(registry_root: str | os.PathLike, job_id: str | None = None, *, actor: Actor) -> bool:
+    """Ask the running job to stop (SIGTERM to its process group); False if none was running.
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is cancelled).
+    """
+    require(actor, ADMINISTRATOR, "cancelling a training job")
     job = load_job(registry_root, job_id) if job_id else current_job(registry_root)
     if job is None or not job.running:
         return False
@@ -477,7 +492,7 @@ def summarize(events: list[dict], record: dict, now: float | None = None) -> Pro
     return p
 
 
-def describe(job: Job) -> str:
+def status_lines(job: Job) -> str:
     """A few plain lines about a job, for ``python -m xray jobs``."""
     p = job.progress()
     lines = [f"job {job.id}: {job.state}" + (f" - {job.reason}" if job.reason else ""),
