@@ -457,8 +457,6 @@ def main() -> None:
     """The page (not run when pages/worklist.py imports this module for its detail view)."""
     model = require_model()
     validation = validation_predictions(model)
-    with st.sidebar:
-        threshold = threshold_sidebar(model, current_threshold(model), validation)
 
     st.title("Diagnose")
     st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
@@ -482,6 +480,10 @@ def main() -> None:
                         disabled=not st.session_state.get(SAMPLES_KEY)):
             st.session_state[SAMPLES_KEY] = []
 
+    # the sidebar's figures and curves after the uploader: the page is usable sooner on a fresh server (issue 26,
+    # benchmarks/idle_and_first_use.py); the sidebar shows the same, it only fills in a moment later
+    with st.sidebar:
+        threshold = threshold_sidebar(model, current_threshold(model), validation)
     files = [(upload.name, upload.getvalue()) for upload in uploads or []]
     files += [(path.name, path.read_bytes()) for path in st.session_state.get(SAMPLES_KEY, [])]
     results, seen = [], set()
