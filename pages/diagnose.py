@@ -43,15 +43,18 @@ def main() -> None:
     validation = validation_predictions(model)
     threshold = current_threshold(model)
     prevalence = site_prevalence(model)
-    with st.sidebar:
-        sidebar_ui(model, threshold, validation, prevalence)
 
     st.title("Diagnose")
     st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: it assists a "
                "clinician and does not diagnose.")
     calibration_ui(model)
+    files = uploads_ui()
+    # the sidebar's figures and curves after the uploader: the page is usable sooner on a fresh server (issue 26,
+    # benchmarks/idle_and_first_use.py); the sidebar shows the same, it only fills in a moment later
+    with st.sidebar:
+        sidebar_ui(model, threshold, validation, prevalence)
     results, seen = [], set()
-    for name, data in uploads_ui():
+    for name, data in files:
         result = cached_result(model, name, data)
         if result["analysis"].sha256 not in seen:  # the same film dropped twice is shown once
             seen.add(result["analysis"].sha256)

@@ -19,7 +19,8 @@ from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.model.registry import LoadedModel
 from xray.report import exports, writers
 from xray.serve import analysis, hirescam
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, advice
+from xray.model.ood import measured_phrase
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, advice
 
 HEATMAPS_KEY = "result_heatmaps"  # {(sha256, model version): (display pixels, display-size colour levels)}
 HEATMAP_CAPTION = "Evidence for pneumonia: colour marks the regions that raised p(pneumonia)"
@@ -107,6 +108,8 @@ def verdict_ui(model: LoadedModel, result: analysis.Analysis, threshold: float, 
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
                    + "  \nNo pneumonia verdict is given for it. " + advice(prediction.outcome, prediction.withheld_reason),
                    icon=":material/block:")
+        if prediction.outcome == OUTSIDE_INTENDED_USE and measured_phrase(model.card.ood):
+            st.caption(measured_phrase(model.card.ood))  # how often the guard withholds, as measured
         with st.expander("Details"):
             st.markdown(escape_markdown(prediction.withheld_reason))
             # withheld means withheld: the score stays out of the screen's primary text and every download

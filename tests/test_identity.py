@@ -3,7 +3,6 @@ refusal, and every governance entry point refusing a clinician with nothing chan
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 

@@ -108,7 +108,8 @@ def test_the_nodes_results_validate_and_say_why_a_film_was_not_assessed(spool):
         assert not errors, (path.name, errors)
     broken = pydicom.dcmread(spool.outbox / films["Poe^Anna"]["results"][0])
     assert broken.SOPInstanceUID == films["Poe^Anna"]["sr_uid"] and broken.PatientName == "Poe^Anna"
-    assert sr_finding(broken)[1].startswith("Pneumonia not assessed (unreadable): decoding the DICOM pixel data")
+    assert sr_finding(broken)[1] == f"Pneumonia not assessed (unreadable): {films['Poe^Anna']['error']}"
+    assert "truncated" in films["Poe^Anna"]["error"]  # the loader's reason, as the CSV's error column says
     adult = pydicom.dcmread(spool.outbox / films["Roe^Richard"]["results"][0])
     finding, comment = sr_finding(adult)
     assert finding is None and comment.startswith(

@@ -142,7 +142,8 @@ class Node:
             try:
                 rows = self.spool.to_score(SCORE_BATCH)
                 if rows:
-                    worker.score(self.models.current(), self.spool, rows, self.models.site_prevalence())
+                    model = self.models.current()
+                    worker.score(model, self.spool, rows, self.models.prevalence_in_force(model))
                     self.scored.set()
                     continue
             except ModelFileError as exc:

@@ -85,15 +85,17 @@ class Models:
             self.model, self.key = model, key
         return self.model
 
-    def site_prevalence(self) -> float | None:
-        return Registry(self.registry).site.prevalence()
+    def prevalence_in_force(self, model: LoadedModel) -> float:
+        """The site's saved prevalence, else the version's calibration prevalence (one owner: SiteSettings)."""
+        return Registry(self.registry).site.prevalence_in_force(model.card.calibration_prevalence)
 
 
-def score(model: LoadedModel, spool: Spool, rows: list, site_prevalence: float | None = None) -> None:
-    """Score ``rows`` (queued films), write their results into ``out/`` and record them. ``site_prevalence``:
-    the site's saved prevalence (the CSV row's last columns; the decision never depends on it)."""
+def score(model: LoadedModel, spool: Spool, rows: list, prevalence: float | None = None) -> None:
+    """Score ``rows`` (queued films), write their results into ``out/`` and record them. ``prevalence``: the
+    one in force (``SiteSettings.prevalence_in_force``; default the version's calibration prevalence), for
+    the CSV row's last columns; the decision never depends on it."""
     calibrated_at = model.card.calibration_prevalence
-    prevalence = site_prevalence if site_prevalence is not None else calibrated_at
+    prevalence = calibrated_at if prevalence is None else prevalence
     threshold = model.default_threshold
     loaded: list[tuple] = []
     for row in rows:
