@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"{sitecal.MIN_IMAGES} images with {sitecal.MIN_PER_CLASS} of each class")
     p.add_argument("--model", default="", help="version to recalibrate (default: the active one)")
     p.add_argument("--registry", default="", help="registry folder (default: the site registry, or $XRAY_WEIGHTS)")
-    p.add_argument("--rule", default="", help="threshold rule (default: the version's own, e.g. sensitivity>=0.97)")
+    p.add_argument("--rule", default="", help="threshold rule (default: the version's own, a sensitivity floor "
+                                               "fitted as lcb-sensitivity>=X: kept on new films with 95%% confidence)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: automatic)")
     p.set_defaults(func=cmd_calibrate)
 
