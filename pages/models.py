@@ -45,6 +45,8 @@ def summary(card: ModelCard) -> dict[str, str]:
            "Image size": str(card.image_size),
            "Epochs run (best)": f"{training.epochs_run or '-'} ({training.best_epoch or '-'})",
            "Started from": training.parent or "scratch"}
+    if card.site_calibration and card.site_calibration.get("promise"):
+        row["Site calibration promises"] = card.site_calibration["promise"]
     return row
 
 
@@ -225,6 +227,7 @@ if site_folder.strip() and active:
                        "after recalibration (cross-validated)": f"{after['ece']:.3f}"}],
                      hide_index=True, key="models_calibration_figures")
         counts = result.data.counts
+        st.markdown(f"**What the new threshold promises:** {sitecal.promise(result.guarantee)}.")
         st.caption(f"{counts['NORMAL']} normal and {counts['PNEUMONIA']} pneumonia images; "
                    f"{len(result.data.unreadable)} unreadable (skipped). With this many images the intervals are "
                    f"wide. Threshold rule: {result.rule}.")

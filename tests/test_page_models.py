@@ -106,7 +106,12 @@ def test_calibrate_to_this_site_shows_before_and_after_and_creates_a_version(tin
     active = registry.active_version()
     at = open_page()
     at.text_input(key="models_calibrate_folder").input(str(site)).run()
+    assert not at.exception  # the version's sensitivity floor, promised on new films, needs more than 8 pneumonias
+    assert any("lcb-sensitivity>=0.95 promises its floor" in e.value and "the folder has 8" in e.value for e in at.error)
+    registry.update_card(active, {"threshold_rule": "youden"})  # a rule that promises nothing fits on 16 images
+    at.text_input(key="models_calibrate_folder").input(str(site) + "/").run()
     assert not at.exception
+    assert any("What the new threshold promises:** no promise on new films" in m.value for m in at.markdown)
     table = next(d.value for d in at.dataframe if "after recalibration (cross-validated)" in d.value.columns)
     assert list(table[""]) == ["threshold", "sensitivity (95% CI)", "specificity (95% CI)", "ECE (10 bins)"]
     at = click(at, "models_calibrate")
