@@ -236,3 +236,59 @@ if site_folder.strip() and active:
                 st.dataframe([{"file": n, "reason": w} for n, w in result.data.unreadable], hide_index=True)
         st.button("Create the calibrated version", key="models_calibrate", type="primary",
                   on_click=create_calibrated, args=(str(folder), active), icon=":material/tune:")
+
+# -- adapt to this site's films, without labels (issue 25; self-contained section) --------------------
+from xray.train import adapt as adaptation  # noqa: E402  (kept with its section)
+
+ADAPT_FOLDER_KEY = "models_adapt_folder"
+
+
+@st.cache_resource(ttl=600, max_entries=2, show_spinner=False)
+def site_adaptation(folder: str, version: str) -> adaptation.Adaptation:
+    """Read the folder and adapt once per (folder, version); nothing is written."""
+    model = Registry().load(version)
+    return adaptation.adapt_model(model, adaptation.read_films(model, folder))
+
+
+def create_adapted(folder: str, version: str) -> None:
+    try:
+        registry = Registry()
+        new = adaptation.write_version(registry, registry.load(version), site_adaptation(folder, version), folder)
+        st.session_state[MESSAGE_KEY] = ("success", f"Created {new}: {version} adapted to this site's films. Check "
+                                                    "it on labelled films before you activate it through the gate.")
+    except (OSError, ValueError, ModelFileError) as exc:
+        st.session_state[MESSAGE_KEY] = ("error", f"No adapted version was written: {exc}.")
+
+
+st.subheader("Adapt to this site's films (no labels)")
+st.caption(f"Re-estimate the active network's normalisation statistics on a folder of this site's films (labels not "
+           f"needed, any depth, at least {adaptation.MIN_FILMS} films the guard accepts; films it withholds are not used). "
+           "The result is a new, inactive version, activated through the gate like any other.")
+adapt_folder = st.text_input("Folder of unlabelled films", key=ADAPT_FOLDER_KEY, placeholder="/path/to/site/worklist",
+                             help="Allowed locations: " + ", ".join(map(str, jobs.data_roots())))
+if adapt_folder.strip() and active:
+    try:
+        folder = jobs.check_data_root(adapt_folder)
+        with st.spinner("Reading the films and adapting the active model..."):
+            adapted_result = site_adaptation(str(folder), active)
+    except (ValueError, ModelFileError) as exc:
+        st.error(f"This folder cannot be used: {exc}.", icon=":material/folder_off:")
+    else:
+        s = adapted_result.summary(cards[active].threshold)
+        st.dataframe([{"": "films used (withheld by the guard, not used)", "before": f"{s['used']} ({s['withheld_before']})",
+                       "after adaptation": "-"},
+                      {"": "called pneumonia at the threshold", "before": f"{s['called_pneumonia_before']:.1%}",
+                       "after adaptation": f"{s['called_pneumonia_after']:.1%}"},
+                      {"": "mean p(pneumonia)", "before": f"{s['mean_p_before']:.3f}", "after adaptation": f"{s['mean_p_after']:.3f}"},
+                      {"": "withheld by the guard (all films)", "before": str(s["withheld_before"]),
+                       "after adaptation": str(s["withheld_after"])},
+                      {"": "site prevalence, EM estimate", "before": f"{s['prevalence_em_before']:.3f}",
+                       "after adaptation": f"{s['prevalence_em_after']:.3f}"}],
+                     hide_index=True, key="models_adapt_figures")
+        st.markdown(f"**What changes:** {adaptation.METHOD}. {s['decisions_changed']:.1%} of these films' decisions change.")
+        st.warning(f"**Not checked:** {adaptation.NOT_CHECKED}", icon=":material/help:")
+        if adapted_result.films.unreadable:
+            with st.expander("Unreadable files"):
+                st.dataframe([{"file": n, "reason": w} for n, w in adapted_result.films.unreadable], hide_index=True)
+        st.button("Create the adapted version", key="models_adapt", type="primary",
+                  on_click=create_adapted, args=(str(folder), active), icon=":material/auto_fix_high:")
