@@ -31,6 +31,7 @@ from xray.serve.hirescam import legend as heatmap_legend
 from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, WHAT_TO_DO
 from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
+from xray.model.card import operating_figures
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
@@ -193,15 +194,16 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
                     help="Type the exact value: the command line decides at the same number.")
     presets = presets_for(model, validation)
     for name, value in presets.items():
-        kept = ""
-        if validation is not None:
-            f = metrics.metrics_at(*validation, value)
-            kept = f" (sens {f['sensitivity']:.2f}, spec {f['specificity']:.2f})"
+        figures_at = operating_figures(model.card.validation, value)
+        kept = f" ({figures_at.describe(short=True)})" if figures_at is not None else ""
         st.button(f"{name}: {value:.3f}{kept}", key=f"diagnose_preset_{name}", on_click=set_threshold, args=(value,),
                   width="stretch", type="primary" if abs(value - threshold) < 1e-12 else "secondary")
     st.caption("Model default: chosen on validation when the model was trained. High sensitivity: misses at most "
                "1% of validation pneumonia. High specificity: calls at most 2% of validation normals pneumonia. "
-               "Figures in brackets: validation sensitivity and specificity at that point.")
+               f"Figures in brackets: sensitivity / specificity at that point on the {model.card.validation.n} "
+               "validation films (the training hospital's, so they flatter), and on the same films under the worst "
+               "acquisition perturbation (gamma, contrast, blur, noise, crop, zoom, rotation): expect new films "
+               "nearer the second.")
     if model.site_threshold is not None:
         st.caption(f"Site threshold {model.site_threshold:.6f}, {escape_markdown(model.site_threshold_note)}.")
     with st.expander("Save this threshold for this site", icon=":material/save:"):
@@ -228,6 +230,9 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
     labels, scores = validation
     figures = metrics.metrics_at(labels, scores, threshold)
     st.subheader(f"At {threshold:.3f}, on validation ({figures['n']} images)")
+    figures_at = operating_figures(model.card.validation, threshold)
+    if figures_at is not None:
+        st.caption(f"Where these come from: {figures_at.describe()}. Validation: {figures_at.source}.")
     left, right = st.columns(2)
     left.metric("Sensitivity (recall)", ratio(figures["sensitivity"]))
     right.metric("Specificity", ratio(figures["specificity"]))

@@ -13,7 +13,7 @@ from xray.govern import promotion
 from xray.train import jobs
 from xray.decide import metrics
 from xray.govern import sitecal
-from xray.model.card import ModelCard
+from xray.model.card import ModelCard, operating_figures
 from xray.model.registry import ModelFileError, Registry
 
 MESSAGE_KEY = "models_message"  # what the last button did, shown after the rerun it causes
@@ -22,7 +22,8 @@ OVERRIDE_REASON_KEY = "models_override_reason"
 CALIBRATE_FOLDER_KEY = "models_calibrate_folder"
 OVERRIDE_CONFIRM_KEY = "models_override_confirm"
 
-FIGURES = [("Validation AUC", "roc_auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
+FIGURES = [("Validation AUC", "roc_auc"), ("Sensitivity (validation)", "sensitivity"),
+           ("Specificity (validation)", "specificity"),
            ("Precision (PPV)", "precision"), ("NPV", "npv"), ("Calibration error (ECE)", "ece")]
 
 
@@ -37,6 +38,7 @@ def summary(card: ModelCard) -> dict[str, str]:
            "Threshold": f"{card.threshold:.6f}",
            **{label: number(validation.figure(key)) for label, key in FIGURES},
            "Validation images": str(validation.n or "-"),
+           "Sens. / spec. under the worst acquisition perturbation": worst_perturbation(card),
            "Validation split": validation.split or "-",
            "Trained on": (f"{Path(data.root).name} (folder '{data.root}' on the training machine)"
                           if data.root else "-"),
@@ -48,6 +50,15 @@ def summary(card: ModelCard) -> dict[str, str]:
     if card.site_calibration and card.site_calibration.get("promise"):
         row["Site calibration promises"] = card.site_calibration["promise"]
     return row
+
+
+def worst_perturbation(card: ModelCard) -> str:
+    """At the card's threshold, the validation films under the worst acquisition perturbation the card stores."""
+    f = operating_figures(card.validation, card.threshold)
+    if f is None or f.worst_sensitivity is None:
+        return "not stored"
+    return (f"{f.worst_sensitivity[0]:.3f} ({f.worst_sensitivity[1]}) / "
+            f"{f.worst_specificity[0]:.3f} ({f.worst_specificity[1]})")
 
 
 def roc_figure(cards: dict[str, ModelCard], active: str | None) -> go.Figure:
@@ -115,7 +126,9 @@ registry_root = str(registry.root)
 ensure_app_navigation()
 st.title("Model versions")
 st.caption("Every model trained on this machine, with its validation figures. The active model is the one "
-           "the Diagnose page uses; activating another takes effect on the next image analysed.")
+           "the Diagnose page uses; activating another takes effect on the next image analysed. Validation figures "
+           "come from each version's own validation films (at the training hospital: they flatter); beside them, "
+           "the same films under the worst acquisition perturbation the card stores, nearer what new films give.")
 
 if MESSAGE_KEY in st.session_state:
     kind, text = st.session_state.pop(MESSAGE_KEY)
@@ -140,6 +153,7 @@ st.dataframe([{"active": v == active, "version": v, "shipped": registry.is_shipp
                "val AUC": c.validation.roc_auc,
                "sensitivity": c.validation.sensitivity,
                "specificity": c.validation.specificity,
+               "worst perturbation: sens / spec": worst_perturbation(c),
                "threshold": c.threshold} for v, c in cards.items()],
              hide_index=True, column_config={"val AUC": st.column_config.NumberColumn(format="%.3f"),
                                              "sensitivity": st.column_config.NumberColumn(format="%.3f"),
