@@ -100,3 +100,17 @@ def test_film_weights_count_like_copies_and_the_parent_share_mixes_the_statistic
     w = A.prior_weights(p, 0.74, 0.3)
     assert w[:30].sum() / w.sum() == pytest.approx(0.74, abs=1e-3)
     assert A.prior_weights(p, 0.74, 0.74) == pytest.approx(np.ones(100))
+
+
+def test_an_adapted_version_is_not_promoted_on_its_parents_figures(tiny_registry, tmp_path, monkeypatch):
+    from xray.govern import promotion
+
+    monkeypatch.setattr(A, "MIN_FILMS", 8)
+    registry = Registry(tiny_registry)
+    parent = registry.active_version()
+    version, _ = A.adapt(registry, str(_site(tmp_path)))
+    card = registry.card(version)
+    assert card.validation.labels is None and card.validation.n == 0
+    with pytest.raises(promotion.PromotionRefused, match="no evaluation on an acceptance set"):
+        promotion.promote(registry, version)
+    assert registry.active_version() == parent

@@ -41,9 +41,11 @@ SOURCE_WEIGHT = 0.0  # share of the parent's statistics kept
 METHOD = ("AdaBN: every BatchNorm layer's running mean and variance re-estimated on the site's films "
           "that the parent's guard accepted (Li et al. 2016); learned weights, calibration, threshold, "
           "borderline band and guard unchanged")
-NOT_CHECKED = ("No labels: sensitivity, specificity and calibration on this site's films were not measured. "
-               "Check them on labelled films (python -m xray evaluate, or calibrate to the site) before relying "
-               "on the adapted version.")
+NOT_CHECKED = ("No labels: sensitivity, specificity and calibration on this site's films were not measured, and "
+               "the parent's validation figures do not apply to the adapted network, so the card holds none and the "
+               "promotion gate refuses it until it is evaluated: calibrate it on labelled films of the site "
+               "(python -m xray calibrate DIR --model VERSION, or the section above), which measures it and "
+               "gives a version the gate can judge.")
 
 
 @dataclass
@@ -210,6 +212,8 @@ def write_version(registry: Registry, model: LoadedModel, result: Adaptation, da
     extras = {name: (parent_dir / name).read_bytes() for name in model.card.extra_files}
     summary = result.summary(model.threshold)
     card = model.card.derived("adapted to a site's acquisition without labels (AdaBN)", {
+        "validation": {"split": ("none: adapted without labels; the parent's validation figures are not this "
+                                 "network's"), "n": 0},
         "adaptation": {"parent": model.version, "data_root": str(Path(data_dir).expanduser()),
                        "method": METHOD, **summary,
                        "prevalence_note": ("EM estimate (Saerens et al. 2002) on the films used; the site may adopt it "
