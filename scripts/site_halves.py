@@ -4,7 +4,7 @@ official test split), score the rest (314), repeat over random draws; how often 
 other part at least the floor, and at what specificity and ECE, for each threshold rule.
 
 Usage:
-  python scripts/site_halves.py REG VERSION [--condition NAME] [--repeats 2000] [--rules R1,R2]
+  python scripts/site_halves.py REG VERSION [--condition NAME] [--repeats 2000] [--rules R1,R2] [--logit-noise SD]
 
 Predictions: the version's card, validation predictions (``--condition clean``, default), or one
 acquisition perturbation of its calibration set (``--condition 'gamma 1.4'``: every film of the "site"
@@ -87,8 +87,14 @@ def main() -> None:
     parser.add_argument("--condition", default="clean")
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--rules", default="sensitivity>=0.95,lcb-sensitivity>=0.95")
+    parser.add_argument("--logit-noise", type=float, default=0.0,
+                        help="Gaussian noise (sd, log-odds) added once to every film's logit: a site where the "
+                             "model separates the classes less well (the hidden split's AUC is about 0.985)")
     args = parser.parse_args()
     y, z = predictions(args.registry, args.version, args.condition)
+    if args.logit_noise:
+        z = z + np.random.default_rng(1).normal(0, args.logit_noise, len(z))
+        print(f"logit noise sd {args.logit_noise}: AUC {M.roc_auc(y, z):.4f}")
     summary = simulate(y, z, args.rules.split(","), args.repeats)
     print(f"{args.version} {args.condition}: {summary['n']} predictions, each repeat draws "
           f"{summary['drawn']['NORMAL']} normal + {summary['drawn']['PNEUMONIA']} pneumonia, fits on {FIT}, "

@@ -70,7 +70,7 @@ def test_adapt_writes_an_inactive_version_from_the_films_the_guard_accepts(tiny_
     used = ~films.withheld  # withheld films not used; the others weighted to the training class mix
     prior = model.card.calibration_prevalence
     weights = A.prior_weights(films.p_before[used], prior, block["prevalence_em_before"])
-    expected = A.adabn(model.net, films.inputs[torch.from_numpy(used)], weights)
+    expected = A.adabn(model.net, films.inputs[torch.from_numpy(used)], weights, A.SOURCE_WEIGHT)
     for (k, v), w in zip(expected.state_dict().items(), adapted.net.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-5), k
     assert any("running_mean" in k and not torch.equal(v, model.net.state_dict()[k])
