@@ -93,7 +93,7 @@ def main() -> None:
         start = time.perf_counter()
         result = analysis.analyse(model, data, image.name)
         scored = time.perf_counter()
-        pixels, cam = analysis.display_pixels(result.image), analysis.heatmap(model, result.image)
+        pixels, cam = analysis.display_pixels(result.image), analysis.display_colour_levels(model, result.image)
         analysis.overlay_jpeg(pixels, cam, 0.4)  # what the page draws; the PNG is made on download
         return scored - start, time.perf_counter() - start
 

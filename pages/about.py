@@ -40,11 +40,11 @@ limits = card.limits or ("None stated in this model's card: treat every result w
 st.markdown("\n".join(f"- {limit}" for limit in limits))
 
 st.header("Validation")
-st.caption(validation.split or "How validation was formed is not recorded.")
+st.caption(validation.description or "How validation was formed is not recorded.")
 
 
-def figure(key: str) -> str:
-    value = validation.figure(key)
+def figure(key: str, block=validation) -> str:
+    value = block.figure(key)
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -69,10 +69,9 @@ with right:
         st.dataframe({"Actual": ["Pneumonia", "Normal"], "Called PNEUMONIA": [cm["tp"], cm["fp"]],
                       "Called NORMAL": [cm["fn"], cm["tn"]]}, hide_index=True, key="about_confusion")
 if card.test is not None:
-    nan = float("nan")
-    st.caption(f"Held-out test part of the training folder: ROC AUC {card.test.get('roc_auc', nan):.3f}, "
-               f"sensitivity {card.test.get('sensitivity', nan):.3f}, "
-               f"specificity {card.test.get('specificity', nan):.3f} ({card.test.get('note', '')}).")
+    st.caption(f"Held-out test part of the training folder: ROC AUC {figure('roc_auc', card.test)}, "
+               f"sensitivity {figure('sensitivity', card.test)}, "
+               f"specificity {figure('specificity', card.test)} ({card.test.note}).")
 
 st.header("Training data")
 data = card.data

@@ -28,7 +28,7 @@ from xray.govern.audit import record_event
 from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.serve.hirescam import legend as heatmap_legend
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, WHAT_TO_DO
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, WHAT_TO_DO
 from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.model.card import operating_figures
@@ -77,7 +77,7 @@ def cached_heatmap(model: LoadedModel, result: analysis.Analysis) -> tuple[np.nd
     key = (result.sha256, model.version)
     if key not in heatmaps:
         with st.spinner("Computing the heatmap..."):
-            heatmaps[key] = (analysis.display_pixels(result.image), analysis.heatmap(model, result.image))
+            heatmaps[key] = (analysis.display_pixels(result.image), analysis.display_colour_levels(model, result.image))
     return heatmaps[key]
 
 
@@ -118,8 +118,7 @@ def site_prevalence(model: LoadedModel) -> float:
     """The prevalence the page's figures assume: the session's setting (from the site's saved one, else
     the version's calibration prevalence)."""
     if PREVALENCE_KEY not in st.session_state:
-        saved = Registry().site.prevalence()
-        st.session_state[PREVALENCE_KEY] = saved if saved is not None else model.card.calibration_prevalence
+        st.session_state[PREVALENCE_KEY] = Registry().site.prevalence_in_force(model.card.calibration_prevalence)
     return float(st.session_state[PREVALENCE_KEY])
 
 
@@ -159,10 +158,9 @@ def prevalence_sidebar(model: LoadedModel, readable: list) -> None:
 def calibration_in_force(model: LoadedModel) -> str:
     """One line: which calibration the probabilities carry."""
     site = model.card.site_calibration
-    if site:
-        counts = site.get("counts", {})
-        return (f"Calibration: refitted on this site's {sum(counts.values())} labelled images "
-                f"(from version {site.get('parent')}; weights unchanged).")
+    if site is not None:
+        return (f"Calibration: refitted on this site's {site.images} labelled images "
+                f"(from version {site.parent}; weights unchanged).")
     return f"Calibration: {model.card.calibration_method} (at {model.card.calibration_prevalence:.0%} prevalence)."
 
 
@@ -284,9 +282,8 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
     prediction_prevalence = model.card.calibration_prevalence
     if not record_shown(result.sha256, prediction, threshold):  # logged before it is shown, or not shown
         return
-    if analysis.is_out_of_distribution(prediction):
-        reason = getattr(prediction, "ood_reason", "")
-        outcome = getattr(prediction, "outcome", OUTSIDE_INTENDED_USE)
+    if prediction.withheld:
+        reason, outcome = prediction.withheld_reason, prediction.outcome
         title = "Not a chest radiograph" if outcome == NOT_A_CHEST_RADIOGRAPH else "Outside the intended use"
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
                    + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(outcome, ""),
@@ -335,7 +332,7 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
 @st.fragment
 def heatmap_view(model: LoadedModel, result: analysis.Analysis) -> None:
     """Image and Grad-CAM overlay; its controls rerun only this fragment, from cached maps."""
-    if analysis.is_out_of_distribution(result.prediction):
+    if result.prediction.withheld:
         st.image(analysis.display_pixels(result.image), caption="As uploaded", width="stretch")
         return
     show_column, side_column, opacity_column = st.columns([1, 1, 2], vertical_alignment="center")
@@ -424,19 +421,13 @@ def worklist(model: LoadedModel, results: list[dict], threshold: float) -> None:
             return
     thumbnails = {r["analysis"].sha256: r["thumbnail"] for r in results}
     rows = analysis.worklist_rows(analyses, threshold)
-    st.session_state[WORKLIST_ORDER_KEY] = [r["sha256"] for r in rows]
-
-    def decision_text(row: dict) -> str:
-        if row["label"]:
-            return row["label"]
-        return row["error"].split(":")[0] if row["p_pneumonia"] is not None else "unreadable"
-
+    st.session_state[WORKLIST_ORDER_KEY] = [r.sha256 for r in rows]
     st.dataframe(
-        {"Image": [thumbnails.get(r["sha256"]) for r in rows], "File": [r["path"] for r in rows],
+        {"Image": [thumbnails.get(r.sha256) for r in rows], "File": [r.path for r in rows],
          # withheld and unreadable rows show no probability: withheld means withheld
-         "p(pneumonia)": [r["p_pneumonia"] if r["label"] else None for r in rows],
-         "Decision": [decision_text(r) for r in rows],
-         "Note": [r["error"] for r in rows]},
+         "p(pneumonia)": [r.p_pneumonia if r.label else None for r in rows],
+         "Decision": [r.label or r.outcome for r in rows],
+         "Note": [r.error for r in rows]},
         hide_index=True, key="diagnose_worklist", row_height=56, on_select=review_selected_row,
         selection_mode="single-row",
         column_config={"Image": st.column_config.ImageColumn("Image", width="small"),
@@ -516,7 +507,7 @@ if len(readable) == 1:
     image_detail(model, readable[0], threshold)
 elif readable:
     by_sha = {a.sha256: a for a in readable}
-    order = [row["sha256"] for row in analysis.worklist_rows(readable, threshold)]  # worklist order
+    order = [row.sha256 for row in analysis.worklist_rows(readable, threshold)]  # worklist order
     picked = st.session_state.pop(REVIEW_PICK_KEY, None)
     if picked in by_sha:
         st.session_state["diagnose_review_choice"] = picked

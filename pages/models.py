@@ -39,7 +39,7 @@ def summary(card: ModelCard) -> dict[str, str]:
            **{label: number(validation.figure(key)) for label, key in FIGURES},
            "Validation images": str(validation.n or "-"),
            "Sens. / spec. under the worst acquisition perturbation": worst_perturbation(card),
-           "Validation split": validation.split or "-",
+           "Validation split": validation.description or "-",
            "Trained on": (f"{Path(data.root).name} (folder '{data.root}' on the training machine)"
                           if data.root else "-"),
            "Data fingerprint": (data.fingerprint or "-")[:12],
@@ -212,8 +212,8 @@ if result is not None and not result.passed:
 
 st.subheader("Calibrate to this site")
 st.caption("Refit the active model's probability calibration and threshold on a labelled folder from this site "
-           f"(NORMAL/ and PNEUMONIA/ at any depth, at least {sitecal.MIN_IMAGES} images with "
-           f"{sitecal.MIN_PER_CLASS} of each class). The network's weights are not changed: the result is a new, "
+           f"(NORMAL/ and PNEUMONIA/ at any depth, at least {promotion.MIN_ACCEPTANCE_IMAGES} images with "
+           f"{promotion.MIN_PER_CLASS} of each class, as the promotion gate requires). The network's weights are not changed: the result is a new, "
            "inactive version, activated like any other, through the gate.")
 site_folder = st.text_input("Labelled folder", key=CALIBRATE_FOLDER_KEY, placeholder="/path/to/site/labelled",
                             help="Allowed locations: " + ", ".join(map(str, jobs.data_roots())))

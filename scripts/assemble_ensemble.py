@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xray.model.registry import Registry  # noqa: E402
-from xray.train.loop import assemble_ensemble, load_data, register  # noqa: E402
+from xray.io.folders import load_training_data  # noqa: E402
+from xray.train.loop import assemble_ensemble, register  # noqa: E402
 from xray.train.config import TrainConfig  # noqa: E402
 
 
@@ -36,10 +37,10 @@ def main() -> int:
         raise SystemExit("error: the members must share the data, the split seed and the validation fraction")
     cfg = TrainConfig.from_dict({**models[0].card.training.config, "data_dir": args.data_dir})
     cfg = replace(cfg, members=len(models), init_seed=-1, tag=args.tag, registry=args.registry, activate=False)
-    splits = load_data(cfg, lambda e: None)
+    data = load_training_data(cfg.data_dir, **cfg.folder_options())
     ensemble = assemble_ensemble([m.net for m in models])
     started = time.time()
-    version = register(ensemble, cfg, splits, [m.card.training.best_epoch for m in models],
+    version = register(ensemble, cfg, data, [m.card.training.best_epoch for m in models],
                        [row for m in models for row in m.card.training.history],
                        sum(m.card.training.seconds or 0 for m in models), registry, None, torch.device("cpu"),
                        lambda e: None)

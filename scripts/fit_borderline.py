@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xray.model.registry import Registry  # noqa: E402
-from xray.train.loop import fit_borderline, load_data  # noqa: E402
+from xray.io.folders import load_training_data  # noqa: E402
+from xray.train.loop import fit_borderline  # noqa: E402
 from xray.train.config import TrainConfig  # noqa: E402
 
 
@@ -22,11 +23,11 @@ def main(data_dir: str, version: str) -> int:
     registry = Registry()
     model = registry.load(version, torch.device("cpu"))
     cfg = TrainConfig.from_dict({**model.card.training.config, "data_dir": data_dir})
-    splits = load_data(cfg, lambda e: None)
-    if splits.scan.fingerprint() != model.card.data.fingerprint:
+    data = load_training_data(cfg.data_dir, **cfg.folder_options())
+    if data.scan.fingerprint() != model.card.data.fingerprint:
         raise SystemExit("error: this folder is not the data the version was trained on")
     scale, bias = model.calibration
-    band = fit_borderline(model.net, torch.from_numpy(splits.images[splits.val]), scale, bias, model.device,
+    band = fit_borderline(model.net, torch.from_numpy(data.images[data.val]), scale, bias, model.device,
                           model.card.tta)
     registry.update_card(version, {"borderline": band})
     print(json.dumps(band, indent=1))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xray.serve.hirescam import GradCam, evidence_map  # noqa: E402
 from xray.serve.inference import predict  # noqa: E402
 from xray.model.registry import Registry  # noqa: E402
-from xray.train.loop import load_data  # noqa: E402
+from xray.io.folders import load_training_data  # noqa: E402
 from xray.train.config import TrainConfig  # noqa: E402
 
 
@@ -62,13 +62,13 @@ def main() -> int:
     args = parser.parse_args()
     model = Registry(args.registry).load(args.model or None, torch.device("cpu"))
     cfg = TrainConfig.from_dict({**model.card.training.config, "data_dir": args.data_dir})
-    splits = load_data(cfg, lambda e: None)
-    pneumonia = [i for i in splits.val if splits.labels[i] == 1][: args.n]
+    data = load_training_data(cfg.data_dir, **cfg.folder_options())
+    pneumonia = [i for i in data.val if data.labels[i] == 1][: args.n]
     rng = np.random.default_rng(0)
     scores: dict[str, list] = {"HiResCAM": [], "Grad-CAM": [], "random": []}
     with GradCam(model) as gradcam:
         for i in pneumonia:
-            pixels = splits.images[i]
+            pixels = data.images[i]
             image = pixels.astype(np.float32) / 255
             evidence = evidence_map(model, image)
             grid = evidence.shape[0]

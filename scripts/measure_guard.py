@@ -34,7 +34,7 @@ def outcomes(model, sources) -> list[tuple[str, str]]:
         except ValueError:
             continue
         p = predict(model, [image])[0]
-        out.append((p.outcome, p.ood_reason))
+        out.append((p.outcome, p.withheld_reason))
     return out
 
 

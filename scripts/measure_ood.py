@@ -141,8 +141,8 @@ def score(model, named: list[tuple[str, bytes]]) -> list[dict]:
         low, high = O.MIDTONE_RANGE
         distance = (float(model.ood_stats.distances(_features(model, [image]))[0])
                     if model.ood_stats is not None else None)
-        rows.append({"name": name, "loaded": True, "ood": prediction.ood, "reason": prediction.ood_reason,
-                     "kind": "" if not prediction.ood else ("feature" if "features" in prediction.ood_reason else "input"),
+        rows.append({"name": name, "loaded": True, "ood": prediction.withheld, "reason": prediction.withheld_reason,
+                     "kind": "" if not prediction.withheld else ("feature" if "features" in prediction.withheld_reason else "input"),
                      "colourfulness": image.colourfulness, "aspect": max(image.size) / min(image.size),
                      "midtones": float(np.mean((inputs >= low) & (inputs <= high))), "distance": distance,
                      "p_pneumonia": prediction.p_pneumonia})

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "xray"
 # optional heavy packages, imported where they are used: DICOM, Grad-CAM, the bench's reference network,
@@ -97,6 +99,7 @@ def test_no_hand_kept_floor_labels_remain():
     assert labelled == []
 
 
+@pytest.mark.slow
 def test_import_xray_works_in_a_fresh_interpreter_whatever_module_comes_first():
     names = sorted("xray" if m == "__init__" else f"xray.{m}" for m in _graph().modules() if m != "__main__")
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    for m in [k for k in sys.modules if k.startswith('xray')]:\n" \

@@ -43,7 +43,7 @@ def test_a_shown_result_writes_exactly_one_line_with_the_audit_fields(tiny_model
     assert line["model_version"] == tiny_model.version
     assert line["p_pneumonia"] == pytest.approx(result.prediction.p_pneumonia, abs=1e-6)
     assert line["threshold"] == threshold  # exactly the value in force, not rounded
-    assert line["ood"] is result.prediction.ood
+    assert line["withheld"] is result.prediction.withheld
     assert line["decision"] == result.prediction.decision(threshold)
     assert line["outcome"] == result.prediction.outcome
     assert line["time"].endswith("+00:00")
@@ -78,11 +78,11 @@ def test_withheld_images_are_logged_without_a_decision_and_with_the_reason(tiny_
     path = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300)).save(path)
     result = analysis.analyse(tiny_model, path.read_bytes(), "photo.png")
-    assert result.prediction.ood
+    assert result.prediction.withheld
     audit.AuditTrail().shown(result.sha256, result.prediction, 0.5)
     [entry] = _lines(log)
-    assert entry["ood"] is True and entry["decision"] is None and entry["outcome"] == result.prediction.outcome != "verdict"
-    assert entry["reason"] == result.prediction.ood_reason
+    assert entry["withheld"] is True and entry["decision"] is None and entry["outcome"] == result.prediction.outcome != "verdict"
+    assert entry["reason"] == result.prediction.withheld_reason
 
 
 def test_audit_can_be_switched_off(tiny_model, tmp_path, monkeypatch):

@@ -171,6 +171,7 @@ def _predict_rows(files: list[Path], registry: Path, tmp_path: Path) -> list[dic
         return [dict(zip(CSV_HEADER, row)) for row in reader]
 
 
+@pytest.mark.slow
 def test_cli_predict_scores_the_good_and_explains_the_bad(tiny_registry, tmp_path):
     files = sorted(BAD.iterdir())
     before = {p: p.stat().st_mtime_ns for p in tiny_registry.rglob("*")}
@@ -189,6 +190,7 @@ def test_cli_predict_scores_the_good_and_explains_the_bad(tiny_registry, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in tiny_registry.rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_cli_passes_a_shell_hostile_name_through_untouched(tiny_registry, tmp_path):
     rows = _predict_rows([BAD / NASTY], tiny_registry, tmp_path)
     assert rows[0]["path"] == str(BAD / NASTY) and rows[0]["p_pneumonia"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import DATASET, FULLRES
 from xray.cli import main
 
@@ -12,6 +14,7 @@ def _numbers_positive(d: dict, keys: list[str]) -> None:
         assert isinstance(d[key], float) and d[key] > 0, (key, d[key])
 
 
+@pytest.mark.slow
 def test_bench_reports_every_section(tiny_registry, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--train-data", str(DATASET), "--train-steps", "1", "--train-epochs", "2",

@@ -45,6 +45,7 @@ def test_fit_band_measures_how_far_perturbations_move_the_log_odds():
     assert none["below"] == 0.0 and none["above"] == 0.0
 
 
+@pytest.mark.slow
 def test_training_stores_the_band_and_the_cli_labels_borderline(tiny_registry, tmp_path, capsys):
     from conftest import train_tiny
     from xray.cli import main
@@ -68,6 +69,7 @@ def test_training_stores_the_band_and_the_cli_labels_borderline(tiny_registry, t
     assert row["label"] in (NORMAL, PNEUMONIA)
 
 
+@pytest.mark.slow
 def test_the_page_says_borderline_in_words_and_colour_and_logs_it(tiny_registry):
     import json
     import os

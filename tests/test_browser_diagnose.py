@@ -10,6 +10,8 @@ import pytest
 from browser import new_page, require_browser, streamlit_app
 from conftest import FULLRES
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # real Chromium and a Streamlit server
+
 SAMPLE = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
 
 

@@ -11,6 +11,8 @@ from browser import new_page, require_browser, streamlit_app
 from conftest import DATASET, FIXTURES
 from xray.train import jobs
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # real Chromium and a Streamlit server
+
 TRAINING_TIMEOUT_MS = 240_000  # a tiny run takes seconds; two shared cores can make it slow
 
 

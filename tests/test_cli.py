@@ -213,6 +213,7 @@ def test_versions_activate_rollback(tiny_registry, capsys):
 
 
 # -- true command-line runs -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_train_writes_an_inactive_version_and_reports_the_data(tiny_registry, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(DATASET, data)
@@ -242,6 +243,7 @@ def test_cli_train_writes_an_inactive_version_and_reports_the_data(tiny_registry
     assert not any(tmp_path.joinpath("elsewhere").iterdir())  # nothing written into the working directory
 
 
+@pytest.mark.slow
 def test_cli_predict_from_another_working_directory(tiny_registry, tmp_path):
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
@@ -255,6 +257,7 @@ def test_cli_predict_from_another_working_directory(tiny_registry, tmp_path):
     assert "could not be scored" in result.stderr
 
 
+@pytest.mark.slow
 def test_default_registry_is_the_site_folder_over_the_read_only_shipped_versions(tmp_path):
     """Without $XRAY_WEIGHTS the shipped versions are read from the repository and everything the app
     writes (versions, the active marker, site settings) goes to the user data folder, from any directory."""

@@ -32,6 +32,7 @@ def _val_losses(registry: Path) -> tuple[list[float], dict]:
     return [row["val_loss"] for row in card["training"]["history"]], card
 
 
+@pytest.mark.slow
 def test_two_process_training_matches_one_process(tmp_path):
     env = {**os.environ, "XRAY_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("XRAY_WEIGHTS", None)

@@ -67,6 +67,7 @@ def test_damaged_card_or_missing_weights_fall_back_too(two_versions):
         registry.load_with_fallback()  # nothing good left: a clear error, never a crash
 
 
+@pytest.mark.slow
 def test_app_and_cli_survive_damaged_active_weights(two_versions, tmp_path):
     registry, first, second = two_versions
     _damage(registry.version_dir(second) / "model.pt", "bit-flipped")
@@ -153,6 +154,7 @@ def _events(path: Path) -> list[dict]:
         return []
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_of_training_never_damages_the_registry(tiny_registry, tmp_path):
     registry = Registry(tiny_registry)
     active = registry.active_version()

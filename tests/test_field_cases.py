@@ -88,9 +88,10 @@ def test_heic_photo_is_decoded_and_judged_like_its_jpeg_twin(shipped):
     heic, jpeg = CASES / "heic" / "IMG_4032.HEIC", CASES / "heic" / "IMG_4032.jpg"
     assert load_image(heic).format == "HEIF" and sniff(heic) == "image"
     a, b = predict(shipped, [load_image(heic), load_image(jpeg)])
-    assert a.withheld and b.withheld and "colour image" in a.ood_reason
+    assert a.withheld and b.withheld and "colour image" in a.withheld_reason
 
 
+@pytest.mark.slow
 def test_cd_export_folder_and_its_dicomdir_are_scored_in_full(tmp_path):
     env = {"XRAY_WEIGHTS": str(ROOT / "weights"), "PYTHONPATH": str(ROOT), "XRAY_AUDIT_LOG": "off",
            "PATH": "/usr/bin:/bin"}
@@ -105,6 +106,7 @@ def test_cd_export_folder_and_its_dicomdir_are_scored_in_full(tmp_path):
         assert "2 image file(s) found" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_folder_with_nothing_readable_is_an_error_that_lists_what_was_skipped(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()

@@ -54,20 +54,20 @@ def test_age_from_patient_age_or_from_birth_and_study_dates():
 ])
 def test_the_dicom_header_withholds_with_its_reason(tiny_model, tmp_path, fields, outcome, words):
     prediction = predict(tiny_model, [load_image(dicom_with(tmp_path, "x.dcm", **fields))])[0]
-    assert prediction.withheld and prediction.outcome == outcome and words in prediction.ood_reason
+    assert prediction.withheld and prediction.outcome == outcome and words in prediction.withheld_reason
     assert prediction.decision(0.5) is None
 
 
 def test_a_child_in_the_age_band_falls_through_to_the_image_checks(tiny_model, tmp_path):
     prediction = predict(tiny_model, [load_image(dicom_with(tmp_path, "x.dcm", PatientAge="003Y", ViewPosition="AP"))])[0]
-    assert "DICOM header" not in prediction.ood_reason
+    assert "DICOM header" not in prediction.withheld_reason
 
 
 def test_adult_films_from_another_hospital_are_outside_intended_use_never_not_a_chest_radiograph(shipped):
     for path in EXTERNAL:
         prediction = predict(shipped, [load_image(path)])[0]
-        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.ood_reason)
-        assert "not a chest" not in prediction.ood_reason.lower()
+        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.withheld_reason)
+        assert "not a chest" not in prediction.withheld_reason.lower()
 
 
 def test_the_shipped_guard_gives_a_verdict_on_the_pediatric_samples(shipped):
@@ -75,6 +75,7 @@ def test_the_shipped_guard_gives_a_verdict_on_the_pediatric_samples(shipped):
         assert predict(shipped, [load_image(path)])[0].outcome == guard.VERDICT, path.name
 
 
+@pytest.mark.slow
 def test_cli_three_outcomes(tmp_path):
     photo = tmp_path / "photo.png"
     rng = np.random.default_rng(0)

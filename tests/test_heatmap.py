@@ -47,7 +47,7 @@ def test_uncoloured_cells_leave_the_film_as_it_is_and_the_map_aligns_with_the_di
 
 def test_heatmap_has_the_requested_shape(tiny_model):
     image = load_image(next(FULLRES.iterdir()))
-    levels = G.heatmap(tiny_model, image, shape=(300, 200))
+    levels = G.colour_levels(tiny_model, image, shape=(300, 200))
     assert levels.shape == (300, 200) and levels.min() >= 0 and levels.max() <= 1
 
 

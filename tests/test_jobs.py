@@ -19,7 +19,7 @@ from xray.train import jobs
 from xray.cli import build_parser
 from xray.cli import main as cli_main
 from xray.model.registry import Registry
-from xray.train.loop import load_data
+from xray.io.folders import load_training_data
 from xray.train.config import TrainConfig, config_from_args
 
 TIMEOUT_S = 120  # generous: two shared cores; a tiny run takes a few seconds
@@ -84,11 +84,11 @@ def test_default_data_root_is_home(monkeypatch):
 def test_inspect_good_folder_matches_what_training_uses(roots):
     cfg = tiny_config()
     report = jobs.inspect_folder(DATASET, cfg)
-    splits = load_data(cfg, lambda e: None)
+    data = load_training_data(cfg.data_dir, **cfg.folder_options())
     assert report.counts == {"all": {"NORMAL": 8, "PNEUMONIA": 8}}
-    assert sum(report.train.values()) == len(splits.train) and sum(report.val.values()) == len(splits.val)
+    assert sum(report.train.values()) == len(data.train) and sum(report.val.values()) == len(data.val)
     assert sum(report.train.values()) + sum(report.val.values()) == 16
-    assert min(report.val.values()) >= 1 and report.validation == splits.description
+    assert min(report.val.values()) >= 1 and report.validation == data.description
     assert report.unreadable == [] and report.duplicates == []
 
 
@@ -136,6 +136,7 @@ def test_train_argv_is_the_cli_command_for_the_same_config():
 
 
 # -- real jobs ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_job_trains_a_new_inactive_version(roots, tiny_registry, capsys):
     registry = Registry(tiny_registry)
     active, before = registry.active_version(), registry.versions()
@@ -157,6 +158,7 @@ def test_job_trains_a_new_inactive_version(roots, tiny_registry, capsys):
     assert f"job {job.id}: succeeded - new version {job.version}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_second_start_is_refused_and_cancel_stops_cleanly(roots, tiny_registry):
     registry = Registry(tiny_registry)
     before = registry.versions()
@@ -176,6 +178,7 @@ def test_second_start_is_refused_and_cancel_stops_cleanly(roots, tiny_registry):
     assert jobs.wait_for_job(tiny_registry, later.id, TIMEOUT_S).state == jobs.CANCELLED
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_leaves_the_active_model_and_reports_failure(roots, tiny_registry):
     registry = Registry(tiny_registry)
     active, before = registry.active_version(), registry.versions()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DATASET, FULLRES
-from xray.serve.pipeline import iter_shard, pipeline_split, score_paths
+from xray.serve.pipeline import iter_shard, cpu_allocation, score_paths
 from xray.io.loader import load_image
 from xray.serve.inference import predict
 from xray.io.preprocess import ModelInput, model_input, read_model_input
@@ -61,15 +61,15 @@ def test_the_pipeline_gives_the_network_half_the_cores_and_gives_them_back(tiny_
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
-        assert pipeline_split() == (4, 5)
-        assert pipeline_split(workers=2) == (4, 2)
+        assert cpu_allocation() == (4, 5)
+        assert cpu_allocation(workers=2) == (4, 2)
         seen = []
         for _ in score_paths(tiny_model, iter_shard([str(DATASET)]), batch_size=4, workers=1):
             seen.append(torch.get_num_threads())
         assert seen and set(seen) == {4}
         assert torch.get_num_threads() == 8
         torch.set_num_threads(3)
-        assert pipeline_split() == (3, 6)  # never more threads than the caller allowed
+        assert cpu_allocation() == (3, 6)  # never more threads than the caller allowed
     finally:
         torch.set_num_threads(threads)
 

@@ -160,8 +160,8 @@ def test_predict_keeps_logits_identical_and_flags_from_the_same_pass(tiny_model)
     np.testing.assert_allclose([p.p_pneumonia for p in predictions], expected, rtol=1e-6)
     stats = tiny_model.ood_stats
     for p, d, u in zip(predictions, stats.distances(features), stats.upside_down_scores(features)):
-        assert p.ood == (d > stats.threshold or u > stats.upside_down_threshold)
-        assert ("feature distance" in p.ood_reason or "upside down" in p.ood_reason) == p.ood
+        assert p.withheld == (d > stats.threshold or u > stats.upside_down_threshold)
+        assert ("feature distance" in p.withheld_reason or "upside down" in p.withheld_reason) == p.withheld
 
 
 def test_upside_down_check_fires_on_its_own_threshold(tiny_model):
@@ -169,7 +169,7 @@ def test_upside_down_check_fires_on_its_own_threshold(tiny_model):
     assert tiny_model.ood_stats.upside_down is not None  # fitted at the end of training
     strict = dataclasses.replace(tiny_model.ood_stats, threshold=np.inf, upside_down_threshold=-np.inf)
     flagged = predict(dataclasses.replace(tiny_model, ood_stats=strict), images)
-    assert all(p.ood and "turned upside down" in p.ood_reason and p.outcome == "outside intended use" for p in flagged)
+    assert all(p.withheld and "turned upside down" in p.withheld_reason and p.outcome == "outside intended use" for p in flagged)
 
 
 def test_upside_down_direction_separates_turned_features_at_the_chosen_percentile():
@@ -190,25 +190,26 @@ def test_feature_check_fires_and_a_model_without_stats_skips_it(tiny_model):
     images = [load_image(p) for p in XRAYS[:4]]
     strict = dataclasses.replace(tiny_model.ood_stats, threshold=0.0)  # every image is "far"
     flagged = predict(dataclasses.replace(tiny_model, ood_stats=strict), images)
-    assert all(p.ood and "unlike the pediatric training films" in p.ood_reason for p in flagged)
+    assert all(p.withheld and "unlike the pediatric training films" in p.withheld_reason for p in flagged)
     plain = predict(dataclasses.replace(tiny_model, ood_stats=None), images)
-    assert not any(p.ood for p in plain)
+    assert not any(p.withheld for p in plain)
     assert [p.p_pneumonia for p in plain] == [p.p_pneumonia for p in flagged]  # the score never changes
 
 
 def test_colour_photo_and_document_are_flagged_whatever_their_size(tiny_model, tmp_path):
     photo, document = load_image(_colour_photo(tmp_path / "p.png")), load_image(_document(tmp_path / "d.png"))
     for p in predict(tiny_model, [photo, document]):
-        assert p.ood and p.ood_reason and 0.0 <= p.p_pneumonia <= 1.0
+        assert p.withheld and p.withheld_reason and 0.0 <= p.p_pneumonia <= 1.0
 
 
 def test_a_withheld_prediction_has_no_decision_at_any_threshold():
-    p = Prediction(0.9, "v", True, "a colour image")
+    p = Prediction(0.9, "v", "not a chest radiograph", "a colour image")
     assert p.decision(0.5) is None and p.decision(0.95) is None and p.withheld
     assert Prediction(0.9, "v").decision(0.5) == "PNEUMONIA" and Prediction(0.9, "v").decision(0.95) == "NORMAL"
 
 
 # -- adding statistics to a version trained without them ----------------------------------------------
+@pytest.mark.slow
 def test_fit_ood_adds_stats_as_a_new_version_and_leaves_the_old_one_alone(tiny_registry):
     registry = Registry(tiny_registry)
     old = registry.active_version()
@@ -234,6 +235,47 @@ def test_fit_ood_adds_stats_as_a_new_version_and_leaves_the_old_one_alone(tiny_r
     assert [p.p_pneumonia for p in predict(fitted, images)] == [p.p_pneumonia for p in predict(model, images)]
 
 
+def _audit_events() -> list[dict]:
+    import json
+
+    log = Path(os.environ["XRAY_AUDIT_LOG"])
+    return [json.loads(line) for line in log.read_text().splitlines() if '"event"' in line] if log.is_file() else []
+
+
+@pytest.mark.slow
+def test_fit_ood_activate_goes_through_the_promotion_gate(tiny_registry):
+    """``fit-ood --activate`` makes a version live only through the gate: a tiny version fails it, stays inactive,
+    and the command says why (before issue 21 it called ``registry.activate`` directly)."""
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    before = len(_audit_events())
+    env = {**os.environ, "XRAY_WEIGHTS": str(tiny_registry)}
+    result = subprocess.run([sys.executable, "-m", "xray", "fit-ood", str(DATASET), "--workers", "1", "--activate"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    new = [v for v in registry.versions() if v != old]
+    assert len(new) == 1 and registry.load(new[0]).ood_stats is not None  # saved, inactive
+    assert registry.active_version() == old
+    assert f"new version {new[0]} saved but not activated" in result.stderr
+    assert "does not pass the promotion gate" in result.stderr and "evaluated on only" in result.stderr
+    assert not [e for e in _audit_events()[before:] if e.get("version") == new[0]]  # nothing went live
+
+
+def test_fit_ood_activate_that_passes_the_gate_is_audited(tiny_registry, monkeypatch, capsys):
+    from xray.cli import main
+    from xray.govern import promotion
+
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 1)  # the tiny model's handful of validation images
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 1)
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    assert main(["fit-ood", str(DATASET), "--workers", "1", "--activate"]) == 0
+    new = registry.active_version()
+    assert new != old and registry.load(new).ood_stats is not None and "activated" in capsys.readouterr().err
+    event = _audit_events()[-1]
+    assert (event["event"], event["version"], event["previous"], event["gate"]) == ("activation", new, old, "passed")
+
+
 def test_fit_ood_refuses_other_data(tiny_registry, tmp_path):
     import shutil
 
@@ -245,6 +287,7 @@ def test_fit_ood_refuses_other_data(tiny_registry, tmp_path):
 
 
 # -- the CLI marks such rows ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_marks_not_chest_xray_rows_with_score_but_no_label(tiny_registry, tmp_path):
     photo = _colour_photo(tmp_path / "holiday photo.png")
     xray = XRAYS[0]

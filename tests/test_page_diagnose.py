@@ -83,7 +83,7 @@ def test_analyse_reports_unreadable_files_in_one_line(tiny_model):
 def test_heatmap_is_aligned_with_the_displayed_image(tiny_model):
     image = load_image(PNEUMONIA_FULLRES)  # 1016 x 656: taller than wide
     pixels = analysis.display_pixels(image)
-    cam = analysis.heatmap(tiny_model, image)
+    cam = analysis.display_colour_levels(tiny_model, image)
     assert cam.shape == pixels.shape and max(cam.shape) <= analysis.DISPLAY_SIDE
     assert abs(pixels.shape[1] / pixels.shape[0] - image.size[0] / image.size[1]) < 0.01
     assert cam.dtype == np.float32 and 0.0 <= cam.min() <= cam.max() <= 1.0
@@ -227,7 +227,7 @@ def test_saving_a_site_threshold_needs_who_and_why_and_restore_brings_back_the_e
 
 def test_opacity_and_threshold_never_rerun_the_model(tiny_registry, monkeypatch):
     calls = {"analyse": 0, "heatmap": 0}
-    real_analyse, real_heatmap = analysis.analyse, analysis.heatmap
+    real_analyse, real_heatmap = analysis.analyse, analysis.display_colour_levels
 
     def counting_analyse(*args, **kwargs):
         calls["analyse"] += 1
@@ -245,7 +245,7 @@ def test_opacity_and_threshold_never_rerun_the_model(tiny_registry, monkeypatch)
         return real_overlay(pixels, cam, alpha)
 
     monkeypatch.setattr(analysis, "analyse", counting_analyse)
-    monkeypatch.setattr(analysis, "heatmap", counting_heatmap)
+    monkeypatch.setattr(analysis, "display_colour_levels", counting_heatmap)
     monkeypatch.setattr(analysis, "overlay_jpeg", recording_overlay)
     at = drop(start_app(), upload(NORMAL_FULLRES))
     assert calls == {"analyse": 1, "heatmap": 1}
@@ -278,8 +278,8 @@ def analysis_name_escaped(name: str) -> str:
 class FlaggedPrediction(Prediction):
     """The shape the safety check (issue 5) will give a prediction it flags."""
 
-    ood: bool = True
-    ood_reason: str = "looks like a photograph"
+    outcome: str = "outside intended use"
+    withheld_reason: str = "looks like a photograph"
 
 
 def test_out_of_distribution_images_get_no_verdict(tiny_registry, monkeypatch):

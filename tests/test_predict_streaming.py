@@ -61,6 +61,7 @@ def test_parallel_scores_equal_one_at_a_time_in_file_order(archive, tiny_model):
             assert error == "" and prediction.p_pneumonia == pytest.approx(expected.p_pneumonia, abs=1e-4)  # batched float sums differ in the last bits
 
 
+@pytest.mark.slow
 def test_shards_partition_the_files_whatever_the_mount_point(archive, tiny_registry, tmp_path):
     everything = tmp_path / "all.csv"
     assert main(["predict", str(archive), "--csv", str(everything)]) == 0
@@ -78,6 +79,7 @@ def test_shards_partition_the_files_whatever_the_mount_point(archive, tiny_regis
     _assert_same_scores({k: v for p in parts for k, v in p.items()}, full)  # and together, the same scores
 
 
+@pytest.mark.slow
 def test_resume_appends_only_what_is_missing(archive, tiny_registry, tmp_path):
     reference = tmp_path / "reference.csv"
     assert main(["predict", str(archive), "--csv", str(reference)]) == 0
@@ -111,6 +113,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_two_thousand_files(tmp_path, tiny_model):
     root = tmp_path / "many"
     rng = np.random.default_rng(0)

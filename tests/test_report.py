@@ -49,6 +49,7 @@ def unicode_dicom(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_pdf_report_states_result_version_intended_use_and_renders(tmp_path):
     pdftotext, pdftoppm = need("pdftotext"), need("pdftoppm")
     out = tmp_path / "out"
@@ -75,6 +76,7 @@ def test_pdf_report_states_result_version_intended_use_and_renders(tmp_path):
     assert (tmp_path / "audit.jsonl").read_text().count('"shown_in":"report"') == 2
 
 
+@pytest.mark.slow
 def test_existing_reports_are_not_overwritten_without_force(tmp_path):
     out = tmp_path / "out"
     assert run_report(tmp_path, SAMPLE, "--out", out).returncode == 0
@@ -85,6 +87,7 @@ def test_existing_reports_are_not_overwritten_without_force(tmp_path):
     assert run_report(tmp_path, SAMPLE, "--out", out, "--force").returncode == 0
 
 
+@pytest.mark.slow
 def test_dicom_results_validate_belong_to_the_study_and_reference_the_source(tmp_path, unicode_dicom):
     dciodvfy, pdftotext = need("dciodvfy"), need("pdftotext")
     import highdicom as hd

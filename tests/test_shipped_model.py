@@ -26,4 +26,4 @@ def test_shipped_predictions_are_unchanged(monkeypatch, record):
     for path, prediction in zip(paths, predictions):
         p, withheld, reason = RECORD["predictions"][path]
         assert prediction.p_pneumonia == pytest.approx(p, abs=1e-9), path
-        assert (prediction.withheld, prediction.ood_reason) == (withheld, reason), path
+        assert (prediction.withheld, prediction.withheld_reason) == (withheld, reason), path

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DATASET, FULLRES
 from xray.decide import prevalence as P
-from xray.govern import sitecal
+from xray.govern import promotion, sitecal
 from xray.cli import main
 from xray.model.registry import Registry
 
@@ -47,14 +47,15 @@ def _site_folder(tmp_path):
 
 
 def test_calibrate_refuses_a_folder_too_small_or_missing_a_class(tiny_registry, tmp_path):
-    with pytest.raises(SystemExit, match=f"needs at least {sitecal.MIN_IMAGES} with {sitecal.MIN_PER_CLASS} of each"):
+    with pytest.raises(SystemExit, match=f"needs at least {promotion.MIN_ACCEPTANCE_IMAGES} with "
+                                         f"{promotion.MIN_PER_CLASS} of each"):
         main(["calibrate", str(_site_folder(tmp_path))])
 
 
 def test_calibrate_writes_a_new_version_with_identical_weights_and_a_complete_card(tiny_registry, tmp_path,
                                                                                      monkeypatch, capsys):
-    monkeypatch.setattr(sitecal, "MIN_PER_CLASS", 4)
-    monkeypatch.setattr(sitecal, "MIN_IMAGES", 8)
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 4)  # the one minimum: the gate's (sitecal requires it too)
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 8)
     site = _site_folder(tmp_path)
     (site / "NORMAL" / "broken.jpeg").write_bytes(b"not a jpeg")
     registry = Registry(tiny_registry)
@@ -112,7 +113,7 @@ def test_site_calibration_promises_a_floor_only_with_enough_images(tiny_registry
     result = sitecal.recalibrate(model, data, "lcb-sensitivity>=0.95")
     g = result.guarantee
     assert g["metric"] == "sensitivity" and g["n"] == 120 and g["lower_bound"] >= 0.95 and g["k"] >= 118
-    assert "at least 0.95 on new films like the local ones, with 95% confidence" in sitecal.describe(result)
+    assert "at least 0.95 on new films like the local ones, with 95% confidence" in sitecal.terminal_summary(result)
     registry = Registry(tiny_registry)
     card = registry.card(sitecal.write_version(registry, model, result))
     assert card["site_calibration"]["guarantee"] == g and "95% confidence" in card["site_calibration"]["promise"]
@@ -124,8 +125,8 @@ def test_site_calibration_promises_a_floor_only_with_enough_images(tiny_registry
 
 
 def test_calibrate_by_default_refuses_a_promise_the_folder_cannot_keep(tiny_registry, tmp_path, monkeypatch):
-    monkeypatch.setattr(sitecal, "MIN_PER_CLASS", 4)
-    monkeypatch.setattr(sitecal, "MIN_IMAGES", 8)
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 4)
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 8)
     Registry(tiny_registry).update_card(Registry(tiny_registry).active_version(),
                                         {"threshold_rule": "min-sensitivity>=0.95"})
     with pytest.raises(SystemExit, match="lcb-sensitivity>=0.95 promises its floor .* the folder has 8"):

@@ -176,6 +176,7 @@ def test_unreadable_files_are_skipped_and_reported(tmp_path):
     assert card["data"]["train_images"] + card["data"]["val_images"] == 16
 
 
+@pytest.mark.slow
 def test_fine_tune_starts_from_the_active_model_and_leaves_it_alone(tiny_registry):
     registry = Registry(tiny_registry)
     active = registry.active_version()
@@ -234,6 +235,7 @@ def test_a_deep_ensemble_is_one_version_whose_logit_is_the_members_mean(tmp_path
     assert card["ood"]["features"] == 512
 
 
+@pytest.mark.slow
 def test_fine_tuning_an_ensemble_keeps_its_members(tmp_path):
     root = tmp_path / "weights"
     registry = Registry(root)

@@ -11,10 +11,13 @@ against it, counting imports inside functions; ``python scripts/import_graph.py`
 - ``model``: the network, the typed card, the registry, the guard's feature statistics, site settings.
 - ``serve``: ``predict``, the intended-use guard, HiResCAM evidence maps, one upload's analysis, the batch
   pipeline.
-- ``govern``: the promotion gate, the audit log, site calibration.
-- ``report``: PDF and DICOM results.
+- ``govern``: the promotion gate (and its one minimum of an acceptance set), the audit log, site calibration.
+- ``report``: PDF and DICOM results, and the batch of them (``python -m xray report``).
 - ``train``: the loop, its config, optimiser, events, background jobs, robustness checks.
 - ``cli``, ``bench``, ``__main__``: the command line on top.
+
+A new wing (e.g. the DICOM node, ``xray/node/``: after ``report``) is added here at its place
+(``docs/architecture.md``, "Where a new feature goes").
 """
 
 # Lowest first. A module may import a module of its own wing (without a cycle) or of any wing listed

@@ -32,9 +32,10 @@ from xray.io.loader import load_image
 from xray.serve.inference import predict
 from xray.model.net import PneumoniaNet, build_net, count_macs, count_parameters, fold_batchnorm, place
 from xray.train.optim import EMA, make_optimizer
-from xray.serve.pipeline import _prepare_chunk, pipeline_split, score_paths
+from xray.serve.pipeline import _prepare_chunk, cpu_allocation, score_paths
 from xray.model.registry import LoadedModel, ModelFileError, Registry, pick_device
-from xray.train.loop import load_data, predict_logits, train_one_epoch
+from xray.io.folders import load_training_data
+from xray.train.loop import EpochContext, predict_logits, train_one_epoch
 from xray.train.config import TrainConfig, model_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,7 +220,7 @@ def end_to_end(model: LoadedModel, paths: list[Path], repeats: int, workers: int
         out[name] = row
     pool.shutdown()
     out["cli_streaming_batch_32"]["network_threads"], out["cli_streaming_batch_32"]["decode_processes"] = \
-        pipeline_split(workers)
+        cpu_allocation(workers)
     out["decode_and_resize_all_cores"]["decode_processes"] = processes
     return out
 
@@ -259,13 +260,13 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
             row: dict = {}
             with _section(row, device):
                 start = time.perf_counter()
-                splits = load_data(cfg, lambda e: None)
+                data = load_training_data(cfg.data_dir, **cfg.folder_options())
                 row["seconds"] = round(time.perf_counter() - start, 2)
-            row["images"] = int(len(splits.images))
-            row["images_per_s"] = round(len(splits.images) / row["seconds"], 1)
+            row["images"] = int(len(data.images))
+            row["images_per_s"] = round(len(data.images) / row["seconds"], 1)
             out["decode_cold"] = row
             start = time.perf_counter()
-            load_data(cfg, lambda e: None)
+            load_training_data(cfg.data_dir, **cfg.folder_options())
             out["decode_cached_seconds"] = round(time.perf_counter() - start, 2)
         finally:
             if old_cache is None:
@@ -274,24 +275,22 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
                 os.environ["XRAY_CACHE"] = old_cache
     torch.manual_seed(cfg.seed)
     model = place(PneumoniaNet(model_config(cfg).member), device)  # one member: an ensemble trains its members one after the other
-    steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
+    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, steps_per_epoch)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    images, labels = torch.from_numpy(splits.images), torch.from_numpy(splits.labels)
-    n_pos = int(splits.labels[splits.train].sum())
-    pos_weight = (len(splits.train) - n_pos) / max(n_pos, 1)
-    subset = splits.train[: steps * cfg.batch_size]
-    val_subset = splits.val[: steps * cfg.batch_size]
-    out.update(train_images=int(len(splits.train)), val_images=int(len(splits.val)), steps_per_epoch=steps_per_epoch)
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    ctx = EpochContext(images, labels, cfg, data.pos_weight, generator, device, ema=ema)
+    subset = data.train[: steps * cfg.batch_size]
+    val_subset = data.val[: steps * cfg.batch_size]
+    out.update(train_images=int(len(data.train)), val_images=int(len(data.val)), steps_per_epoch=steps_per_epoch)
     out["epochs"] = []
     for epoch in range(1, epochs + 1):
         row = {"epoch": epoch}
         with _section(row, device):
             _sync(device)
             start = time.perf_counter()
-            train_one_epoch(model, optimizer, scheduler, images, labels, subset, cfg, epoch, pos_weight,
-                            generator, ema, lambda e: None, lambda: False, device)
+            train_one_epoch(model, optimizer, scheduler, subset, epoch, ctx)
             _sync(device)
             train_s = time.perf_counter() - start
             start = time.perf_counter()
@@ -300,7 +299,7 @@ def training(data_dir: Path, steps: int, epochs: int, device: torch.device) -> d
         per_image, per_val = train_s / len(subset), val_s / max(len(val_subset), 1)
         row.update(train_images_per_s=round(1 / per_image, 1), val_images_per_s=round(1 / per_val, 1),
                    seconds_per_epoch_estimate=round(per_image * steps_per_epoch * cfg.batch_size
-                                                    + per_val * len(splits.val), 1))
+                                                    + per_val * len(data.val), 1))
         out["epochs"].append(row)
     return out
 

@@ -1,7 +1,7 @@
 """Command line: ``python -m xray {predict,evaluate,calibrate,adapt,train,jobs,bench,fit-ood,versions,activate,rollback}``.
 
-Argparse and thin commands only: the work is done by the engine's modules (``pipeline``, ``train``,
-``registry``, ``jobs``, ``bench``). The top floor: nothing in ``xray/`` imports this module.
+Argparse and thin commands only: the work is done by the engine's wings (``serve.pipeline``, ``train``,
+``model.registry``, ``govern``, ``report.batch``, ``bench``). The top wing: nothing in ``xray/`` imports this module.
 """
 from __future__ import annotations
 
@@ -15,16 +15,14 @@ import time
 from pathlib import Path
 
 from xray.clock import utc_stamp
-from xray.serve import analysis as A
 from xray.train import events as E
 from xray.govern import promotion
 from xray.govern import sitecal
-from xray.report import writers as R
+from xray.report import batch
 from xray.atomic import atomic_write_json
-from xray.govern.audit import AuditTrail
 from xray.bench import add_arguments as bench_arguments
 from xray.bench import main as bench_main
-from xray.train.jobs import cancel_job, current_job, describe, list_jobs
+from xray.train.jobs import cancel_job, current_job, list_jobs, status_lines
 from xray.serve.pipeline import (
     CSV_HEADER,
     csv_row,
@@ -64,6 +62,15 @@ def _load_model(args) -> LoadedModel:
         raise SystemExit(f"error: {exc}")
 
 
+def _prevalence(args, model: LoadedModel) -> float:
+    """``--prevalence``, else the site's saved one, else the version's (``SiteSettings.prevalence_in_force``)."""
+    try:
+        return Registry(args.registry or None).site.prevalence_in_force(model.card.calibration_prevalence,
+                                                                         args.prevalence)
+    except ValueError:
+        raise SystemExit("error: --prevalence must lie strictly between 0 and 1") from None
+
+
 def cmd_predict(args) -> int:
     if args.resume and not args.csv:
         raise SystemExit("error: --resume needs --csv (the file to continue)")
@@ -82,10 +89,7 @@ def cmd_predict(args) -> int:
     if not done:
         writer.writerow(CSV_HEADER)
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
-    site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()
-    if site is not None and not 0.0 < site < 1.0:
-        raise SystemExit("error: --prevalence must lie strictly between 0 and 1")
-    prevalence = (model.card.calibration_prevalence, site if site is not None else model.card.calibration_prevalence)
+    prevalence = (model.card.calibration_prevalence, _prevalence(args, model))
     skipped: list[tuple[str, str]] = []
     paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
     found = failures = not_xray = 0
@@ -116,58 +120,21 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    """PDF reports (and with --dicom, a Secondary Capture and a structured report) per image."""
+    """PDF reports (and with --dicom, a Secondary Capture and a structured report) per image (``xray.report.batch``)."""
     model = _load_model(args)
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
-    site = args.prevalence if args.prevalence is not None else Registry(args.registry or None).site.prevalence()
-    prevalence = site if site is not None else model.card.calibration_prevalence
-    out = Path(args.out)
+    prevalence = _prevalence(args, model)
     skipped: list[tuple[str, str]] = []
     paths = list(iter_shard(args.paths, (0, 1), skipped))
     for path, reason in skipped:
         print(f"  skipped {path}: {reason}", file=sys.stderr)
     if not paths:
         raise SystemExit("error: no image or DICOM file found in " + ", ".join(args.paths))
-    stems: dict[str, int] = {}
-    plan = []
-    for path in paths:
-        stem = path.stem or path.name
-        stems[stem] = stems.get(stem, 0) + 1
-        stem = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"  # two files of one name: both reported
-        targets = [out / f"{stem}.pdf"] + ([out / f"{stem}.sc.dcm", out / f"{stem}.sr.dcm"] if args.dicom else [])
-        plan.append((path, stem, targets))
-    existing = [t for _, _, targets in plan for t in targets if t.exists()]
-    if len(plan) > 1 and (out / "worklist.pdf").exists():
-        existing.append(out / "worklist.pdf")
-    if existing and not args.force:
-        raise SystemExit(f"error: {len(existing)} report file(s) exist already (first: {existing[0]}); "
-                         "nothing was written. Use --force to overwrite them")
-    out.mkdir(parents=True, exist_ok=True)
-    trail, items = AuditTrail(), []
-    for path, stem, targets in plan:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            data, error = b"", f"cannot read: {exc.strerror or exc}"
-        result = A.analyse(model, data, path.name) if data else A.Analysis(path.name, "0" * 64, None, None, error)
-        header = R.read_dicom_header(data) if data else None
-        item = R.ReportInput(result, threshold, prevalence, header)
-        if result.prediction is not None:
-            trail.shown(result.sha256, result.prediction, threshold, "report")  # what the report states
-        R.write(targets[0], R.pdf_bytes(model, [item]), args.force)
-        if args.dicom and result.image is not None and result.prediction is not None:
-            sc = R.secondary_capture(model, item)
-            R.write(targets[1], R.dicom_bytes(sc), args.force)
-            R.write(targets[2], R.dicom_bytes(R.structured_report(model, item, header if header is not None else sc)),
-                    args.force)
-        elif args.dicom:
-            print(f"  {path.name}: no DICOM results (the file could not be analysed: {result.error})", file=sys.stderr)
-        items.append(item)
-        print(f"{path} -> {targets[0]}" + (" (+ .sc.dcm, .sr.dcm)" if args.dicom and result.prediction else ""),
-              file=sys.stderr)
-    if len(items) > 1:
-        R.write(out / "worklist.pdf", R.worklist_pdf_bytes(model, items), args.force)
-        print(f"worklist -> {out / 'worklist.pdf'}", file=sys.stderr)
+    try:
+        batch.write_reports(model, paths, Path(args.out), threshold, prevalence, args.dicom, args.force,
+                            say=lambda line: print(line, file=sys.stderr))
+    except batch.ReportsExist as exc:
+        raise SystemExit(f"error: {exc}")
     return 0
 
 
@@ -178,7 +145,7 @@ def cmd_calibrate(args) -> int:
                                             args.workers)
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
-    print(sitecal.describe(result), file=sys.stderr)
+    print(sitecal.terminal_summary(result), file=sys.stderr)
     for name, why in result.data.unreadable:
         print(f"  unreadable, skipped: {name}: {why}", file=sys.stderr)
     print(f"new version {version} (weights of {result.parent}, unchanged); not active: "
@@ -192,7 +159,7 @@ def cmd_adapt(args) -> int:
         version, result = adaptation.adapt(registry, args.data_dir, args.model or None)
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
-    print(adaptation.describe(result, registry.card(version).threshold), file=sys.stderr)
+    print(adaptation.terminal_summary(result, registry.card(version).threshold), file=sys.stderr)
     for name, why in result.films.unreadable:
         print(f"  unreadable, skipped: {name}: {why}", file=sys.stderr)
     print(f"new version {version} (adapted from {result.parent}); not active: python -m xray activate {version}",
@@ -285,7 +252,7 @@ def cmd_jobs(args) -> int:
     if not jobs:
         print(f"no training jobs recorded in {root}", file=sys.stderr)
     for job in jobs:
-        print(describe(job))
+        print(status_lines(job))
     return 0
 
 
@@ -375,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="recalibrate a version on a site's labelled folder (new inactive version, same weights)")
     p.add_argument("data_dir", help="folder with NORMAL/ and PNEUMONIA/ at any depth, at least "
-                                    f"{sitecal.MIN_IMAGES} images with {sitecal.MIN_PER_CLASS} of each class")
+                                    f"{promotion.MIN_ACCEPTANCE_IMAGES} images with {promotion.MIN_PER_CLASS} of each class (the promotion gate's minimum)")
     p.add_argument("--model", default="", help="version to recalibrate (default: the active one)")
     p.add_argument("--registry", default="", help="registry folder (default: the site registry, or $XRAY_WEIGHTS)")
     p.add_argument("--rule", default="", help="threshold rule (default: the version's own, a sensitivity floor "

@@ -19,8 +19,7 @@ from xray.clock import utc_now_ms
 from xray import settings
 
 FIELDS = ("time", "sha256", "model_version", "p_pneumonia", "threshold", "decision", "outcome", "reason",
-          "ood", "shown_in")
-VERDICT = "verdict"
+          "withheld", "shown_in")  # lines written before 2026-12-02 say "ood" for "withheld"
 
 
 def audit_path() -> Path | None:
@@ -41,7 +40,7 @@ def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen
     """
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError("sha256 must be 64 lower-case hex digits")
-    withheld = bool(prediction.ood)
+    withheld = prediction.withheld
     return {
         "time": utc_now_ms(),
         "sha256": sha256,
@@ -50,8 +49,8 @@ def entry_for(sha256: str, prediction, threshold: float, shown_in: str = "screen
         "threshold": float(threshold),  # exact: the screen and the CSV decide at this very value
         "decision": prediction.decision(threshold),  # None when withheld: no verdict was shown
         "outcome": prediction.outcome,
-        "reason": " ".join(str(prediction.ood_reason).split()) if withheld else "",
-        "ood": withheld,
+        "reason": " ".join(prediction.withheld_reason.split()) if withheld else "",
+        "withheld": withheld,
         "shown_in": shown_in,
     }
 
@@ -102,7 +101,7 @@ class AuditTrail:
         """
         # the screen and the worklist are one display; a report or download is its own record
         channel = "export" if shown_in in ("report", "csv") else "screen"
-        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.ood,
+        key = (sha256, prediction.model_version, float(threshold), prediction.decision(threshold), prediction.withheld,
                channel)
         if key in self.logged:
             return None

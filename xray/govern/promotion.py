@@ -22,28 +22,15 @@ import numpy as np
 from xray.clock import utc_now
 from xray.govern import audit
 from xray.decide import metrics as M
+from xray.decide.metrics import Figure
 from xray.model.card import ModelCard
 from xray.model.registry import ReadOnlyVersion, Registry
 
+# The one minimum of a labelled set a version is accepted on (this gate) or calibrated on (xray.govern.sitecal)
 MIN_ACCEPTANCE_IMAGES = 200  # below this a sensitivity interval is wider than +-0.05 at 0.95
 MIN_PER_CLASS = 50  # each class, so that specificity means something too
 SENSITIVITY_MARGIN = 0.02  # at the operating threshold, below the active version's
 AUC_MARGIN = 0.01
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A validation figure with the number of images it rests on and its 95% interval."""
-
-    value: float
-    n: int
-    low: float
-    high: float
-
-    def __str__(self) -> str:
-        if self.value != self.value:
-            return "n/a"
-        return f"{self.value:.3f} (95% CI {self.low:.3f}-{self.high:.3f}, n={self.n})"
 
 
 def acceptance_figures(card: ModelCard, threshold: float | None = None) -> dict[str, Figure]:
@@ -55,14 +42,17 @@ def acceptance_figures(card: ModelCard, threshold: float | None = None) -> dict[
     y = np.asarray(validation.labels)
     p = np.asarray(validation.scores)
     t = card.threshold if threshold is None else float(threshold)
-    positives, negatives = int(y.sum()), int((1 - y).sum())
-    tp, tn = int(np.sum((p >= t) & (y == 1))), int(np.sum((p < t) & (y == 0)))
+    sensitivity, specificity = M.sensitivity_specificity(y, p >= t)
+    positives, negatives = sensitivity.n, specificity.n
     auc = M.roc_auc(y, p) if positives and negatives else float("nan")
-    return {"sensitivity": Figure(tp / positives if positives else float("nan"), positives,
-                                  *M.wilson_interval(tp, positives)),
-            "specificity": Figure(tn / negatives if negatives else float("nan"), negatives,
-                                  *M.wilson_interval(tn, negatives)),
+    return {"sensitivity": sensitivity, "specificity": specificity,
             "roc_auc": Figure(auc, positives + negatives, *M.auc_interval(auc, positives, negatives))}
+
+
+def large_enough(pneumonia: int, normal: int) -> bool:
+    """Whether a labelled set of ``pneumonia`` + ``normal`` images may accept a version (this gate) or
+    calibrate one to a site: at least ``MIN_ACCEPTANCE_IMAGES`` with ``MIN_PER_CLASS`` of each class."""
+    return pneumonia + normal >= MIN_ACCEPTANCE_IMAGES and min(pneumonia, normal) >= MIN_PER_CLASS
 
 
 @dataclass(frozen=True)
@@ -91,7 +81,7 @@ def check_promotion(candidate: ModelCard, active: ModelCard | None) -> GateResul
         reasons.append("its card holds no evaluation on an acceptance set")
     else:
         n, pos, neg = figures["roc_auc"].n, figures["sensitivity"].n, figures["specificity"].n
-        if n < MIN_ACCEPTANCE_IMAGES or min(pos, neg) < MIN_PER_CLASS:
+        if not large_enough(pos, neg):
             reasons.append(f"it was evaluated on only {n} images ({pos} pneumonia, {neg} normal); the gate needs "
                            f"at least {MIN_ACCEPTANCE_IMAGES} with {MIN_PER_CLASS} of each class")
     active_figures: dict[str, Figure] = {}
@@ -149,7 +139,8 @@ def promote(registry: Registry, version: str, force: bool = False, reason: str =
     if override is not None:
         try:
             card = registry.card(version)
-            registry.update_card(version, {"activation_overrides": [*card.get("activation_overrides", []), override]})
+            registry.update_card(version, {"activation_overrides": [*(o.to_dict() for o in card.activation_overrides),
+                                                                   override]})
         except ReadOnlyVersion:
             pass  # a shipped card stays as shipped; the marker and the audit log hold the override
         audit.record_event("activation-override", version=version, previous=previous, **override)

@@ -5,9 +5,10 @@ And the site's prevalence: Bayes' rule on the odds, and the EM estimate of an un
 Recalibration on a modest local sample is the cheapest remedy for the threshold and probability
 shifts a model shows at a new hospital (see e.g. Van Calster et al., "Calibration: the Achilles heel
 of predictive analytics", BMC Medicine 2019). Figures on the local set are cross-validated: each fold
-is scored with a calibration and threshold fitted on the other folds. With about 100 images their 95%
-intervals are wide (a sensitivity from 60 pneumonia images has an interval about +-0.06 wide at 0.95):
-the card and the page say so.
+is scored with a calibration and threshold fitted on the other folds. The folder must hold what the
+promotion gate requires of an acceptance set (``promotion.large_enough``: 200 images, 50 of each class);
+even then the 95% intervals are wide (a sensitivity from 60 pneumonia images has an interval about
++-0.06 wide at 0.95): the card and the page say so.
 
 A sensitivity floor is fitted with a margin for that sampling error (``site_rule``): the threshold
 keeps enough local pneumonia images that the one-sided 95% Clopper-Pearson lower bound of sensitivity
@@ -23,12 +24,11 @@ import torch
 
 from xray.decide import calibration as C
 from xray.decide import metrics as M
+from xray.govern import promotion
 from xray.io.folders import CLASSES, decoded_dataset, scan_dataset
 from xray.serve.inference import logits_of
 from xray.model.registry import LoadedModel, Registry
 
-MIN_PER_CLASS = 20  # fewer and a two-parameter calibration plus a threshold rest on a handful of images
-MIN_IMAGES = 50
 FOLDS = 5
 METHOD = "Platt scaling refitted on the site's labelled images (network weights unchanged)"
 NO_PROMISE = ("no promise on new films: the threshold rests on the local images' point estimate, "
@@ -81,11 +81,12 @@ def score_folder(model: LoadedModel, data_dir: str, workers: int = 0) -> SiteDat
     unreadable = [(scan.relative(s.path), e) for s, e in zip(scan.samples, errors) if e]
     labels = np.array([s.label for s in scan.samples], dtype=np.int64)[ok]
     counts = {name: int((labels == i).sum()) for i, name in enumerate(CLASSES)}
-    if min(counts.values()) < MIN_PER_CLASS or len(labels) < MIN_IMAGES:
+    if not promotion.large_enough(counts["PNEUMONIA"], counts["NORMAL"]):
         raise ValueError(
             f"{scan.root} has {counts['NORMAL']} readable normal and {counts['PNEUMONIA']} readable pneumonia "
-            f"images ({len(unreadable)} unreadable); recalibration needs at least {MIN_IMAGES} with "
-            f"{MIN_PER_CLASS} of each class, or the new threshold and calibration would rest on a handful of images")
+            f"images ({len(unreadable)} unreadable); recalibration needs at least {promotion.MIN_ACCEPTANCE_IMAGES} "
+            f"with {promotion.MIN_PER_CLASS} of each class, what the promotion gate requires of the set a version "
+            "is accepted on")
     inputs = torch.from_numpy(images[ok]).unsqueeze(1)
     logits = np.concatenate([logits_of(model, inputs[i:i + 256]).double().numpy() for i in range(0, len(inputs), 256)])
     return SiteData(str(scan.root), scan.fingerprint(), logits, labels, counts, unreadable, scan.skipped)
@@ -94,13 +95,10 @@ def score_folder(model: LoadedModel, data_dir: str, workers: int = 0) -> SiteDat
 def _figures(labels: np.ndarray, p: np.ndarray, called: np.ndarray) -> dict:
     """Sensitivity, specificity (with n and Wilson 95% intervals) of the calls ``called`` (N,) bool, and
     ROC AUC and ECE (10 bins) of the probabilities ``p``."""
-    positives, negatives = int(labels.sum()), int((1 - labels).sum())
-    tp = int(np.sum(called & (labels == 1)))
-    tn = int(np.sum(~called & (labels == 0)))
-    sensitivity, specificity = tp / positives, tn / negatives
+    sensitivity, specificity = M.sensitivity_specificity(labels, called)
     return {"n": int(len(labels)),
-            "sensitivity": sensitivity, "sensitivity_ci": list(M.wilson_interval(tp, positives)),
-            "specificity": specificity, "specificity_ci": list(M.wilson_interval(tn, negatives)),
+            "sensitivity": sensitivity.value, "sensitivity_ci": [sensitivity.low, sensitivity.high],
+            "specificity": specificity.value, "specificity_ci": [specificity.low, specificity.high],
             "roc_auc": M.roc_auc(labels, p), "ece": M.expected_calibration_error(labels, p)}
 
 
@@ -172,9 +170,6 @@ def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> 
 def write_version(registry: Registry, model: LoadedModel, result: Recalibration) -> str:
     """Save ``result`` as a new inactive version: the parent's weights byte for byte, its OOD statistics,
     and a card that records the parent, the site data and the old and new calibration and threshold."""
-    parent_dir = registry.version_dir(model.version)
-    weights = (parent_dir / "model.pt").read_bytes()
-    extras = {name: (parent_dir / name).read_bytes() for name in model.card.extra_files}
     old_scale, old_bias = model.calibration
     data = result.data
     p_local = C.apply(data.logits, result.scale, result.bias)
@@ -196,7 +191,7 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
             "new": {"threshold": result.threshold, "scale": result.scale, "bias": result.bias},
             "before_on_site": result.before, "after_on_site_crossvalidated": result.after,
             "guarantee": result.guarantee, "promise": promise(result.guarantee),
-            "note": ("figures on the site's images; with about 100 images their 95% intervals are wide "
+            "note": ("figures on the site's images; with a few hundred images their 95% intervals are wide "
                      "(see the _ci fields)"),
         },
     })
@@ -206,8 +201,7 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
         card["borderline"] = {**model.card.borderline_info, "below": round(band[0] * ratio, 4),
                               "above": round(band[1] * ratio, 4),
                               "method": model.card.borderline_info.get("method", "") + "; rescaled to the site calibration"}
-    version = registry.new_version_id("site")
-    return registry.save_version_bytes(weights, card, version, extras)
+    return registry.save_derived_version(model.version, card, "site")
 
 
 def calibrate(registry: Registry, data_dir: str, version: str | None = None, rule: str | None = None,
@@ -219,8 +213,8 @@ def calibrate(registry: Registry, data_dir: str, version: str | None = None, rul
     return write_version(registry, model, result), result
 
 
-def describe(result: Recalibration) -> str:
-    """A few lines for the terminal."""
+def terminal_summary(result: Recalibration) -> str:
+    """A few lines for the terminal: the site's images, the figures before and after."""
     b, a = result.before, result.after
 
     def fig(d, key):

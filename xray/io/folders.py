@@ -1,5 +1,6 @@
 """Labelled folders: find NORMAL/PNEUMONIA at any depth, train/val/test parts, patient ids,
-duplicates, a patient-level split, and decoding every image once into a uint8 cache."""
+duplicates, a patient-level split, decoding every image once into a uint8 cache, and ``load_training_data``:
+the folder as training, site checks, bench and robustness all read it."""
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +23,11 @@ from xray.io.preprocess import try_read_model_input
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SMALL_VAL = 100  # a val/ part smaller than this is supplemented by a patient split of train/
+
+# What ``load_training_data`` reports while it works (``xray.train.events`` lists them with the training events)
+SCAN = "scan"  # the folder scan: root, n, patients, counts, duplicates, skipped
+DECODE = "decode"  # done, total
+UNREADABLE = "unreadable"  # files: [[relative path, reason], ...]
 
 
 @dataclass(frozen=True)
@@ -283,3 +289,76 @@ def decoded_dataset(scan: DatasetScan, image_size: int, workers: int = 0, use_ca
         except OSError:
             pass  # a read-only home only costs speed
     return images, errors
+
+
+# -- the folder as training reads it ----------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """A labelled folder decoded once and divided into training, validation and test images."""
+
+    scan: DatasetScan
+    images: np.ndarray  # (N, S, S) uint8, every readable sample
+    labels: np.ndarray  # (N,) int64
+    train: np.ndarray  # indices into images
+    val: np.ndarray
+    test: np.ndarray
+    description: str  # how validation was formed, for the card
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def pos_weight(self) -> float:
+        """Normal over pneumonia training images: balances the classes' total weight in the loss."""
+        n_pos = int(self.labels[self.train].sum())
+        return (len(self.train) - n_pos) / max(n_pos, 1)
+
+
+def load_training_data(data_dir: str | os.PathLike, image_size: int, split: str = "id-range", val_fraction: float = 0.15,
+                seed: int = 0, workers: int = 0,
+                emit: Callable[[dict], None] = lambda event: None) -> TrainingData:
+    """Scan ``data_dir``, decode every image once (cached) at ``image_size``, and divide it by patient.
+
+    A ``val/`` part of at least ``SMALL_VAL`` images with both classes is the validation set; otherwise
+    ``SPLITS[split]`` holds out ``val_fraction`` of the training images (seeded), plus any small ``val/``.
+    Progress goes to ``emit`` as ``SCAN``, ``DECODE`` and ``UNREADABLE`` events.
+
+    Raises:
+        ValueError: no labelled images, an unknown ``split``, or a training or validation set lacking a class.
+    """
+    scan = scan_dataset(data_dir)
+    emit({"event": SCAN, **scan.summary()})
+    images, errors = decoded_dataset(scan, image_size, workers,
+                                     progress=lambda i, n: emit({"event": DECODE, "done": i, "total": n}))
+    ok = np.array([not e for e in errors])
+    unreadable = [(scan.relative(s.path), e) for s, e in zip(scan.samples, errors) if e]
+    emit({"event": UNREADABLE, "files": unreadable})
+    samples = [s for s, good in zip(scan.samples, ok) if good]
+    images = images[ok]
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    parts = np.array([s.part for s in samples])
+    if "train" in set(parts):
+        train_pool = np.nonzero(parts == "train")[0]
+        given_val = np.nonzero(parts == "val")[0]
+        test = np.nonzero(parts == "test")[0]
+    else:
+        train_pool, given_val, test = np.arange(len(samples)), np.array([], int), np.array([], int)
+    if len(given_val) >= SMALL_VAL and len(set(labels[given_val])) == 2:
+        train, val = train_pool, given_val
+        description = f"the folder's val/ part ({len(val)} images)"
+    else:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; one of {sorted(SPLITS)}")
+        tr, va = SPLITS[split]([samples[i] for i in train_pool], val_fraction, seed)
+        train, val = train_pool[tr], np.concatenate([train_pool[va], given_val]).astype(int)
+        if split == "id-range":
+            description = (f"patient-level split of the training images by patient number: the lowest and highest "
+                           f"numbers of each acquisition batch ({val_fraction:.0%} of images, {len(va)} images)")
+        else:
+            description = (f"patient-level split of the training images ({val_fraction:.0%} of patients, "
+                           f"seed {seed}, {len(va)} images)")
+        if len(given_val):
+            description += f" plus the folder's small val/ part ({len(given_val)} images)"
+    for name, idx in (("training", train), ("validation", val)):
+        if len(set(labels[idx])) < 2:
+            raise ValueError(f"the {name} set lacks one class: too few readable images")
+    scan.samples = samples
+    return TrainingData(scan, images, labels, train, val, test, description, unreadable)

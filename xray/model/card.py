@@ -67,19 +67,13 @@ def _optional_float(value: Any) -> float | None:
     return number
 
 
-@dataclass(frozen=True)
-class Validation:
-    """Figures on the version's validation set at the card's threshold, and the stored predictions."""
+class _Figures:
+    """Typed access to a block of ``metrics.metrics_at`` figures (``self.figures``)."""
 
-    split: str  # how validation was formed, in words
-    n: int  # images the figures rest on (0 when not recorded)
-    figures: Mapping[str, Any]  # metrics.metrics_at(...) keys + ece, at ``threshold``
-    threshold: float | None  # the threshold the figures were computed at
-    labels: tuple[int, ...] | None = None  # (n,) 0/1 ground truth, None when the card holds none
-    scores: tuple[float, ...] | None = None  # (n,) calibrated p(pneumonia)
+    figures: Mapping[str, Any]
 
     def figure(self, key: str) -> float | None:
-        """A validation figure by its metrics name (``roc_auc``, ``sensitivity``, ...); None when absent or NaN."""
+        """A figure by its metrics name (``roc_auc``, ``sensitivity``, ...); None when absent or NaN."""
         value = _optional_float(self.figures.get(key))
         return None if value is None or math.isnan(value) else value
 
@@ -94,6 +88,18 @@ class Validation:
     @property
     def roc_auc(self) -> float | None:
         return self.figure("roc_auc")
+
+
+@dataclass(frozen=True)
+class Validation(_Figures):
+    """Figures on the version's validation set at the card's threshold, and the stored predictions."""
+
+    description: str  # how validation was formed, in words (the card's "split")
+    n: int  # images the figures rest on (0 when not recorded)
+    figures: Mapping[str, Any]  # metrics.metrics_at(...) keys + ece, at ``threshold``
+    threshold: float | None  # the threshold the figures were computed at
+    labels: tuple[int, ...] | None = None  # (n,) 0/1 ground truth, None when the card holds none
+    scores: tuple[float, ...] | None = None  # (n,) calibrated p(pneumonia)
 
     @property
     def confusion_matrix(self) -> Mapping[str, int] | None:
@@ -117,7 +123,7 @@ class Validation:
                 raise CardError("validation labels must be 0 or 1")
         n = block.get("n", len(labels) if labels else 0)
         figures = {k: v for k, v in block.items() if k not in ("predictions", "split", "n")}
-        return cls(split=str(block.get("split", "")), n=int(n or 0), figures=figures,
+        return cls(description=str(block.get("split", "")), n=int(n or 0), figures=figures,
                    threshold=_optional_float(block.get("threshold")), labels=labels, scores=scores)
 
 
@@ -183,7 +189,7 @@ def operating_figures(validation: Validation, threshold: float) -> OperatingFigu
             worst_sens = (q["sensitivity"], name)
         if worst_spec is None or q["specificity"] < worst_spec[0]:
             worst_spec = (q["specificity"], name)
-    return OperatingFigures(threshold, validation.split, positives, negatives, m["sensitivity"], m["specificity"],
+    return OperatingFigures(threshold, validation.description, positives, negatives, m["sensitivity"], m["specificity"],
                             M.wilson_interval(cm["tp"], positives), M.wilson_interval(cm["tn"], negatives),
                             worst_sens, worst_spec)
 
@@ -207,6 +213,101 @@ class DataRecord:
         return cls(root=str(block.get("root", "")), fingerprint=str(block.get("fingerprint", "")), counts=counts,
                    train_images=block.get("train_images"), val_images=block.get("val_images"),
                    duplicates=int(block.get("duplicates", 0) or 0), unreadable=int(block.get("unreadable", 0) or 0))
+
+
+@dataclass(frozen=True)
+class HeldOutFigures(_Figures):
+    """Figures on the training folder's ``test/`` part at the card's threshold: reported, never chosen on."""
+
+    note: str = ""
+    n: int = 0
+    figures: Mapping[str, Any] = field(default_factory=dict)  # metrics.metrics_at(...) keys + ece
+
+    @classmethod
+    def from_dict(cls, block: Any) -> "HeldOutFigures | None":
+        if not isinstance(block, Mapping):
+            return None
+        return cls(note=str(block.get("note", "")), n=int(block.get("n", 0) or 0),
+                   figures={k: v for k, v in block.items() if k not in ("note", "n")})
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A threshold and the Platt calibration (scale, bias) it applies to."""
+
+    threshold: float | None = None
+    scale: float | None = None
+    bias: float | None = None
+
+    @classmethod
+    def from_dict(cls, block: Any) -> "OperatingPoint":
+        block = block if isinstance(block, Mapping) else {}
+        return cls(*(_optional_float(block.get(k)) for k in ("threshold", "scale", "bias")))
+
+
+@dataclass(frozen=True)
+class SiteCalibration:
+    """How a version calibrated to a site was made (``xray.govern.sitecal``): its parent, the site's data,
+    the old and new operating points and the figures on the site's images before and after."""
+
+    parent: str = ""
+    data_root: str = ""
+    data_fingerprint: str = ""
+    counts: Mapping[str, int] = field(default_factory=dict)  # class -> readable site images
+    unreadable: int = 0
+    rule: str = ""
+    old: OperatingPoint = OperatingPoint()
+    new: OperatingPoint = OperatingPoint()
+    before: Mapping[str, Any] = field(default_factory=dict)  # on the site's images, the parent's calibration
+    after: Mapping[str, Any] = field(default_factory=dict)  # the same, cross-validated with the new one
+    note: str = ""
+
+    @property
+    def images(self) -> int:
+        """Readable labelled site images the calibration was fitted on."""
+        return sum(int(v) for v in self.counts.values())
+
+    @classmethod
+    def from_dict(cls, block: Any) -> "SiteCalibration | None":
+        if not isinstance(block, Mapping):
+            return None
+        counts = block.get("counts") if isinstance(block.get("counts"), Mapping) else {}
+        before, after = block.get("before_on_site"), block.get("after_on_site_crossvalidated")
+        return cls(parent=str(block.get("parent", "") or ""), data_root=str(block.get("data_root", "") or ""),
+                   data_fingerprint=str(block.get("data_fingerprint", "") or ""), counts=counts,
+                   unreadable=int(block.get("unreadable", 0) or 0), rule=str(block.get("rule", "") or ""),
+                   old=OperatingPoint.from_dict(block.get("old")), new=OperatingPoint.from_dict(block.get("new")),
+                   before=before if isinstance(before, Mapping) else {},
+                   after=after if isinstance(after, Mapping) else {}, note=str(block.get("note", "") or ""))
+
+
+@dataclass(frozen=True)
+class ActivationOverride:
+    """One activation past the promotion gate: who, when (UTC), the typed reason and the gate's reasons."""
+
+    by: str
+    at: str
+    reason: str
+    gate: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": self.by, "at": self.at, "reason": self.reason, "gate": list(self.gate)}
+
+    @classmethod
+    def all_from(cls, blocks: Any) -> tuple["ActivationOverride", ...]:
+        """The card's ``activation_overrides`` list (absent: none)."""
+        if not isinstance(blocks, (list, tuple)) and blocks:
+            raise CardError("activation_overrides must be a list")
+        return tuple(cls.from_dict(block) for block in blocks or ())
+
+    @classmethod
+    def from_dict(cls, block: Any) -> "ActivationOverride":
+        if not isinstance(block, Mapping):
+            raise CardError("an activation override must be a JSON object")
+        gate = block.get("gate") or ()
+        return cls(by=str(block.get("by", "") or ""), at=str(block.get("at", "") or ""),
+                   reason=str(block.get("reason", "") or ""),
+                   gate=(str(gate),) if isinstance(gate, str) else tuple(str(g) for g in gate))
 
 
 @dataclass(frozen=True)
@@ -252,7 +353,8 @@ class TrainingRecord:
 
 
 class ModelCard(Mapping):
-    """A validated model card: typed attributes, and a read-only mapping of the JSON it came from.
+    """A validated model card: typed attributes (every block parsed once, here), and a read-only mapping of
+    the JSON it came from.
 
     Raises (from ``from_dict``):
         CardError: a required field (version, threshold in [0, 1], architecture config, image size)
@@ -302,10 +404,11 @@ class ModelCard(Mapping):
             below = _number(block.get("below"), "borderline below", 0.0, 20.0)
             above = _number(block.get("above"), "borderline above", 0.0, 20.0)
             self.borderline = (below, above)
-        self.test: Mapping[str, Any] | None = raw.get("test") if isinstance(raw.get("test"), Mapping) else None
+        self.test: HeldOutFigures | None = HeldOutFigures.from_dict(raw.get("test"))
         self.derived_from: Mapping[str, Any] | None = raw.get("derived_from") if isinstance(raw.get("derived_from"), Mapping) else None
-        site = raw.get("site_calibration")
-        self.site_calibration: Mapping[str, Any] | None = site if isinstance(site, Mapping) else None
+        self.site_calibration: SiteCalibration | None = SiteCalibration.from_dict(raw.get("site_calibration"))
+        self.activation_overrides: tuple[ActivationOverride, ...] = ActivationOverride.all_from(
+            raw.get("activation_overrides"))
         spec = raw.get("intended_use_spec")
         self.intended_use_spec: dict[str, Any] = {**DEFAULT_SPEC, **(spec if isinstance(spec, Mapping) else {})}
         self.weights_sha256: str = str(raw.get("weights_sha256", ""))

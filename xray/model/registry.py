@@ -102,7 +102,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_net(card: ModelCard | Mapping[str, Any]) -> PneumoniaNet:
+def net_for_card(card: ModelCard | Mapping[str, Any]) -> PneumoniaNet:
     card = card if isinstance(card, ModelCard) else ModelCard.from_dict(card)
     return model_build_net(card.config)
 
@@ -226,7 +226,7 @@ class Registry:
         extras = self._read_extras(version, card)
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            net = build_net(card)
+            net = net_for_card(card)
             net.load_state_dict(state)
         except Exception as exc:  # torch raises several types on bad archives or shapes
             raise ModelFileError(f"weights of model {version} cannot be loaded: {exc}") from None
@@ -240,7 +240,7 @@ class Registry:
                 raise ModelFileError(f"model {version}: {exc}") from None
         saved = self.site.saved_threshold(version)
         return LoadedModel(net, card, device, ood_stats, saved.threshold if saved else None,
-                           saved.describe() if saved else "")
+                           saved.provenance() if saved else "")
 
     def _read_extras(self, version: str, card: ModelCard) -> dict[str, bytes]:
         """The version's extra files, each checked against the SHA-256 in its card."""
@@ -321,6 +321,16 @@ class Registry:
         """``save_version`` with the weights file given as bytes, written unchanged (a version derived
         from another with the same weights, byte for byte: site calibration)."""
         return self._write_version(weights, card, version, extras)
+
+    def save_derived_version(self, parent: str, card: Mapping[str, Any], tag: str,
+                             extras: dict[str, bytes] | None = None) -> str:
+        """A new inactive version with ``parent``'s weights byte for byte (made without training: site
+        calibration, added OOD statistics) and ``card`` (``ModelCard.derived``); ``parent``'s extra files
+        come along unless ``extras`` replaces them. Returns the new id (``new_version_id(tag)``)."""
+        parent_dir = self.version_dir(parent)
+        files = {name: (parent_dir / name).read_bytes() for name in self.card(parent).extra_files}
+        return self._write_version((parent_dir / "model.pt").read_bytes(), card, self.new_version_id(tag),
+                                   {**files, **(extras or {})})
 
     def update_card(self, version: str, updates: Mapping[str, Any]) -> ModelCard:
         """Merge ``updates`` into a version's card atomically; the protected keys (``card.PROTECTED_KEYS``)

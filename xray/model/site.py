@@ -27,7 +27,8 @@ class SavedThreshold:
     at: str  # UTC time, ISO 8601
     why: str  # the reason given
 
-    def describe(self) -> str:
+    def provenance(self) -> str:
+        """Who saved it, when and why, in one line."""
         return f"saved by {self.by} on {self.at[:10]}: {self.why}"
 
 
@@ -89,6 +90,20 @@ class SiteSettings:
         except (TypeError, ValueError):
             return None
         return value if 0.0 < value < 1.0 else None
+
+    def prevalence_in_force(self, calibration_prevalence: float, given: float | None = None) -> float:
+        """The pneumonia prevalence adjusted figures assume: ``given`` (e.g. ``--prevalence``), else the site's
+        saved one, else the version's calibration prevalence (``ModelCard.calibration_prevalence``).
+
+        Raises:
+            ValueError: ``given`` outside (0, 1).
+        """
+        if given is not None:
+            if not 0.0 < given < 1.0:
+                raise ValueError("the prevalence must lie strictly between 0 and 1")
+            return float(given)
+        saved = self.prevalence()
+        return saved if saved is not None else float(calibration_prevalence)
 
     def set_prevalence(self, prevalence: float | None) -> None:
         """Save (or with None, clear) the site's prevalence.

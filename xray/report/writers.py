@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from xray.serve import guard
-from xray.serve.analysis import Analysis, display_pixels, heatmap
+from xray.serve.analysis import Analysis, display_colour_levels, display_pixels
 from xray.atomic import atomic_write_bytes
 from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
+from xray.decide.metrics import sensitivity_specificity
 from xray.serve.hirescam import overlay
 from xray.decide.prevalence import adjust_to_prevalence
 from xray.model.registry import LoadedModel
@@ -67,6 +68,16 @@ def read_dicom_header(data: bytes):
     return ds
 
 
+DECISION_COLOURS = {PNEUMONIA: (192, 57, 43), BORDERLINE: (211, 84, 0)}  # RGB; NORMAL green, no verdict grey
+
+
+def decision_colour(decision: str | None) -> tuple[int, int, int]:
+    """The colour a report prints ``decision`` in: red, orange, green, or grey for no verdict (None)."""
+    if not decision:
+        return (90, 90, 90)
+    return DECISION_COLOURS.get(decision, (39, 119, 72))
+
+
 def result_line(item: ReportInput) -> str:
     """The result in one line, exactly as the screen states it."""
     a = item.analysis
@@ -74,7 +85,7 @@ def result_line(item: ReportInput) -> str:
         return f"Not analysed: {a.error}"
     p = a.prediction
     if p.withheld:
-        return f"No verdict ({p.outcome}): {p.ood_reason}"
+        return f"No verdict ({p.outcome}): {p.withheld_reason}"
     return f"p(pneumonia) {p.p_pneumonia:.3f}: {item.decision} at threshold {item.threshold:.6f}"
 
 
@@ -112,7 +123,7 @@ def _pictures(model: LoadedModel, item: ReportInput) -> tuple[Image.Image, Image
     prediction = item.analysis.prediction
     if prediction is None or prediction.withheld:
         return film, None
-    return film, Image.fromarray(overlay(pixels, heatmap(model, image), 0.45))
+    return film, Image.fromarray(overlay(pixels, display_colour_levels(model, image), 0.45))
 
 
 def _text(pdf, text: str, size: float = 10, bold: bool = False, height: float = 5.2) -> None:
@@ -145,8 +156,7 @@ def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
                  else "No heatmap: no verdict is given for this image", new_x="LMARGIN", new_y="NEXT")
         pdf.ln(2)
     decision = item.decision
-    colour = {PNEUMONIA: (192, 57, 43), BORDERLINE: (211, 84, 0)}.get(decision, (39, 119, 72))
-    pdf.set_text_color(*(colour if decision else (90, 90, 90)))
+    pdf.set_text_color(*decision_colour(decision))
     _text(pdf, result_line(item), 12, True, 6.5)
     pdf.set_text_color(0, 0, 0)
     p = a.prediction
@@ -157,11 +167,9 @@ def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
                        "change of exposure or framing flips the model's call. Read the film without the model.", 9)
         validation = card.validation
         if validation.labels is not None:
-            y, s = np.array(validation.labels), np.array(validation.scores)
-            sens = float(np.mean(s[y == 1] >= item.threshold))
-            spec = float(np.mean(s[y == 0] < item.threshold))
-            _text(pdf, f"What the threshold means: on this version's validation images (n={len(y)}), sensitivity "
-                       f"{sens:.3f} and specificity {spec:.3f} at {item.threshold:.6f}.", 9)
+            sens, spec = sensitivity_specificity(validation.labels, np.array(validation.scores) >= item.threshold)
+            _text(pdf, f"What the threshold means: on this version's validation images (n={sens.n + spec.n}), "
+                       f"sensitivity {sens.value:.3f} and specificity {spec.value:.3f} at {item.threshold:.6f}.", 9)
         calibrated_at = card.calibration_prevalence
         adjusted = float(adjust_to_prevalence(p.p_pneumonia, calibrated_at, item.prevalence))
         _text(pdf, f"Probabilities are calibrated at {calibrated_at:.0%} pneumonia prevalence; at this site's "
@@ -237,7 +245,7 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
 
     film, heat = _pictures(model, item)
     decision = item.decision
-    colour = {PNEUMONIA: (192, 57, 43), BORDERLINE: (211, 84, 0)}.get(decision, (39, 119, 72) if decision else (90, 90, 90))
+    colour = decision_colour(decision)
     pixels = _banner(heat or film, result_line(item) + f" | model {model.version} | decision support only", colour)
     common = dict(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
                   series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
@@ -286,7 +294,7 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)])
     if p.withheld:
         group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"No verdict ({p.outcome}): {p.ood_reason}"[:1024],
+            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"No verdict ({p.outcome}): {p.withheld_reason}"[:1024],
             relationship_type="CONTAINS"))
     observer = hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                      observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -16,11 +16,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from xray.serve.hirescam import heatmap as evidence_heatmap
+from xray.serve.hirescam import colour_levels
 from xray.serve.hirescam import overlay
 from xray.io.loader import XrayImage, load_image
 from xray.serve.inference import Prediction, predict
-from xray.serve.pipeline import CSV_HEADER, csv_row
+from xray.serve.pipeline import CSV_HEADER, ResultRow
 from xray.model.registry import LoadedModel, sha256_bytes
 
 # Longest side of the copy shown on screen: a 2000-pixel radiograph is downscaled (aspect ratio
@@ -64,11 +64,6 @@ def analyse(model: LoadedModel, data: bytes, name: str) -> Analysis:
     return Analysis(name, digest, image, prediction, "")
 
 
-def is_out_of_distribution(prediction: Prediction | None) -> bool:
-    """True when a safety check flagged the image as not a chest radiograph (field may be absent)."""
-    return bool(getattr(prediction, "ood", False))
-
-
 def display_size(width: int, height: int, longest: int = DISPLAY_SIDE) -> tuple[int, int]:
     """(width, height) scaled so the longest side is at most ``longest``, aspect ratio kept."""
     scale = min(1.0, longest / max(width, height))
@@ -83,13 +78,13 @@ def display_pixels(image: XrayImage, longest: int = DISPLAY_SIDE) -> np.ndarray:
     return np.asarray(Image.fromarray(image.to_uint8()).resize(size, Image.BILINEAR))
 
 
-def heatmap(model: LoadedModel, image: XrayImage, longest: int = DISPLAY_SIDE) -> np.ndarray:
-    """Evidence for pneumonia (``gradcam.heatmap``: HiResCAM on a fixed, shared scale) at display size:
+def display_colour_levels(model: LoadedModel, image: XrayImage, longest: int = DISPLAY_SIDE) -> np.ndarray:
+    """The heatmap: evidence for pneumonia (``hirescam.colour_levels``: HiResCAM on a fixed, shared scale) at display size:
     (h, w) float32 colour levels in [0, 1], aligned with ``display_pixels``."""
     width, height = display_size(*image.size, longest)
     # explains exactly the input the prediction came from; the grid is scaled straight to the display
     # copy's size (the model saw a squash of the whole image, so this aligns)
-    return evidence_heatmap(model, image, shape=(height, width)).astype(np.float32)
+    return colour_levels(model, image, shape=(height, width)).astype(np.float32)
 
 
 def overlay_png(pixels: np.ndarray, cam: np.ndarray, alpha: float) -> bytes:
@@ -114,31 +109,21 @@ def thumbnail_data_uri(image: XrayImage, side: int = THUMBNAIL_SIDE) -> str:
     return "data:image/png;base64," + base64.b64encode(encode(display_pixels(image, side))).decode("ascii")
 
 
-def worklist_rows(analyses: Iterable[Analysis], threshold: float) -> list[dict]:
-    """One row per file (CLI CSV columns plus sha256), highest p(pneumonia) first, unreadable files last."""
-    rows = []
-    for a in analyses:
-        if a.prediction is None:
-            rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": None, "label": "", "threshold": threshold, "error": a.error})
-        elif is_out_of_distribution(a.prediction):
-            reason = " ".join(str(getattr(a.prediction, "ood_reason", "")).split())
-            rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": a.prediction.p_pneumonia, "label": "",
-                         "threshold": threshold, "error": f"{a.prediction.outcome}: {reason}".strip()})  # as the CLI
-        else:
-            rows.append({"path": a.name, "sha256": a.sha256, "p_pneumonia": a.prediction.p_pneumonia,
-                         "label": a.prediction.decision(threshold), "threshold": threshold, "error": ""})
-    # unreadable and out-of-distribution rows sort below every verdict
-    return sorted(rows, key=lambda r: (r["label"] == "", -(r["p_pneumonia"] or 0.0)))
+def worklist_rows(analyses: Iterable[Analysis], threshold: float,
+                  prevalence: tuple[float, float] | None = None) -> list[ResultRow]:
+    """One ``pipeline.ResultRow`` per file (the CLI's CSV row, with the file's sha256), highest p(pneumonia)
+    first; withheld and unreadable files below every verdict."""
+    rows = [ResultRow.of(a.name, a.prediction, a.error, threshold, prevalence, a.sha256) for a in analyses]
+    return sorted(rows, key=lambda r: (r.label == "", -(r.p_pneumonia or 0.0)))
 
 
 def worklist_csv(analyses: Iterable[Analysis], threshold: float, prevalence: tuple[float, float] | None = None) -> str:
-    """The worklist as CSV, row for row what ``python -m xray predict`` writes (``pipeline.csv_row``),
+    """The worklist as CSV, row for row what ``python -m xray predict`` writes (``pipeline.ResultRow``),
     in worklist order, the file name as path."""
     by_sha = {a.sha256: a for a in analyses}
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
-    for row in worklist_rows(by_sha.values(), threshold):
-        a = by_sha[row["sha256"]]
-        writer.writerow(csv_row(a.name, a.prediction, a.error, threshold, prevalence))
+    for row in worklist_rows(by_sha.values(), threshold, prevalence):
+        writer.writerow(row.csv())
     return out.getvalue()

@@ -61,7 +61,7 @@ def heat_levels(evidence: np.ndarray, floor: float = EVIDENCE_FLOOR,
     return np.where(np.asarray(evidence) >= floor, np.clip(levels, 0.0, 1.0) * 0.85 + 0.15, 0.0)
 
 
-def heatmap(model: LoadedModel, image: XrayImage | np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+def colour_levels(model: LoadedModel, image: XrayImage | np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Colour levels (``heat_levels``) of ``evidence_map`` at ``shape`` (H, W), default the image's size."""
     pixels = image.pixels if isinstance(image, XrayImage) else image
     return resize_map(heat_levels(evidence_map(model, image)), shape or pixels.shape)

@@ -27,19 +27,19 @@ class Prediction:
 
     p_pneumonia: float  # calibrated probability of pneumonia, in [0, 1]
     model_version: str
-    ood: bool = False  # the intended-use guard withheld the verdict: show no decision
-    ood_reason: str = ""  # one line saying why, when ``ood``
+    outcome: str = guard.VERDICT  # the intended-use guard's: VERDICT, OUTSIDE_INTENDED_USE or NOT_A_CHEST_RADIOGRAPH
+    withheld_reason: str = ""  # one line saying why, when the verdict is withheld
     band: tuple[float, float] | None = None  # the version's borderline band (log-odds), ``ModelCard.borderline``
-    outcome: str = guard.VERDICT  # guard.VERDICT, guard.OUTSIDE_INTENDED_USE or guard.NOT_A_CHEST_RADIOGRAPH
 
     @property
     def withheld(self) -> bool:
-        return self.ood
+        """The guard withheld the verdict (header or image outside the intended use): show no decision."""
+        return self.outcome != guard.VERDICT
 
     def decision(self, threshold: float) -> str | None:
         """PNEUMONIA / NORMAL / BORDERLINE at ``threshold`` (``xray.decide.decision.decide`` with the version's
         band), or None when the verdict was withheld."""
-        return None if self.ood else decide(self.p_pneumonia, threshold, self.band)
+        return None if self.withheld else decide(self.p_pneumonia, threshold, self.band)
 
 
 def model_inputs(images: "Sequence[ImageLike | ModelInput]", image_size: int) -> torch.Tensor:
@@ -91,8 +91,7 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
         turned = stats.upside_down_scores(features) if stats is not None else [None] * len(batch)
         for prepared, p, distance, upside_down in zip(batch, probabilities(model, logits), distances, turned):
             outcome, reason = guard_outcome(prepared, distance, stats, upside_down, spec)
-            out.append(Prediction(float(p), model.version, outcome != guard.VERDICT, reason, model.card.borderline,
-                                  outcome))
+            out.append(Prediction(float(p), model.version, outcome, reason, model.card.borderline))
     return out
 
 

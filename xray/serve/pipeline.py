@@ -12,6 +12,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -108,25 +109,66 @@ def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1),
                 yield path
 
 
+UNREADABLE = "unreadable"  # ResultRow.outcome of a file that could not be read (beside the guard's outcomes)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One file's result as every table shows it (the CSV of ``predict``, the worklist and its CSV), with
+    separate fields: ``outcome`` is the guard's (``guard.VERDICT`` ...) or ``UNREADABLE``, ``reason`` why
+    there is no verdict (one line)."""
+
+    path: str
+    p_pneumonia: float | None  # None when the file could not be read; kept (for research) when withheld
+    label: str  # PNEUMONIA / NORMAL / BORDERLINE at ``threshold``; "" when withheld or unreadable
+    threshold: float
+    outcome: str
+    reason: str = ""
+    prevalence: float | None = None  # the site's, for the last two CSV columns
+    p_at_prevalence: float | None = None  # the same evidence at ``prevalence`` (Bayes' rule); never decides
+    sha256: str = ""
+
+    @classmethod
+    def of(cls, path: str, prediction: Prediction | None, error: str, threshold: float,
+           prevalence: tuple[float, float] | None = None, sha256: str = "") -> "ResultRow":
+        """The row of a scored, withheld or unreadable file. ``prevalence``: (the version's calibration
+        prevalence, the site's), or None to leave the last two columns empty."""
+        calibrated_at, site = prevalence if prevalence is not None else (None, None)
+        if prediction is None:
+            return cls(path, None, "", threshold, UNREADABLE, " ".join(str(error).split()), site, None, sha256)
+        adjusted = None
+        if site is not None and calibrated_at is not None and not prediction.withheld:
+            adjusted = float(adjust_to_prevalence(prediction.p_pneumonia, calibrated_at, site))
+        if prediction.withheld:  # no verdict, but the score stays visible (docs/ood.md)
+            return cls(path, prediction.p_pneumonia, "", threshold, prediction.outcome,
+                       " ".join(prediction.withheld_reason.split()), site, None, sha256)
+        return cls(path, prediction.p_pneumonia, prediction.decision(threshold), threshold, prediction.outcome,
+                   "", site, adjusted, sha256)
+
+    @property
+    def error(self) -> str:
+        """The CSV's error column: the read error, or "<outcome>: <reason>" when withheld; "" for a verdict."""
+        if self.outcome == UNREADABLE:
+            return self.reason
+        return f"{self.outcome}: {self.reason}" if self.label == "" else ""
+
+    def csv(self) -> list[str]:
+        """The row under ``CSV_HEADER``."""
+        return [self.path, "" if self.p_pneumonia is None else f"{self.p_pneumonia:.6f}", self.label,
+                f"{self.threshold:.6f}", self.error, "" if self.prevalence is None else f"{self.prevalence:.4f}",
+                "" if self.p_at_prevalence is None else f"{self.p_at_prevalence:.6f}"]
+
+
 def csv_row(path: str, prediction: Prediction | None, error: str, threshold: float,
             prevalence: tuple[float, float] | None = None) -> list[str]:
-    """The one CSV row (columns ``CSV_HEADER``) for a scored, withheld or unreadable file.
+    """The one CSV row (columns ``CSV_HEADER``) for a scored, withheld or unreadable file (``ResultRow``).
 
     ``label`` is ``Prediction.decision(threshold)`` (PNEUMONIA / NORMAL / BORDERLINE) for a verdict, empty
     when the verdict was withheld (``p_pneumonia`` stays, for research; ``error`` says why) or the file
     could not be read. ``prevalence``: (the version's calibration prevalence, the site's), for the last
     two columns; the decision never depends on it.
     """
-    calibrated_at, site = prevalence if prevalence is not None else (None, None)
-    tail = [f"{site:.4f}" if site is not None else "", ""]
-    if prediction is None:
-        return [path, "", "", f"{threshold:.6f}", " ".join(str(error).split()), *tail]
-    if site is not None and calibrated_at is not None:
-        tail[1] = f"{float(adjust_to_prevalence(prediction.p_pneumonia, calibrated_at, site)):.6f}"
-    if prediction.withheld:  # no verdict, but the score stays visible (docs/ood.md)
-        return [path, f"{prediction.p_pneumonia:.6f}", "", f"{threshold:.6f}",
-                f"{prediction.outcome}: " + " ".join(prediction.ood_reason.split()), tail[0], ""]
-    return [path, f"{prediction.p_pneumonia:.6f}", prediction.decision(threshold), f"{threshold:.6f}", "", *tail]
+    return ResultRow.of(path, prediction, error, threshold, prevalence).csv()
 
 
 def done_paths(csv_path: Path) -> set[str]:
@@ -146,7 +188,7 @@ def _prepare_chunk(paths: list[Path], image_size: int) -> list[tuple[ModelInput 
     return [try_read_model_input(path, image_size) for path in paths]
 
 
-def pipeline_split(workers: int = 0) -> tuple[int, int]:
+def cpu_allocation(workers: int = 0) -> tuple[int, int]:
     """(network threads, decoding processes) for ``score_paths`` on this machine's cores."""
     cores = os.cpu_count() or 1
     threads = max(1, min(torch.get_num_threads(), cores // 2))
@@ -164,7 +206,7 @@ def score_paths(model: LoadedModel, paths: Iterable[Path], batch_size: int = 32,
     cores the decoders need), the decoders the rest plus one. On 2 cores that is 1 thread + 2 workers:
     987 images/s vs 568 with 2 threads + 2 workers (docs/scaling.md)."""
     threads = torch.get_num_threads()
-    net_threads, workers = pipeline_split(workers)
+    net_threads, workers = cpu_allocation(workers)
     if model.device.type == "cpu":
         torch.set_num_threads(net_threads)
     source, pending, batch = iter(paths), deque(), []

@@ -240,7 +240,7 @@ def adapt(registry: Registry, data_dir: str, version: str | None = None) -> tupl
     return write_version(registry, model, result, data_dir), result
 
 
-def describe(result: Adaptation, threshold: float) -> str:
+def terminal_summary(result: Adaptation, threshold: float) -> str:
     """A few lines for the terminal."""
     s = result.summary(threshold)
     return (f"site films: {s['films']} readable ({s['unreadable']} unreadable, skipped); {s['used']} used, "

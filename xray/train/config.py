@@ -54,6 +54,11 @@ class TrainConfig:
         """The seed of the weights, augmentation and batch order."""
         return self.seed if self.init_seed < 0 else self.init_seed
 
+    def folder_options(self) -> dict:
+        """The settings ``xray.io.folders.load_training_data`` reads: ``load_training_data(cfg.data_dir, **cfg.folder_options())``."""
+        return {"image_size": self.image_size, "split": self.split, "val_fraction": self.val_fraction,
+                "seed": self.seed, "workers": self.workers}
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         unknown = set(d) - {f.name for f in fields(cls)}

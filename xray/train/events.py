@@ -11,10 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from xray.io.folders import DECODE, SCAN, UNREADABLE  # noqa: F401 (reading the folder: xray.io.folders.load_training_data)
+
 START = "start"  # config, pid, world_size
-SCAN = "scan"  # the folder scan: root, n, patients, counts, duplicates, skipped
-DECODE = "decode"  # done, total
-UNREADABLE = "unreadable"  # files: [[relative path, reason], ...]
 DATA = "data"  # train, val, test sizes; validation (how it was formed); pos_weight
 RESUMED = "resumed"  # epoch
 STEP = "step"  # epoch, step, steps, loss, lr, epoch_eta_s

@@ -33,7 +33,7 @@ from xray.io.folders import CLASSES, scan_dataset
 from xray.train.events import read_events  # noqa: F401 (part of this module's interface)
 from xray.model.registry import Registry
 from xray.settings import PACKAGE_ROOT
-from xray.train.loop import load_data
+from xray.io.folders import load_training_data
 from xray.train.config import TrainConfig, command_line
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
@@ -98,7 +98,7 @@ class FolderReport:
 
 def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
                    progress: Callable[[int, int], None] | None = None) -> FolderReport:
-    """Check a dataset folder exactly as training will read it (xray.train.load_data).
+    """Check a dataset folder exactly as training will read it (``xray.io.folders.load_training_data``).
 
     Raises:
         ValueError: the folder is outside the data roots or cannot be trained on; the message says why.
@@ -114,7 +114,7 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
             progress(event["done"], event["total"])
 
     try:
-        splits = load_data(cfg, emit)  # decodes once into the on-disk cache the training run reuses
+        data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)  # decodes once into the on-disk cache the training run reuses
     except ValueError:
         unreadable = seen.get("unreadable", {}).get("files", [])
         if "scan" in seen and len(unreadable) == seen["scan"]["n"]:
@@ -123,13 +123,13 @@ def inspect_folder(path: str | os.PathLike, cfg: TrainConfig | None = None,
         raise
 
     def per_class(indices) -> dict[str, int]:
-        return {name: int((splits.labels[indices] == label).sum()) for label, name in enumerate(CLASSES)}
+        return {name: int((data.labels[indices] == label).sum()) for label, name in enumerate(CLASSES)}
 
-    scan = splits.scan
+    scan = data.scan
     return FolderReport(root=str(root), counts=scan.counts(), patients=len({s.patient for s in scan.samples}),
-                        fingerprint=scan.fingerprint(), train=per_class(splits.train), val=per_class(splits.val),
-                        test=int(len(splits.test)), validation=splits.description,
-                        duplicates=scan.duplicates, unreadable=[tuple(u) for u in splits.unreadable],
+                        fingerprint=scan.fingerprint(), train=per_class(data.train), val=per_class(data.val),
+                        test=int(len(data.test)), validation=data.description,
+                        duplicates=scan.duplicates, unreadable=[tuple(u) for u in data.unreadable],
                         skipped=[tuple(s) for s in scan.skipped])
 
 
@@ -477,7 +477,7 @@ def summarize(events: list[dict], record: dict, now: float | None = None) -> Pro
     return p
 
 
-def describe(job: Job) -> str:
+def status_lines(job: Job) -> str:
     """A few plain lines about a job, for ``python -m xray jobs``."""
     p = job.progress()
     lines = [f"job {job.id}: {job.state}" + (f" - {job.reason}" if job.reason else ""),

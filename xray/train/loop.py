@@ -1,5 +1,5 @@
 """Training from scratch (or fine-tuning), shaped like torchvision's classification reference:
-``load_data``, ``train_one_epoch``, ``evaluate``, ``main(config)``. Progress goes to callbacks; the
+``train_one_epoch``, ``evaluate``, ``main(config)`` (the data: ``xray.io.folders.load_training_data``). Progress goes to callbacks; the
 CLI attaches a console printer and a JSON-lines event file that the Retrain page reads."""
 from __future__ import annotations
 
@@ -28,14 +28,7 @@ from xray.decide import metrics as M
 from xray.model import ood as O
 from xray.atomic import atomic_write
 from xray.io.augment import PERTURBATIONS, PRESETS, augment
-from xray.io.folders import (
-    CLASSES,
-    SMALL_VAL,
-    DatasetScan,
-    SPLITS,
-    decoded_dataset,
-    scan_dataset,
-)
+from xray.io.folders import CLASSES, TrainingData, load_training_data
 from xray.train.distributed import (  # noqa: F401
     Cancelled,
     any_rank,
@@ -63,85 +56,44 @@ from xray.train.config import TrainConfig, command_line, model_config  # noqa: F
 Callback = Callable[[dict], None]
 
 
-# -- data ---------------------------------------------------------------------------------------------
-@dataclass
-class Splits:
-    scan: DatasetScan
-    images: np.ndarray  # (N, S, S) uint8, every readable sample
-    labels: np.ndarray  # (N,) int64
-    train: np.ndarray  # indices into images
-    val: np.ndarray
-    test: np.ndarray
-    description: str  # how validation was formed, for the card
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-
-
-def load_data(cfg: TrainConfig, emit: Callback) -> Splits:
-    """Scan, decode once (cached), and split by patient."""
-    scan = scan_dataset(cfg.data_dir)
-    emit({"event": E.SCAN, **scan.summary()})
-    images, errors = decoded_dataset(scan, cfg.image_size, cfg.workers,
-                                     progress=lambda i, n: emit({"event": E.DECODE, "done": i, "total": n}))
-    ok = np.array([not e for e in errors])
-    unreadable = [(scan.relative(s.path), e) for s, e in zip(scan.samples, errors) if e]
-    emit({"event": E.UNREADABLE, "files": unreadable})
-    samples = [s for s, good in zip(scan.samples, ok) if good]
-    images = images[ok]
-    labels = np.array([s.label for s in samples], dtype=np.int64)
-    parts = np.array([s.part for s in samples])
-    if "train" in set(parts):
-        train_pool = np.nonzero(parts == "train")[0]
-        given_val = np.nonzero(parts == "val")[0]
-        test = np.nonzero(parts == "test")[0]
-    else:
-        train_pool, given_val, test = np.arange(len(samples)), np.array([], int), np.array([], int)
-    if len(given_val) >= SMALL_VAL and len(set(labels[given_val])) == 2:
-        train, val = train_pool, given_val
-        description = f"the folder's val/ part ({len(val)} images)"
-    else:
-        if cfg.split not in SPLITS:
-            raise ValueError(f"unknown split {cfg.split!r}; one of {sorted(SPLITS)}")
-        tr, va = SPLITS[cfg.split]([samples[i] for i in train_pool], cfg.val_fraction, cfg.seed)
-        train, val = train_pool[tr], np.concatenate([train_pool[va], given_val]).astype(int)
-        if cfg.split == "id-range":
-            description = (f"patient-level split of the training images by patient number: the lowest and highest "
-                           f"numbers of each acquisition batch ({cfg.val_fraction:.0%} of images, {len(va)} images)")
-        else:
-            description = (f"patient-level split of the training images ({cfg.val_fraction:.0%} of patients, "
-                           f"seed {cfg.seed}, {len(va)} images)")
-        if len(given_val):
-            description += f" plus the folder's small val/ part ({len(given_val)} images)"
-    for name, idx in (("training", train), ("validation", val)):
-        if len(set(labels[idx])) < 2:
-            raise ValueError(f"the {name} set lacks one class: too few readable images")
-    scan.samples = samples
-    return Splits(scan, images, labels, train, val, test, description, unreadable)
-
-
 # -- steps --------------------------------------------------------------------------------------------
 def _config_of(model: torch.nn.Module) -> ModelConfig:
     return (model.module if hasattr(model, "module") else model).config  # DDP wraps the net
 
 
-def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: torch.Tensor,
-                    indices: np.ndarray, cfg: TrainConfig, epoch: int, pos_weight: float,
-                    generator: torch.Generator, ema: EMA | None, emit: Callback,
-                    should_stop: Callable[[], bool], device: torch.device, sampler_rank: tuple[int, int] = (0, 1),
-                    scaler: "torch.amp.GradScaler | None" = None) -> float:
+@dataclass(frozen=True)
+class EpochContext:
+    """What every epoch of one member reads: the data, the settings, the seeded RNG and this process's place."""
+
+    images: torch.Tensor  # (N, S, S) uint8, every readable image
+    labels: torch.Tensor  # (N,) int64
+    cfg: TrainConfig
+    pos_weight: float  # ``TrainingData.pos_weight``
+    generator: torch.Generator  # augmentation, batch order, mixup
+    device: torch.device
+    emit: Callback = lambda event: None
+    should_stop: Callable[[], bool] = lambda: False
+    ema: EMA | None = None
+    scaler: "torch.amp.GradScaler | None" = None  # fp16 loss scaling (CUDA without bf16)
+    rank: int = 0
+    world: int = 1
+
+
+def train_one_epoch(model, optimizer, scheduler, indices: np.ndarray, epoch: int, ctx: EpochContext) -> float:
     """One pass over ``indices`` in a seeded random order; returns the mean training loss."""
     model.train()
+    cfg, generator, device, rank, world = ctx.cfg, ctx.generator, ctx.device, ctx.rank, ctx.world
     aug = PRESETS[cfg.augment]
     order = indices[torch.randperm(len(indices), generator=generator).numpy()]
-    rank, world = sampler_rank
     order = order[rank::world]  # same permutation on every rank; each takes its own stride
     steps = max(1, len(indices) // world // cfg.batch_size)  # identical on every rank (DDP needs it)
     total, count, started = 0.0, 0, time.time()
     for step in range(steps):
-        if any_rank(should_stop(), world, device):  # every rank stops at the same step
+        if any_rank(ctx.should_stop(), world, device):  # every rank stops at the same step
             raise Cancelled()
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        x = images[idx].unsqueeze(1).float()  # (B, 1, S, S) in [0, 255]
-        y = labels[idx].float()
+        x = ctx.images[idx].unsqueeze(1).float()  # (B, 1, S, S) in [0, 255]
+        y = ctx.labels[idx].float()
         if aug is not None:
             x = augment(x, aug, generator)
         if cfg.mixup > 0:
@@ -150,8 +102,9 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
             x, y = lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
         with autocast_for(device):  # bf16/fp16 on a GPU, float32 on the CPU
             logits = model(to_input(x, device, _config_of(model)))
-            loss = loss_fn(logits, y.to(device), pos_weight, cfg.label_smoothing)
+            loss = loss_fn(logits, y.to(device), ctx.pos_weight, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
+        scaler = ctx.scaler
         if scaler is None:
             loss.backward()
             optimizer.step()
@@ -160,13 +113,13 @@ def train_one_epoch(model, optimizer, scheduler, images: torch.Tensor, labels: t
             scaler.step(optimizer)
             scaler.update()
         scheduler.step()
-        if ema is not None:
-            ema.update(model.module if hasattr(model, "module") else model)
+        if ctx.ema is not None:
+            ctx.ema.update(model.module if hasattr(model, "module") else model)
         total += loss.item() * len(idx)
         count += len(idx)
         if step % 10 == 0 or step == steps - 1:
             elapsed = time.time() - started
-            emit({"event": E.STEP, "epoch": epoch, "step": step + 1, "steps": steps, "loss": loss.item(),
+            ctx.emit({"event": E.STEP, "epoch": epoch, "step": step + 1, "steps": steps, "loss": loss.item(),
                   "lr": scheduler.get_last_lr()[0], "epoch_eta_s": elapsed / (step + 1) * (steps - step - 1)})
     return total / max(count, 1)
 
@@ -255,7 +208,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
 
     failure, source = None, None
     try:  # the errors a user can cause (bad folder, bad source model) happen here, on every rank alike
-        splits = load_data(cfg, emit)
+        data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)
         if cfg.init_from:
             source = registry.load(None if cfg.init_from == "active" else cfg.init_from, torch.device("cpu"))
             if source.image_size != cfg.image_size:
@@ -265,11 +218,8 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
     except (ValueError, Cancelled) as exc:
         failure = exc
     raise_together(failure, world)
-    n_pos = int(splits.labels[splits.train].sum())
-    n_neg = len(splits.train) - n_pos
-    pos_weight = n_neg / max(n_pos, 1)  # balances the classes' total weight in the loss
-    emit({"event": E.DATA, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
-          "validation": splits.description, "pos_weight": pos_weight})
+    emit({"event": E.DATA, "train": len(data.train), "val": len(data.val), "test": len(data.test),
+          "validation": data.description, "pos_weight": data.pos_weight})
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else registry.root / "runs" / utc_stamp()
     run_dir = Path(from_rank0(str(run_dir), world))  # a default name from the clock could differ per rank
@@ -278,7 +228,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
         # an ensemble's members share the split and differ in their weights' seed (and so in their
         # augmentation and batch order); one net keeps the layout and seed of earlier versions
         member_dir = run_dir if cfg.members == 1 else run_dir / f"member-{member + 1}"
-        net, best_epoch, history = _fit_member(cfg, member, cfg.run_seed + 1000 * member, splits, source, member_dir,
+        net, best_epoch, history = _fit_member(cfg, member, cfg.run_seed + 1000 * member, data, source, member_dir,
                                                emit, should_stop, device, rank, world, started)
         nets.append(net)
         best_epochs.append(best_epoch)
@@ -290,7 +240,7 @@ def _train(cfg: TrainConfig, emit: Callback, should_stop: Callable[[], bool], de
             return ""  # rank 0 alone calibrates and writes the version
     final = nets[0] if cfg.members == 1 else assemble_ensemble(nets)
     parent = source.version if source is not None else None
-    return register(final, cfg, splits, best_epochs[0] if cfg.members == 1 else best_epochs, histories,
+    return register(final, cfg, data, best_epochs[0] if cfg.members == 1 else best_epochs, histories,
                     time.time() - started, registry, parent, device, emit)
 
 
@@ -302,21 +252,32 @@ def assemble_ensemble(nets: list[PneumoniaNet]) -> EnsembleNet:
     return ensemble.to(next(nets[0].parameters()).device).eval()
 
 
-def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source, run_dir: Path, emit: Callback,
-                should_stop: Callable[[], bool], device: torch.device, rank: int, world: int,
-                started: float) -> tuple[PneumoniaNet, int, list]:
-    """Train one net (one member of an ensemble) from ``seed``; returns (best net, best epoch, history).
-    Checkpoints go to ``run_dir`` after every epoch (``--resume`` continues from there)."""
-    parent_emit = emit
+@dataclass
+class Member:
+    """One net under training and the optimisation state it carries from epoch to epoch."""
 
-    def emit(event: dict) -> None:  # every event of this member says which member it is (the progress view)
-        parent_emit({**event, "member": member, "members": cfg.members})
+    model: torch.nn.Module  # the net itself: what checkpoints and evaluation read
+    train_model: torch.nn.Module  # the same net, wrapped in DistributedDataParallel under torchrun
+    config: ModelConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+    generator: torch.Generator
+    scaler: "torch.amp.GradScaler | None"
 
-    distributed = world > 1
-    images = torch.from_numpy(splits.images)
-    labels = torch.from_numpy(splits.labels)
-    n_pos = int(splits.labels[splits.train].sum())
-    pos_weight = (len(splits.train) - n_pos) / max(n_pos, 1)  # balances the classes' total weight in the loss
+
+@dataclass
+class Progress:
+    """Where a member's training stands: the next epoch, the rows so far and the best epoch's weights."""
+
+    next_epoch: int = 1
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": 0, "state": None})
+
+
+def _build_member(cfg: TrainConfig, member: int, seed: int, source, n_train: int, device: torch.device,
+                  world: int) -> Member:
+    """The net (from ``seed``, or the fine-tuning source's member), its optimiser, schedule, EMA and RNG."""
     torch.manual_seed(seed)
     model_cfg = model_config(cfg).member
     model = PneumoniaNet(model_cfg)
@@ -326,84 +287,115 @@ def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source
         model_cfg = start.config
     model = place(model, device)
     train_model = model
-    if distributed:
+    if world > 1:
         # Parameters stay identical on every rank (gradients are averaged). BatchNorm running
         # statistics are averaged once per epoch (_average_buffers) instead of being broadcast from
         # rank 0 before every step: one collective per epoch rather than one per step. Batch
         # statistics stay per process (no SyncBatchNorm, see docs/scaling.md).
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    steps_per_epoch = max(1, len(splits.train) // world // cfg.batch_size)
+    steps_per_epoch = max(1, n_train // world // cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, steps_per_epoch)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(seed)
     scaler = None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():  # fp16 autocast needs loss scaling
         scaler = torch.amp.GradScaler("cuda")
+    return Member(model, train_model, model_cfg, optimizer, scheduler, ema, generator, scaler)
 
-    checkpoint_path = run_dir / "checkpoint.pt"
-    start_epoch, history, best = 1, [], {"score": -math.inf, "epoch": 0, "state": None}
+
+def _resume(path: Path, m: Member, cfg: TrainConfig, device: torch.device, rank: int, world: int,
+            emit: Callback) -> Progress:
+    """The progress saved in ``path`` (weights, optimiser, schedule, every RNG, EMA) with ``--resume``; else a fresh start."""
     ckpt = None
-    if cfg.resume and rank == 0 and checkpoint_path.is_file():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if cfg.resume and rank == 0 and path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     ckpt = from_rank0(ckpt, world)  # only rank 0 writes checkpoints: other machines need not share its disk
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        if ckpt.get("torch_rng") is not None:  # dropout draws from the global RNG: resume it too
-            torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt.get("cuda_rng") and device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        if ema is not None and ckpt.get("ema"):
-            ema.shadow = ckpt["ema"]
-        start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
-        emit({"event": E.RESUMED, "epoch": ckpt["epoch"]})
+    if ckpt is None:
+        return Progress()
+    m.model.load_state_dict(ckpt["model"])
+    m.optimizer.load_state_dict(ckpt["optimizer"])
+    m.scheduler.load_state_dict(ckpt["scheduler"])
+    m.generator.set_state(ckpt["generator"])
+    if ckpt.get("torch_rng") is not None:  # dropout draws from the global RNG: resume it too
+        torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt.get("cuda_rng") and device.type == "cuda":
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    if m.ema is not None and ckpt.get("ema"):
+        m.ema.shadow = ckpt["ema"]
+    emit({"event": E.RESUMED, "epoch": ckpt["epoch"]})
+    return Progress(ckpt["epoch"] + 1, ckpt["history"], ckpt["best"])
 
-    train_seconds = 0.0
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        epoch_start = time.time()
-        train_loss = train_one_epoch(train_model, optimizer, scheduler, images, labels, splits.train, cfg, epoch,
-                                     pos_weight, generator, ema, emit, should_stop, device, (rank, world), scaler)
-        buffer_names = [name for name, _ in model.named_buffers()]
-        average_buffers([b for _, b in model.named_buffers()]
-                         + ([ema.shadow[name] for name in buffer_names] if ema is not None else []), world)
-        eval_model = model  # identical on every rank from here on
-        if ema is not None:
-            eval_model = place(build_net(model_cfg), device)
-            eval_model.load_state_dict(ema.shadow)
-        # each rank scores its share of the validation images; all ranks then hold all logits, so
-        # metrics, the best epoch and early stopping agree everywhere
-        val_logits = gather_logits(predict_logits(eval_model, images, splits.val[rank::world], device),
-                                    len(splits.val), world)
-        row = {"epoch": epoch, "train_loss": train_loss,
-               **evaluate(val_logits, splits.labels[splits.val], pos_weight),
-               "seconds": time.time() - epoch_start}
-        if distributed:  # each rank's loss is over its own equal share of the batches: average them
-            import torch.distributed as dist
-            t = torch.tensor([train_loss], dtype=torch.float64)
-            dist.all_reduce(t)
-            row["train_loss"] = float(t) / world
-        history.append(row)
+
+def _save_checkpoint(path: Path, m: Member, progress: Progress, epoch: int, cfg: TrainConfig,
+                     device: torch.device) -> None:
+    """Everything ``_resume`` needs to continue after ``epoch``, written atomically."""
+    save_checkpoint(path, {
+        "model": m.model.state_dict(), "optimizer": m.optimizer.state_dict(),
+        "scheduler": m.scheduler.state_dict(), "generator": m.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "ema": m.ema.shadow if m.ema else None, "epoch": epoch, "history": progress.history, "best": progress.best,
+        "config": cfg.to_dict()})
+
+
+def _run_epoch(m: Member, ctx: EpochContext, data: TrainingData, epoch: int) -> tuple[dict, torch.nn.Module]:
+    """Train one epoch and score validation; returns (the history row, the net that was scored: the EMA's or the net)."""
+    epoch_start = time.time()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
+    train_loss = train_one_epoch(m.train_model, m.optimizer, m.scheduler, data.train, epoch, ctx)
+    buffer_names = [name for name, _ in m.model.named_buffers()]
+    average_buffers([b for _, b in m.model.named_buffers()]
+                    + ([m.ema.shadow[name] for name in buffer_names] if m.ema is not None else []), world)
+    eval_model = m.model  # identical on every rank from here on
+    if m.ema is not None:
+        eval_model = place(build_net(m.config), device)
+        eval_model.load_state_dict(m.ema.shadow)
+    # each rank scores its share of the validation images; all ranks then hold all logits, so
+    # metrics, the best epoch and early stopping agree everywhere
+    val_logits = gather_logits(predict_logits(eval_model, ctx.images, data.val[rank::world], device),
+                               len(data.val), world)
+    row = {"epoch": epoch, "train_loss": train_loss,
+           **evaluate(val_logits, data.labels[data.val], ctx.pos_weight),
+           "seconds": time.time() - epoch_start}
+    if world > 1:  # each rank's loss is over its own equal share of the batches: average them
+        import torch.distributed as dist
+        t = torch.tensor([train_loss], dtype=torch.float64)
+        dist.all_reduce(t)
+        row["train_loss"] = float(t) / world
+    return row, eval_model
+
+
+def _fit_member(cfg: TrainConfig, member: int, seed: int, data: TrainingData, source, run_dir: Path, emit: Callback,
+                should_stop: Callable[[], bool], device: torch.device, rank: int, world: int,
+                started: float) -> tuple[PneumoniaNet, int, list]:
+    """Train one net (one member of an ensemble) from ``seed``; returns (best net, best epoch, history).
+    Checkpoints go to ``run_dir`` after every epoch (``--resume`` continues from there)."""
+    parent_emit = emit
+
+    def emit(event: dict) -> None:  # every event of this member says which member it is (the progress view)
+        parent_emit({**event, "member": member, "members": cfg.members})
+
+    m = _build_member(cfg, member, seed, source, len(data.train), device, world)
+    ctx = EpochContext(torch.from_numpy(data.images), torch.from_numpy(data.labels), cfg, data.pos_weight,
+                       m.generator, device, emit, should_stop, m.ema, m.scaler, rank, world)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    progress = _resume(checkpoint_path, m, cfg, device, rank, world, emit)
+    first_epoch, train_seconds = progress.next_epoch, 0.0
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        row, eval_model = _run_epoch(m, ctx, data, epoch)
+        progress.history.append(row)
         train_seconds += row["seconds"]
         score = round(row["val_auc"], 4) - 1e-3 * row["val_loss"]  # AUC first, loss breaks ties
-        improved = score > best["score"]
-        if improved:
-            best = {"score": score, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}}
-        remaining = (cfg.epochs - epoch) * (train_seconds / (epoch - start_epoch + 1))
-        emit({"event": E.EPOCH, **row, "best_epoch": best["epoch"], "eta_s": remaining, "epochs": cfg.epochs})
+        if score > progress.best["score"]:
+            progress.best = {"score": score, "epoch": epoch,
+                             "state": {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()}}
+        remaining = (cfg.epochs - epoch) * (train_seconds / (epoch - first_epoch + 1))
+        emit({"event": E.EPOCH, **row, "best_epoch": progress.best["epoch"], "eta_s": remaining, "epochs": cfg.epochs})
         if rank == 0:
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "ema": ema.shadow if ema else None, "epoch": epoch, "history": history, "best": best,
-                "config": cfg.to_dict()})
-        if epoch - best["epoch"] >= cfg.patience:
-            emit({"event": E.EARLY_STOP, "epoch": epoch, "best_epoch": best["epoch"]})
+            _save_checkpoint(checkpoint_path, m, progress, epoch, cfg, device)
+        if epoch - progress.best["epoch"] >= cfg.patience:
+            emit({"event": E.EARLY_STOP, "epoch": epoch, "best_epoch": progress.best["epoch"]})
             break
         # clocks differ between ranks: decide together, or one rank would wait for the others forever
         if any_rank(bool(cfg.max_minutes) and (time.time() - started) / 60 > cfg.max_minutes, world, device):
@@ -412,25 +404,23 @@ def _fit_member(cfg: TrainConfig, member: int, seed: int, splits: Splits, source
         if any_rank(should_stop(), world, device):
             raise Cancelled()
 
-    final = build_net(model_cfg)
-    final.load_state_dict(best["state"])
-    return final.to(device).eval(), best["epoch"], history
-
-
+    final = build_net(m.config)
+    final.load_state_dict(progress.best["state"])
+    return final.to(device).eval(), progress.best["epoch"], progress.history
 
 
 def _eval_block(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return {**M.metrics_at(y, p, threshold), "ece": M.expected_calibration_error(y, p)}
 
 
-def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: int, history: list,
+def register(net: PneumoniaNet, cfg: TrainConfig, data: TrainingData, best_epoch: int, history: list,
              seconds: float, registry: Registry, parent: str | None, device: torch.device, emit: Callback) -> str:
     """Calibrate, choose the threshold, build the card (``xray.model.card.build``), save the version (inactive)."""
-    images = torch.from_numpy(splits.images)
-    y_val = splits.labels[splits.val]
+    images = torch.from_numpy(data.images)
+    y_val = data.labels[data.val]
     # (1 + P, N) logits: the validation images as they are, then under each acquisition perturbation; the
     # calibration set (all rows, or row 0 alone) and the borderline band both read them
-    all_logits = perturbed_logits(net, images[splits.val], device, cfg.tta)
+    all_logits = perturbed_logits(net, images[data.val], device, cfg.tta)
     val_logits = all_logits[0]
     if cfg.calibrate_on not in ("perturbed", "clean"):
         raise ValueError(f"unknown calibrate_on {cfg.calibrate_on!r}; perturbed or clean")
@@ -443,14 +433,14 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
     band = borderline.band_from_logits(scale * all_logits.astype(np.float64) + bias)
     extras, ood_summary = {}, {}
     try:  # OOD statistics of the training features, thresholded on validation (xray/ood.py)
-        ood_stats, ood_summary = O.fit_for_images(net, images, splits.train, splits.val, device)
+        ood_stats, ood_summary = O.fit_for_images(net, images, data.train, data.val, device)
         extras[O.OOD_FILE] = ood_stats.to_bytes()
     except (ValueError, np.linalg.LinAlgError) as exc:
         ood_summary = {"skipped": str(exc)}
     test = None
-    if len(splits.test):
-        y_test = splits.labels[splits.test]
-        p_test = C.apply(predict_logits(net, images, splits.test, device, tta=cfg.tta), scale, bias)
+    if len(data.test):
+        y_test = data.labels[data.test]
+        p_test = C.apply(predict_logits(net, images, data.test, device, tta=cfg.tta), scale, bias)
         test = {"note": "the folder's test/ part; reported only, nothing was chosen on it",
                 **_eval_block(y_test, p_test, threshold)}
     card = model_card.build(
@@ -458,7 +448,7 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         image_size=cfg.image_size, tta=cfg.tta, threshold=threshold, threshold_rule=cfg.threshold_rule,
         calibration={"method": C.PLATT if cfg.calibrate_on == "clean" else C.PLATT_PERTURBED, "scale": scale,
                      "bias": bias, "ece_crossfit": C.crossfit_ece(val_logits, y_val, cfg.seed)},
-        validation={"split": splits.description, **_eval_block(y_val, p_val, threshold),
+        validation={"split": data.description, **_eval_block(y_val, p_val, threshold),
                     "predictions": {"p_pneumonia": [round(float(v), 6) for v in p_val],
                                     "label": [int(v) for v in y_val]},
                     **({} if cfg.calibrate_on == "clean" else {"calibration_set": {
@@ -468,10 +458,10 @@ def register(net: PneumoniaNet, cfg: TrainConfig, splits: Splits, best_epoch: in
         training={"config": cfg.to_dict(), "command": command_line(cfg), "argv": sys.argv,
                   "best_epoch": best_epoch, "epochs_run": len(history), "seconds": round(seconds, 1),
                   "history": history, "parent": parent},
-        data={"root": str(splits.scan.root), "fingerprint": splits.scan.fingerprint(),
-              "counts": splits.scan.counts(), "train_images": int(len(splits.train)),
-              "val_images": int(len(splits.val)), "duplicates": len(splits.scan.duplicates),
-              "unreadable": len(splits.unreadable), "classes": list(CLASSES)},
+        data={"root": str(data.scan.root), "fingerprint": data.scan.fingerprint(),
+              "counts": data.scan.counts(), "train_images": int(len(data.train)),
+              "val_images": int(len(data.val)), "duplicates": len(data.scan.duplicates),
+              "unreadable": len(data.unreadable), "classes": list(CLASSES)},
         environment=environment(), ood=ood_summary, test=test, borderline=band)
     version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
     activated, gate_message = False, ""
@@ -518,14 +508,11 @@ def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, 
     model = registry.load(version, torch.device("cpu"))
     card = model.card
     cfg = TrainConfig.from_dict({**card.training.config, "data_dir": str(data_dir), "workers": workers})
-    splits = load_data(cfg, emit)
-    if splits.scan.fingerprint() != card.data.fingerprint:
+    data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)
+    if data.scan.fingerprint() != card.data.fingerprint:
         raise ValueError("this folder differs from the data the model was trained on: the validation split "
                          "could not be reproduced")
-    stats, summary = O.fit_for_images(model.net, torch.from_numpy(splits.images), splits.train, splits.val,
+    stats, summary = O.fit_for_images(model.net, torch.from_numpy(data.images), data.train, data.val,
                                     model.device, percentile)
     new_card = card.derived("added OOD statistics (same weights)", {"ood": summary})
-    weights = (registry.version_dir(model.version) / "model.pt").read_bytes()  # byte for byte
-    new_version = registry.save_version_bytes(weights, new_card, registry.new_version_id("ood"),
-                                              extras={O.OOD_FILE: stats.to_bytes()})
-    return new_version
+    return registry.save_derived_version(model.version, new_card, "ood", extras={O.OOD_FILE: stats.to_bytes()})

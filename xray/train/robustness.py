@@ -19,7 +19,7 @@ from xray.io.augment import PERTURBATIONS
 from xray.io.loader import load_image
 from xray.serve.inference import logits_of, predict, probabilities
 from xray.model.registry import LoadedModel, Registry
-from xray.train.loop import load_data
+from xray.io.folders import load_training_data
 from xray.train.config import TrainConfig
 
 
@@ -40,15 +40,15 @@ def _summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
     """All checks for one loaded model; returns a JSON-able dict."""
     cfg = TrainConfig.from_dict(dict(model.card.training.config))
-    splits = load_data(cfg, lambda e: None)
-    val = splits.val
-    y = splits.labels[val]
-    inputs = torch.from_numpy(splits.images[val]).unsqueeze(1)  # (N, 1, S, S) uint8
+    data = load_training_data(cfg.data_dir, **cfg.folder_options())
+    val = data.val
+    y = data.labels[val]
+    inputs = torch.from_numpy(data.images[val]).unsqueeze(1)  # (N, 1, S, S) uint8
     t = model.threshold
     p = _p(model, inputs)
     report: dict = {"version": model.version, "threshold": t, "validation": _summary(y, p, t)}
     report["validation"]["ece"] = M.expected_calibration_error(y, p)
-    names = [splits.scan.samples[i].path.name for i in val]
+    names = [data.scan.samples[i].path.name for i in val]
     batches = {}
     for prefix in ("IM-", "NORMAL2-"):
         mask = np.array([n.startswith(prefix) for n in names]) & (y == 0)
