@@ -32,7 +32,7 @@ from xray.model.registry import Registry  # noqa: E402
 from xray.serve.inference import model_inputs, predict  # noqa: E402
 from xray.train import adapt as A  # noqa: E402
 from xray.train.config import TrainConfig  # noqa: E402
-from xray.train.loop import load_data  # noqa: E402
+from xray.io.folders import load_training_data  # noqa: E402
 from xray.serve.pipeline import iter_image_paths  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     model = Registry(args.registry).load(args.version, torch.device("cpu"))
     t = model.threshold
     cfg = TrainConfig.from_dict({**model.card.training.config, **({"data_dir": args.data} if args.data else {})})
-    splits = load_data(cfg, lambda e: None)
+    splits = load_training_data(cfg.data_dir, **cfg.folder_options())
     y = splits.labels[splits.val]
     clean = torch.from_numpy(splits.images[splits.val]).unsqueeze(1)
     conditions = {"clean": lambda x: x, "clean, adapted at 20% pneumonia": lambda x: x, **PERTURBATIONS}
