@@ -69,7 +69,7 @@ def test_adapt_writes_an_inactive_version_from_the_films_the_guard_accepts(tiny_
     adapted = registry.load(new, torch.device("cpu"))  # checksums, weights and guard load like any version
     used = ~films.withheld  # withheld films not used; the others weighted to the training class mix
     prior = model.card.calibration_prevalence
-    weights = A.prior_weights(films.p_before[used], prior, block["prevalence_em_before"])
+    weights = A.prior_weights(films.p_before[used], prior, block["prevalence_em_before"], A.training_mix(old))
     expected = A.adabn(model.net, films.inputs[torch.from_numpy(used)], weights, A.SOURCE_WEIGHT)
     for (k, v), w in zip(expected.state_dict().items(), adapted.net.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-5), k
@@ -100,6 +100,8 @@ def test_film_weights_count_like_copies_and_the_parent_share_mixes_the_statistic
     w = A.prior_weights(p, 0.74, 0.3)
     assert w[:30].sum() / w.sum() == pytest.approx(0.74, abs=1e-3)
     assert A.prior_weights(p, 0.74, 0.74) == pytest.approx(np.ones(100))
+    w = A.prior_weights(p, 0.5, 0.3, target=0.85)  # calibrated at 0.5, statistics gathered at 85% pneumonia
+    assert w[:30].sum() / w.sum() == pytest.approx(0.85, abs=1e-3)
 
 
 def test_an_adapted_version_is_not_promoted_on_its_parents_figures(tiny_registry, tmp_path, monkeypatch):

@@ -153,11 +153,25 @@ def adabn(net: nn.Module, inputs: torch.Tensor, weights: np.ndarray | None = Non
     return adapted.eval()
 
 
-def prior_weights(p: np.ndarray, training_prevalence: float, site_prevalence: float) -> np.ndarray:
-    """(N,) weight of each film so the weighted site set has the training class mix: the expected ratio
-    of the priors under the film's posterior at the site's prevalence (Saerens et al. 2002's adjustment)."""
-    q = P.adjust_to_prevalence(np.asarray(p, dtype=np.float64), training_prevalence, site_prevalence)
-    return q * training_prevalence / site_prevalence + (1 - q) * (1 - training_prevalence) / (1 - site_prevalence)
+def training_mix(card) -> float:
+    """The share of pneumonia among the films the BatchNorm statistics were accumulated on: the card's
+    training part (or the whole folder when it was not divided), else its calibration prevalence."""
+    counts = card.data.counts
+    part = counts.get("train") or counts.get("all")
+    if part and part.get("PNEUMONIA", 0) + part.get("NORMAL", 0) > 0:
+        return part.get("PNEUMONIA", 0) / (part.get("PNEUMONIA", 0) + part.get("NORMAL", 0))
+    return card.calibration_prevalence
+
+
+def prior_weights(p: np.ndarray, calibration_prevalence: float, site_prevalence: float,
+                  target: float | None = None) -> np.ndarray:
+    """(N,) weight of each film so the weighted site set has the class mix ``target`` (default the
+    calibration prevalence; ``training_mix`` for BatchNorm): the expected ratio of the priors under the
+    film's posterior at the site's prevalence (Saerens et al. 2002's adjustment of p, calibrated at
+    ``calibration_prevalence``)."""
+    target = calibration_prevalence if target is None else target
+    q = P.adjust_to_prevalence(np.asarray(p, dtype=np.float64), calibration_prevalence, site_prevalence)
+    return q * target / site_prevalence + (1 - q) * (1 - target) / (1 - site_prevalence)
 
 
 def loaded_like(model: LoadedModel, net: nn.Module) -> LoadedModel:
@@ -198,9 +212,10 @@ def adapt_model(model: LoadedModel, films: Films, prior_correction: bool = PRIOR
     """AdaBN on the films the parent's guard accepted (weighted to the training class mix with
     ``prior_correction``, mixed with the parent's statistics by ``source_weight``), then score every film."""
     used = ~films.withheld
-    prior = model.card.calibration_prevalence
+    prior = model.card.calibration_prevalence  # the prevalence the probabilities are calibrated at
     site_prevalence = P.estimate_prevalence(films.p_before[used], prior)
-    weights = prior_weights(films.p_before[used], prior, site_prevalence) if prior_correction else None
+    weights = (prior_weights(films.p_before[used], prior, site_prevalence, training_mix(model.card))
+               if prior_correction else None)
     net = adabn(model.net, films.inputs[torch.from_numpy(used)], weights, source_weight)
     adapted = loaded_like(model, net)
     predictions = predict(adapted, films.prepared, batch_size=64)
