@@ -3,15 +3,23 @@ from pathlib import Path
 
 import streamlit as st
 
+from pages.common import current_actor, identity_sidebar, refuse_unsafe_serving
+
 HERE = Path(__file__).resolve().parent
 PAGES = [("pages/diagnose.py", "Diagnose", ":material/radiology:"),
+         ("pages/worklist.py", "Worklist", ":material/format_list_numbered:"),
          ("pages/retrain.py", "Retrain", ":material/model_training:"),
          ("pages/models.py", "Models", ":material/inventory_2:"),
          ("pages/about.py", "About", ":material/info:")]
+ADMINISTRATOR_PAGES = {"pages/retrain.py"}  # not offered to clinicians (the engine refuses their actions anyway)
 
 st.set_page_config(page_title="Pneumonia X-ray assistant", page_icon=":material/radiology:", layout="wide")
+refuse_unsafe_serving()  # a non-loopback address without sign-in: refused before any page (README "Sign-in")
+actor = current_actor(in_app=True)  # nobody known: the sign-in page, and nothing else
+identity_sidebar(actor)
 
-paths = [path for path, _, _ in PAGES if (HERE / path).is_file()]
+paths = [path for path, _, _ in PAGES if (HERE / path).is_file()
+         and (path not in ADMINISTRATOR_PAGES or actor.may("administrator"))]
 pages = [st.Page(path, title=title, icon=icon, default=path == "pages/diagnose.py")
          for path, title, icon in PAGES if path in paths]
 

@@ -2,7 +2,9 @@
 README ("Files a hospital exports"). Builds the encoded files in a temporary folder from a real JPEG
 Lossless CR (tests/fixtures/field-cases/jpeg-lossless/RG2_JPLL.dcm, 2140x1760, 10-bit), times
 ``xray.io.loader.load_image`` (pydicom with its pylibjpeg plugins) on each, and, when python-gdcm is
-installed, pydicom's GDCM plugin on the same files for comparison.
+installed, pydicom's GDCM plugin on the same files for comparison. With dcmtk's dcmcjpeg it adds a 12-bit
+JPEG Extended file whose scan header is slightly non-conformant (Se=0), which pylibjpeg refuses and
+``load_image`` repairs.
 
 Usage: python benchmarks/dicom_decode.py [--repeats 5]
 """
@@ -64,7 +66,35 @@ def encoded_files(folder: Path) -> dict[str, Path]:
     path = folder / "jpeg_baseline.dcm"
     copy.save_as(path, enforce_file_format=False)
     files["JPEG Baseline (8-bit, quality 90)"] = path
+    extended = jpeg_extended_bad_scan_header(plain, folder)
+    if extended is not None:
+        files["JPEG Extended 12-bit, scan header Se=0 (non-conformant)"] = extended
     return files
+
+
+def jpeg_extended_bad_scan_header(plain: Path, folder: Path) -> Path | None:
+    """The file as DCMTK's dcmcjpeg writes it in JPEG Extended (Process 2 and 4, 12-bit), then with the
+    scan header's spectral selection end set to 0 instead of 63, as some devices write it (pylibjpeg
+    issue #73); None when dcmcjpeg is not installed."""
+    import shutil
+    import subprocess
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    if shutil.which("dcmcjpeg") is None:
+        print("  (JPEG Extended: dcmcjpeg (dcmtk) not installed here)", file=sys.stderr)
+        return None
+    encoded = folder / "jpeg_extended.dcm"
+    subprocess.run(["dcmcjpeg", "+ee", str(plain), str(encoded)], check=True, capture_output=True)
+    ds = pydicom.dcmread(encoded)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sos = frame.find(b"\xff\xda")
+    frame[sos + 6 + 2 * frame[sos + 4]] = 0  # Se
+    ds.PixelData = encapsulate([bytes(frame)])
+    path = folder / "jpeg_extended_se0.dcm"
+    ds.save_as(path)
+    return path
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -98,8 +128,11 @@ def main() -> int:
             size = f"{path.stat().st_size / 2**20:.2f} MB"
             load = median_seconds(lambda: load_image(path), args.repeats) * 1000
             plugin = "pylibjpeg" if ds.file_meta.TransferSyntaxUID.is_compressed else ""
-            decode = median_seconds(lambda: pixel_array(path, decoding_plugin=plugin), args.repeats) * 1000
-            row = f"| {name} ({ds.Columns}x{ds.Rows}) | {size} | {load:.0f} | {decode:.0f} |"
+            try:
+                decode = f"{median_seconds(lambda: pixel_array(path, decoding_plugin=plugin), args.repeats) * 1000:.0f}"
+            except Exception:  # the plugin refuses the stream (load_image repairs or names the fault)
+                decode = "refused"
+            row = f"| {name} ({ds.Columns}x{ds.Rows}) | {size} | {load:.0f} | {decode} |"
             if have_gdcm:
                 if ds.file_meta.TransferSyntaxUID.is_compressed:
                     try:

@@ -14,8 +14,10 @@ from pages.common import (
     PRESET_MIN_GAP,
     PRESET_RULES,
     audit_trail,
+    current_actor,
     current_threshold,
     escape_markdown,
+    is_administrator,
     record_shown,
     require_model,
     set_threshold,
@@ -24,11 +26,11 @@ from pages.common import (
 from xray.serve import analysis
 from xray.decide import metrics
 from xray.report import writers as report
-from xray.govern.audit import record_event
+from xray.govern import siteconfig
 from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.serve.hirescam import legend as heatmap_legend
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, WHAT_TO_DO
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, advice
 from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.model.card import operating_figures
@@ -55,7 +57,7 @@ DICOM_LABELS = {"Modality": "Modality", "ViewPosition": "View position", "BodyPa
 
 
 # -- engine calls, cached per (file content, model version) so reruns never re-run the model --------
-SAVE_BY_KEY, SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_by", "diagnose_save_why", "diagnose_save_confirm"
+SAVE_WHY_KEY, SAVE_CONFIRM_KEY = "diagnose_save_why", "diagnose_save_confirm"
 SAVED_KEY, SAVE_ERROR_KEY = "diagnose_saved", "diagnose_save_error"
 
 def cached_result(model: LoadedModel, name: str, data: bytes) -> dict:
@@ -91,12 +93,11 @@ def forget_other_files(keep: set[tuple[str, str]]) -> None:
 
 # -- sidebar: the operating threshold and what it means on validation ------------------------------
 def save_site_threshold(model: LoadedModel, threshold: float) -> None:
-    """Save the threshold for this site (not in the model's card), with who and why; audited."""
-    by, why = st.session_state.get(SAVE_BY_KEY, ""), st.session_state.get(SAVE_WHY_KEY, "")
+    """Save the threshold for this site (not in the model's card), by the signed-in user, with why; audited."""
+    why = st.session_state.get(SAVE_WHY_KEY, "")
     try:
-        saved = Registry().site.save_threshold(model.version, threshold, by, why)
-        record_event("threshold-saved", version=model.version, threshold=saved.threshold, by=saved.by, why=saved.why)
-    except (OSError, ValueError) as exc:
+        saved = siteconfig.save_threshold(Registry(), model.version, threshold, why, actor=current_actor())
+    except (OSError, ValueError) as exc:  # PermissionError (the role) is an OSError
         st.session_state[SAVE_ERROR_KEY] = f"The threshold was not saved: {exc}"
         return
     st.session_state[SAVED_KEY] = f"Saved {saved.threshold:.6f} as this site's threshold for model {model.version}."
@@ -105,9 +106,8 @@ def save_site_threshold(model: LoadedModel, threshold: float) -> None:
 def restore_card_threshold(model: LoadedModel) -> None:
     """Forget the site's threshold: the model's own comes back, exactly."""
     try:
-        Registry().site.restore_threshold(model.version)
-        record_event("threshold-restored", version=model.version, threshold=model.threshold)
-    except OSError as exc:
+        siteconfig.restore_threshold(Registry(), model.version, actor=current_actor())
+    except (OSError, ValueError) as exc:  # ModelFileError is a ValueError
         st.session_state[SAVE_ERROR_KEY] = f"The threshold was not restored: {exc}"
         return
     set_threshold(model.threshold)
@@ -124,8 +124,7 @@ def site_prevalence(model: LoadedModel) -> float:
 
 def save_prevalence() -> None:
     try:
-        Registry().site.set_prevalence(st.session_state[PREVALENCE_KEY])
-        record_event("prevalence-saved", prevalence=st.session_state[PREVALENCE_KEY])
+        siteconfig.save_prevalence(Registry(), st.session_state[PREVALENCE_KEY], actor=current_actor())
         st.session_state[SAVED_KEY] = f"Saved {st.session_state[PREVALENCE_KEY]:.1%} as this site's prevalence."
     except (OSError, ValueError) as exc:
         st.session_state[SAVE_ERROR_KEY] = f"The prevalence was not saved: {exc}"
@@ -143,7 +142,9 @@ def prevalence_sidebar(model: LoadedModel, readable: list) -> None:
                     format="%.2f", key=PREVALENCE_KEY,
                     help=f"The model's probabilities are calibrated at {model.card.calibration_prevalence:.0%} "
                          "(its calibration set). PPV, NPV and the adjusted probability use this value.")
-    st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence, icon=":material/save:")
+    if is_administrator(current_actor()):
+        st.button("Save for this site", key="diagnose_save_prevalence", on_click=save_prevalence,
+                  icon=":material/save:")
     scores = [a.prediction.p_pneumonia for a in readable if not a.prediction.withheld]
     if len(scores) >= EM_MIN_IMAGES:
         estimate = estimate_prevalence(scores, model.card.calibration_prevalence)
@@ -204,19 +205,20 @@ def threshold_sidebar(model: LoadedModel, threshold: float, validation) -> float
                "nearer the second.")
     if model.site_threshold is not None:
         st.caption(f"Site threshold {model.site_threshold:.6f}, {escape_markdown(model.site_threshold_note)}.")
-    with st.expander("Save this threshold for this site", icon=":material/save:"):
-        st.caption("The model's card is never changed: the site's threshold is kept apart, and the model's own "
-                   "can be restored exactly. Recorded in the audit log.")
-        st.text_input("Your name", key=SAVE_BY_KEY)
-        st.text_input("Why this threshold", key=SAVE_WHY_KEY)
-        confirmed = st.checkbox(f"Use {threshold:.6f} as the default for everyone at this site", key=SAVE_CONFIRM_KEY)
-        st.button("Save the site threshold", key="diagnose_save_default", on_click=save_site_threshold,
-                  args=(model, threshold), icon=":material/save:",
-                  disabled=not (confirmed and st.session_state.get(SAVE_BY_KEY, "").strip()
-                                and st.session_state.get(SAVE_WHY_KEY, "").strip())
-                  or abs(threshold - model.default_threshold) < 1e-12)
-    st.button("Restore the model's own threshold", key="diagnose_restore_threshold", on_click=restore_card_threshold,
-              args=(model,), disabled=model.site_threshold is None, icon=":material/undo:")
+    actor = current_actor()
+    if is_administrator(actor):  # a clinician changes this session's threshold only
+        with st.expander("Save this threshold for this site", icon=":material/save:"):
+            st.caption("The model's card is never changed: the site's threshold is kept apart, and the model's own "
+                       f"can be restored exactly. Recorded in the audit log as saved by {escape_markdown(actor.label)}.")
+            st.text_input("Why this threshold", key=SAVE_WHY_KEY)
+            confirmed = st.checkbox(f"Use {threshold:.6f} as the default for everyone at this site", key=SAVE_CONFIRM_KEY)
+            st.button("Save the site threshold", key="diagnose_save_default", on_click=save_site_threshold,
+                      args=(model, threshold), icon=":material/save:",
+                      disabled=not (confirmed and st.session_state.get(SAVE_WHY_KEY, "").strip())
+                      or abs(threshold - model.default_threshold) < 1e-12)
+        st.button("Restore the model's own threshold", key="diagnose_restore_threshold",
+                  on_click=restore_card_threshold, args=(model,), disabled=model.site_threshold is None,
+                  icon=":material/undo:")
     saved = st.session_state.pop(SAVED_KEY, None)
     if saved:
         st.success(saved)
@@ -286,7 +288,7 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
         reason, outcome = prediction.withheld_reason, prediction.outcome
         title = "Not a chest radiograph" if outcome == NOT_A_CHEST_RADIOGRAPH else "Outside the intended use"
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
-                   + "  \nNo pneumonia verdict is given for it. " + WHAT_TO_DO.get(outcome, ""),
+                   + "  \nNo pneumonia verdict is given for it. " + advice(outcome, reason),
                    icon=":material/block:")
         with st.expander("Show the model's output anyway (not for clinical use)"):  # withheld means withheld
             st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
@@ -453,64 +455,75 @@ def worklist(model: LoadedModel, results: list[dict], threshold: float) -> None:
 
 
 # -- the page -------------------------------------------------------------------------------------
-model = require_model()
-validation = validation_predictions(model)
-with st.sidebar:
-    threshold = threshold_sidebar(model, current_threshold(model), validation)
+def main() -> None:
+    """The page (not run when pages/worklist.py imports this module for its detail view)."""
+    model = require_model()
+    validation = validation_predictions(model)
 
-st.title("Diagnose")
-st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
-           "it assists a clinician and does not diagnose.")
-st.caption(calibration_in_force(model))
+    st.title("Diagnose")
+    st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: "
+               "it assists a clinician and does not diagnose.")
+    st.caption(calibration_in_force(model))
 
-# No type filter: DICOM files often come without an extension; unreadable files get a clear message.
-uploads = st.file_uploader("Drop chest X-rays here (DICOM with or without extension, PNG, JPEG, TIFF, HEIC), one "
-                           "or many", accept_multiple_files=True,
-                           key="diagnose_uploads")
-samples = sorted(SAMPLES_DIR.glob("*/*.jp*g")) + sorted(SAMPLES_DIR.glob("*/*.png"))
-if samples:
-    pick, add, clear = st.columns([3, 1, 1], vertical_alignment="bottom")
-    chosen = pick.selectbox("Or try a bundled sample", samples, key="diagnose_sample_choice",
-                            format_func=lambda p: f"{p.parent.name} / {p.name}")
-    if add.button("Try this sample", key="diagnose_try_sample", type="primary", width="stretch"):
-        chosen_samples = st.session_state.setdefault(SAMPLES_KEY, [])
-        if chosen not in chosen_samples:
-            chosen_samples.append(chosen)
-    if clear.button("Clear samples", key="diagnose_clear_samples", width="stretch",
-                    disabled=not st.session_state.get(SAMPLES_KEY)):
-        st.session_state[SAMPLES_KEY] = []
+    # No type filter: DICOM files often come without an extension; unreadable files get a clear message.
+    uploads = st.file_uploader("Drop chest X-rays here (DICOM with or without extension, PNG, JPEG, TIFF, HEIC), one "
+                               "or many", accept_multiple_files=True,
+                               key="diagnose_uploads")
+    samples = sorted(SAMPLES_DIR.glob("*/*.jp*g")) + sorted(SAMPLES_DIR.glob("*/*.png"))
+    if samples:
+        pick, add, clear = st.columns([3, 1, 1], vertical_alignment="bottom")
+        chosen = pick.selectbox("Or try a bundled sample", samples, key="diagnose_sample_choice",
+                                format_func=lambda p: f"{p.parent.name} / {p.name}")
+        if add.button("Try this sample", key="diagnose_try_sample", type="primary", width="stretch"):
+            chosen_samples = st.session_state.setdefault(SAMPLES_KEY, [])
+            if chosen not in chosen_samples:
+                chosen_samples.append(chosen)
+        if clear.button("Clear samples", key="diagnose_clear_samples", width="stretch",
+                        disabled=not st.session_state.get(SAMPLES_KEY)):
+            st.session_state[SAMPLES_KEY] = []
 
-files = [(upload.name, upload.getvalue()) for upload in uploads or []]
-files += [(path.name, path.read_bytes()) for path in st.session_state.get(SAMPLES_KEY, [])]
-results, seen = [], set()
-for name, data in files:
-    result = cached_result(model, name, data)
-    if result["analysis"].sha256 not in seen:  # the same image dropped twice is shown once
-        seen.add(result["analysis"].sha256)
-        results.append(result)
-forget_other_files({(r["analysis"].sha256, model.version) for r in results})
+    # the sidebar's figures and curves after the uploader: the page is usable sooner on a fresh server (issue 26,
+    # benchmarks/idle_and_first_use.py); the sidebar shows the same, it only fills in a moment later
+    with st.sidebar:
+        threshold = threshold_sidebar(model, current_threshold(model), validation)
+    files = [(upload.name, upload.getvalue()) for upload in uploads or []]
+    files += [(path.name, path.read_bytes()) for path in st.session_state.get(SAMPLES_KEY, [])]
+    results, seen = [], set()
+    for name, data in files:
+        result = cached_result(model, name, data)
+        if result["analysis"].sha256 not in seen:  # the same image dropped twice is shown once
+            seen.add(result["analysis"].sha256)
+            results.append(result)
+    forget_other_files({(r["analysis"].sha256, model.version) for r in results})
 
-for result in results:
-    if result["analysis"].error:
-        st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
-                 f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
-readable = [r["analysis"] for r in results if r["analysis"].ok]
-with st.sidebar:
-    prevalence_sidebar(model, readable)
-if not results:
-    st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), "
-            "the decision at the current threshold and where the model looked.", icon=":material/info:")
-elif len(results) > 1:
-    st.subheader("Worklist")
-    worklist(model, results, threshold)
-if len(readable) == 1:
-    image_detail(model, readable[0], threshold)
-elif readable:
-    by_sha = {a.sha256: a for a in readable}
-    order = [row.sha256 for row in analysis.worklist_rows(readable, threshold)]  # worklist order
-    picked = st.session_state.pop(REVIEW_PICK_KEY, None)
-    if picked in by_sha:
-        st.session_state["diagnose_review_choice"] = picked
-    chosen_sha = st.selectbox("Image to review", order, key="diagnose_review_choice",
-                              format_func=lambda sha: by_sha[sha].name)
-    image_detail(model, by_sha[chosen_sha], threshold)
+    for result in results:
+        if result["analysis"].incomplete:  # an interrupted transfer: the same file sent again will load
+            st.error(f"**{escape_markdown(result['analysis'].name)}** arrived incomplete: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/sync_problem:")
+        elif result["analysis"].error:
+            st.error(f"**{escape_markdown(result['analysis'].name)}** cannot be analysed: "
+                     f"{escape_markdown(result['analysis'].error)}", icon=":material/broken_image:")
+    readable = [r["analysis"] for r in results if r["analysis"].ok]
+    with st.sidebar:
+        prevalence_sidebar(model, readable)
+    if not results:
+        st.info("Drop one or more chest X-rays above, or try a bundled sample, to see p(pneumonia), "
+                "the decision at the current threshold and where the model looked.", icon=":material/info:")
+    elif len(results) > 1:
+        st.subheader("Worklist")
+        worklist(model, results, threshold)
+    if len(readable) == 1:
+        image_detail(model, readable[0], threshold)
+    elif readable:
+        by_sha = {a.sha256: a for a in readable}
+        order = [row.sha256 for row in analysis.worklist_rows(readable, threshold)]  # worklist order
+        picked = st.session_state.pop(REVIEW_PICK_KEY, None)
+        if picked in by_sha:
+            st.session_state["diagnose_review_choice"] = picked
+        chosen_sha = st.selectbox("Image to review", order, key="diagnose_review_choice",
+                                  format_func=lambda sha: by_sha[sha].name)
+        image_detail(model, by_sha[chosen_sha], threshold)
+
+
+if __name__ == "__main__":  # Streamlit runs a page as __main__
+    main()

@@ -8,7 +8,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import ensure_app_navigation
+from pages.common import current_actor, ensure_app_navigation, is_administrator
 from xray.govern import promotion
 from xray.train import jobs
 from xray.decide import metrics
@@ -47,8 +47,8 @@ def summary(card: ModelCard) -> dict[str, str]:
            "Image size": str(card.image_size),
            "Epochs run (best)": f"{training.epochs_run or '-'} ({training.best_epoch or '-'})",
            "Started from": training.parent or "scratch"}
-    if card.site_calibration and card.site_calibration.get("promise"):
-        row["Site calibration promises"] = card.site_calibration["promise"]
+    if card.site_calibration is not None and card.site_calibration.promise:
+        row["Site calibration promises"] = card.site_calibration.promise
     return row
 
 
@@ -85,12 +85,12 @@ def activate(version: str, force: bool = False) -> None:
     """Activate through the promotion gate; with ``force``, the typed override reason is recorded."""
     reason = st.session_state.get(OVERRIDE_REASON_KEY, "")
     try:
-        promotion.promote(Registry(), version, force=force, reason=reason)
+        promotion.promote(Registry(), version, force=force, reason=reason, actor=current_actor())
         note = f" (override recorded: {reason})" if force else ""
         st.session_state[MESSAGE_KEY] = ("success", f"Model {version} is now active: the Diagnose page uses it{note}.")
     except promotion.PromotionRefused as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}")
-    except (ModelFileError, ValueError) as exc:
+    except (ModelFileError, ValueError, PermissionError) as exc:
         st.session_state[MESSAGE_KEY] = ("error", f"Model {version} was not activated: {exc}.")
 
 
@@ -105,7 +105,8 @@ def site_recalibration(folder: str, version: str) -> sitecal.Recalibration:
 def create_calibrated(folder: str, version: str) -> None:
     try:
         registry = Registry()
-        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version))
+        new = sitecal.write_version(registry, registry.load(version), site_recalibration(folder, version),
+                                    actor=current_actor())
         st.session_state[MESSAGE_KEY] = ("success", f"Created {new}: {version}'s weights with this site's calibration. "
                                                     "Compare it above and activate it when it passes the gate.")
     except (OSError, ValueError, ModelFileError) as exc:
@@ -114,9 +115,9 @@ def create_calibrated(folder: str, version: str) -> None:
 
 def roll_back() -> None:
     try:
-        version = Registry().rollback()
+        version = promotion.rollback(Registry(), actor=current_actor())
         st.session_state[MESSAGE_KEY] = ("success", f"Rolled back: model {version} is active again.")
-    except (ModelFileError, ValueError) as exc:
+    except (ModelFileError, ValueError, OSError) as exc:  # OSError: the audit line; PermissionError: the role
         st.session_state[MESSAGE_KEY] = ("error", f"Nothing was rolled back: {exc}.")
 
 
@@ -193,6 +194,8 @@ if result is not None:
         st.error(f"{selected} does not pass the promotion gate: " + "; ".join(result.reasons) + ".",
                  icon=":material/gpp_bad:")
 
+if not is_administrator(current_actor(), "Activating, rolling back and calibrating model versions"):
+    st.stop()  # a clinician compares versions; the engine refuses the actions below to anyone else anyway
 activate_col, rollback_col = st.columns(2)
 activate_col.button(f"Activate {selected}", key="models_activate", type="primary",
                     disabled=selected == active or (result is not None and not result.passed),
@@ -267,7 +270,8 @@ def site_adaptation(folder: str, version: str) -> adaptation.Adaptation:
 def create_adapted(folder: str, version: str) -> None:
     try:
         registry = Registry()
-        new = adaptation.write_version(registry, registry.load(version), site_adaptation(folder, version), folder)
+        new = adaptation.write_version(registry, registry.load(version), site_adaptation(folder, version), folder,
+                                       actor=current_actor())
         st.session_state[MESSAGE_KEY] = ("success", f"Created {new}: {version} adapted to this site's films. Check "
                                                     "it on labelled films before you activate it through the gate.")
     except (OSError, ValueError, ModelFileError) as exc:

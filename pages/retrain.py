@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from pages.common import ensure_app_navigation
+from pages.common import current_actor, ensure_app_navigation, is_administrator
 from xray.govern import promotion
 from xray.train import jobs
 from xray.model.net import STEMS
@@ -103,7 +103,7 @@ def job_panel(registry_root: str) -> None:
                     help="Early stopping may end training sooner.")
         phase.metric("Stage", progress.phase)
         if st.button("Cancel training", key="retrain_cancel", icon=":material/stop_circle:"):
-            jobs.cancel_job(registry_root, job.id)
+            jobs.cancel_job(registry_root, job.id, actor=current_actor())
             st.info("Stopping: the run ends after the current step and writes no version.")
     else:
         show_outcome(job)
@@ -173,6 +173,8 @@ registry = Registry()
 registry_root = str(registry.root)
 
 ensure_app_navigation()
+if not is_administrator(current_actor(), "Retraining"):
+    st.stop()  # app.py offers this page to administrators only; start_job refuses anyone else anyway
 st.title("Retrain the model")
 st.caption("Train a new model version on your own labelled chest X-rays. Training runs in the background "
            "on this machine. The model the Diagnose page uses changes only when you activate a new version "
@@ -248,8 +250,8 @@ if start:
                           batch_size=int(batch_size), lr=float(lr), val_fraction=float(val_fraction), seed=int(seed),
                           init_from="active" if start_from == FROM_ACTIVE else "", widths=parse_widths(widths),
                           stem=stem, members=int(members))
-        job = jobs.start_job(registry_root, cfg)
-    except ValueError as exc:  # JobRefused included: another job runs, or a setting is unusable
+        job = jobs.start_job(registry_root, cfg, actor=current_actor())
+    except (ValueError, PermissionError) as exc:  # JobRefused included: another job runs, or a setting is unusable
         st.error(f"Training did not start: {exc}.", icon=":material/block:")
     else:
         st.session_state[SEEN_KEY] = (job.id, job.state)

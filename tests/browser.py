@@ -49,14 +49,15 @@ def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float =
 
 
 @contextlib.contextmanager
-def streamlit_app(log: Path, env: dict[str, str]) -> Iterator[str]:
-    """Serve app.py with ``env`` added to the environment; yields the URL; always terminated."""
-    port = free_port()
+def streamlit_app(log: Path, env: dict[str, str], args: tuple[str, ...] = (), port: int | None = None) -> Iterator[str]:
+    """Serve app.py with ``env`` added to the environment and ``args`` after the command line (on ``port``, a
+    free one when None); yields the URL; always terminated."""
+    port = port or free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     with open(log, "w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.headless", "true", "--server.fileWatcherType", "none"],
+             "--server.headless", "true", "--server.fileWatcherType", "none", *args],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://localhost:{port}"
     try:

@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import DATASET, FIXTURES
 from xray.cli import main
+from xray.govern.identity import operator
 from xray.model.registry import Registry
 from xray.train import adapt as A
 
@@ -110,9 +111,9 @@ def test_an_adapted_version_is_not_promoted_on_its_parents_figures(tiny_registry
     monkeypatch.setattr(A, "MIN_FILMS", 8)
     registry = Registry(tiny_registry)
     parent = registry.active_version()
-    version, _ = A.adapt(registry, str(_site(tmp_path)))
+    version, _ = A.adapt(registry, str(_site(tmp_path)), actor=operator())
     card = registry.card(version)
     assert card.validation.labels is None and card.validation.n == 0
     with pytest.raises(promotion.PromotionRefused, match="no evaluation on an acceptance set"):
-        promotion.promote(registry, version)
+        promotion.promote(registry, version, actor=operator())
     assert registry.active_version() == parent

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "xray"
 # optional heavy packages, imported where they are used: DICOM, Grad-CAM, the bench's reference network,
 # DDP, the terminal progress bar, and the report writers (fpdf2, highdicom: only `report` and the page's
-# downloads need them)
+# downloads need them), and the DICOM network (pynetdicom: only `python -m xray node` needs it)
 LAZY_ALLOWED = {"pydicom", "pytorch_grad_cam", "torchvision", "torch.distributed", "tqdm", "pillow_heif", "fpdf",
-                "highdicom"}
+                "highdicom", "pynetdicom"}
 
 
 def _graph():

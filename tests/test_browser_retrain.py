@@ -9,6 +9,7 @@ import pytest
 
 from browser import new_page, require_browser, streamlit_app
 from conftest import DATASET, FIXTURES
+from xray.govern.identity import operator
 from xray.train import jobs
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # real Chromium and a Streamlit server
@@ -25,7 +26,8 @@ def app_url(tiny_registry, tmp_path):
         try:
             yield url
         finally:
-            if jobs.cancel_job(tiny_registry):  # training outlives the server by design; not past the test
+            # training outlives the server by design; not past the test
+            if jobs.cancel_job(tiny_registry, actor=operator()):
                 job = jobs.current_job(tiny_registry)
                 jobs.wait_for_job(tiny_registry, job.id, 60)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATASET, FIXTURES, GENERATED, TINY_SETTINGS
+from xray.govern.identity import operator
 from xray.train import jobs
 from xray.cli import build_parser
 from xray.cli import main as cli_main
@@ -140,7 +141,7 @@ def test_train_argv_is_the_cli_command_for_the_same_config():
 def test_job_trains_a_new_inactive_version(roots, tiny_registry, capsys):
     registry = Registry(tiny_registry)
     active, before = registry.active_version(), registry.versions()
-    job = jobs.start_job(tiny_registry, tiny_config(epochs=2))
+    job = jobs.start_job(tiny_registry, tiny_config(epochs=2), actor=operator())
     assert job.running and jobs.current_job(tiny_registry).id == job.id
     job = jobs.wait_for_job(tiny_registry, job.id, TIMEOUT_S)
     assert job.state == jobs.SUCCEEDED, job.reason
@@ -162,18 +163,18 @@ def test_job_trains_a_new_inactive_version(roots, tiny_registry, capsys):
 def test_second_start_is_refused_and_cancel_stops_cleanly(roots, tiny_registry):
     registry = Registry(tiny_registry)
     before = registry.versions()
-    job = jobs.start_job(tiny_registry, tiny_config(epochs=500, patience=1000))
+    job = jobs.start_job(tiny_registry, tiny_config(epochs=500, patience=1000), actor=operator())
     with pytest.raises(jobs.JobRefused, match=f"already running.*{job.id}"):
-        jobs.start_job(tiny_registry, tiny_config())
+        jobs.start_job(tiny_registry, tiny_config(), actor=operator())
     wait_for_event(job, "step")
-    assert jobs.cancel_job(tiny_registry) is True
+    assert jobs.cancel_job(tiny_registry, actor=operator()) is True
     job = jobs.wait_for_job(tiny_registry, job.id, TIMEOUT_S)
     assert job.state == jobs.CANCELLED
     assert job.events()[-1]["event"] == "cancelled"  # the process stopped itself and said so
     assert (job.dir / "returncode").read_text().strip() == "3"
     assert registry.versions() == before
-    assert jobs.cancel_job(tiny_registry) is False  # nothing left to cancel
-    later = jobs.start_job(tiny_registry, tiny_config(epochs=500))  # the lock went with the process
+    assert jobs.cancel_job(tiny_registry, actor=operator()) is False  # nothing left to cancel
+    later = jobs.start_job(tiny_registry, tiny_config(epochs=500), actor=operator())  # the lock went with the process
     assert cli_main(["jobs", "--cancel", "--registry", str(tiny_registry)]) == 0  # the CLI sees the same job
     assert jobs.wait_for_job(tiny_registry, later.id, TIMEOUT_S).state == jobs.CANCELLED
 
@@ -182,7 +183,7 @@ def test_second_start_is_refused_and_cancel_stops_cleanly(roots, tiny_registry):
 def test_kill_9_mid_run_leaves_the_active_model_and_reports_failure(roots, tiny_registry):
     registry = Registry(tiny_registry)
     active, before = registry.active_version(), registry.versions()
-    job = jobs.start_job(tiny_registry, tiny_config(epochs=500, patience=1000))
+    job = jobs.start_job(tiny_registry, tiny_config(epochs=500, patience=1000), actor=operator())
     wait_for_event(job, "epoch")
     os.killpg(job.record["pid"], signal.SIGKILL)
     job = jobs.wait_for_job(tiny_registry, job.id, 30)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NORMAL_FULLRES = FULLRES / "NORMAL2-IM-1438-0001.jpeg"
 PNEUMONIA_FULLRES = FULLRES / "person1951_bacteria_4882.jpeg"
 PNEUMONIA_SMALL = DATASET / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
+INCOMPLETE_JPEG = "the JPEG file is incomplete (truncated: the transfer or copy was cut off): send or export it again"
 
 
 def upload(path: Path, name: str | None = None, mime: str = "image/jpeg") -> tuple[str, bytes, str]:
@@ -76,7 +77,7 @@ def test_analyse_scores_bytes_exactly_like_predict(tiny_model):
 def test_analyse_reports_unreadable_files_in_one_line(tiny_model):
     result = analysis.analyse(tiny_model, (GENERATED / "truncated.jpeg").read_bytes(), "truncated.jpeg")
     assert not result.ok and result.image is None
-    assert result.error == "truncated or damaged JPEG file"
+    assert result.error == INCOMPLETE_JPEG and result.incomplete
     assert analysis.analyse(tiny_model, b"", "empty.png").error == "empty file (0 bytes)"
 
 
@@ -105,7 +106,7 @@ def test_worklist_csv_has_cli_columns_sorted_by_probability(tiny_model):
     for row in rows[1:]:
         if row[0] in flagged:  # out of distribution: score kept, no verdict, reason as the CLI writes it
             assert row[1] and row[2] == "" and row[4].startswith(("not a chest radiograph: ", "outside intended use: "))
-    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", "truncated or damaged JPEG file", "", ""]
+    assert rows[-1] == ["truncated.jpeg", "", "", "0.500000", INCOMPLETE_JPEG, "", ""]
 
 
 # -- the page --------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def test_broken_file_gets_its_message_and_the_others_their_results(tiny_registry
     at = drop(start_app(), upload(GENERATED / "truncated.jpeg", name="broken *scan*.jpeg"), upload(NORMAL_FULLRES))
     assert len(at.error) == 1
     # the file name reaches markdown escaped: no bold, no link, text as typed
-    assert at.error[0].value == r"**broken \*scan\*\.jpeg** cannot be analysed: truncated or damaged JPEG file"
+    assert at.error[0].value == (r"**broken \*scan\*\.jpeg** arrived incomplete: the JPEG file is incomplete "
+                                 r"\(truncated\: the transfer or copy was cut off\)\: send or export it again")
     table = next(d.value for d in at.dataframe if "Decision" in d.value.columns)
     assert list(table["File"]) == [NORMAL_FULLRES.name, "broken *scan*.jpeg"]
     assert list(table["Decision"])[1] == "unreadable"
@@ -197,16 +199,18 @@ def test_presets_are_distinct_operating_points_and_set_the_threshold(tiny_regist
     assert at.number_input(key="diagnose_threshold_exact").value == card["threshold"]  # exactly
 
 
-def test_saving_a_site_threshold_needs_who_and_why_and_restore_brings_back_the_exact_card_value(tiny_registry):
+def test_saving_a_site_threshold_needs_why_and_restore_brings_back_the_exact_card_value(tiny_registry):
     import json
+
+    from xray.govern.identity import operator
 
     labels, scores, card = validation_of(tiny_registry)
     card_file = tiny_registry / "versions" / card["version"] / "card.json"
     card_bytes = card_file.read_bytes()
     at = start_app()
     at.number_input(key="diagnose_threshold_exact").set_value(0.3).run()
-    assert at.button(key="diagnose_save_default").disabled  # no name, reason or confirmation yet
-    at.text_input(key="diagnose_save_by").input("Dr Ward").run()
+    assert at.button(key="diagnose_save_default").disabled  # no reason or confirmation yet
+    assert "diagnose_save_by" not in {w.key for w in at.text_input}  # who saves is who is signed in
     at.text_input(key="diagnose_save_why").input("local audit of 2026").run()
     assert at.button(key="diagnose_save_default").disabled
     at.checkbox(key="diagnose_save_confirm").check().run()
@@ -214,11 +218,11 @@ def test_saving_a_site_threshold_needs_who_and_why_and_restore_brings_back_the_e
     assert not at.exception, at.exception
     assert card_file.read_bytes() == card_bytes  # the model's card is untouched
     site = json.loads((tiny_registry / "site.json").read_text())["thresholds"][card["version"]]
-    assert site["threshold"] == 0.3 and site["by"] == "Dr Ward" and site["why"] == "local audit of 2026"
+    assert site["threshold"] == 0.3 and site["by"] == operator().label and site["why"] == "local audit of 2026"
     assert any("Saved 0.300000" in s.value for s in at.success)
     fresh = start_app()  # a new session starts at the site's threshold
     assert fresh.number_input(key="diagnose_threshold_exact").value == 0.3
-    assert any("Dr Ward" in c.value for c in fresh.sidebar.caption)
+    assert any(operator().label in c.value and "local audit of 2026" in c.value for c in fresh.sidebar.caption)
     fresh.button(key="diagnose_restore_threshold").click().run()
     assert fresh.number_input(key="diagnose_threshold_exact").value == card["threshold"]  # exactly, not 0.734
     assert start_app().number_input(key="diagnose_threshold_exact").value == card["threshold"]

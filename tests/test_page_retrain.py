@@ -107,6 +107,7 @@ def test_fine_tuning_needs_the_active_models_image_size(page_env):
     assert jobs.current_job(page_env) is None  # nothing was started
 
 
+@pytest.mark.slow
 def test_start_tiny_training_from_the_form_and_see_it_finish(page_env):
     registry = Registry(page_env)
     active, before = registry.active_version(), registry.versions()

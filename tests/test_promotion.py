@@ -11,6 +11,7 @@ import pytest
 from cards import card_dict, validated_card
 from xray.decide import metrics as M
 from xray.govern import promotion
+from xray.govern.identity import ADMINISTRATOR, Actor, operator
 from xray.model.card import ModelCard
 from xray.model.registry import Registry
 
@@ -87,20 +88,22 @@ def test_promote_refuses_then_records_an_override_in_marker_card_and_audit_log(t
     model = registry.load()
     second = registry.save_version(model.net, model.card)
     with pytest.raises(promotion.PromotionRefused) as refused:
-        promotion.promote(registry, second)
+        promotion.promote(registry, second, actor=operator())
     assert not refused.value.result.passed and registry.active_version() == first
     with pytest.raises(ValueError, match="needs a reason"):
-        promotion.promote(registry, second, force=True, reason="  ")
-    result = promotion.promote(registry, second, force=True, reason="a  tested\noverride", by="Dr Test")
+        promotion.promote(registry, second, force=True, reason="  ", actor=operator())
+    dr = Actor("s-test", "dr.test@ward.example", ADMINISTRATOR, "http://idp.example")
+    result = promotion.promote(registry, second, force=True, reason="a  tested\noverride", actor=dr)
     assert not result.passed and registry.active_version() == second
     (override,) = registry.card(second).activation_overrides  # typed on the card
-    assert (override.by, override.reason, override.gate) == ("Dr Test", "a tested override", result.reasons)
+    assert (override.by, override.subject, override.reason, override.gate) == ("dr.test@ward.example", "s-test",
+                                                                               "a tested override", result.reasons)
     marker = json.loads(registry.marker.read_text())
     assert marker["override"]["reason"] == "a tested override"
     event = _audit_events()[-1]
-    assert (event["event"], event["version"], event["previous"], event["by"]) == ("activation-override", second, first,
-                                                                                 "Dr Test")
-    assert promotion.rollback(registry, reason="back", by="Dr Test") == first
+    assert (event["event"], event["version"], event["previous"], event["user"], event["email"]) == (
+        "activation-override", second, first, "s-test", "dr.test@ward.example")
+    assert promotion.rollback(registry, reason="back", actor=dr) == first
     event = _audit_events()[-1]
     assert (event["event"], event["version"], event["previous"], event["reason"]) == ("rollback", first, second, "back")
 
@@ -112,7 +115,7 @@ def test_promote_of_a_passing_version_writes_an_activation_line(tiny_registry, m
     first = registry.active_version()
     model = registry.load()
     second = registry.save_version(model.net, model.card)  # the same figures: passes
-    assert promotion.promote(registry, second, by="Dr Test").passed
+    assert promotion.promote(registry, second, actor=operator()).passed
     event = _audit_events()[-1]
     assert (event["event"], event["version"], event["previous"], event["gate"]) == ("activation", second, first, "passed")
     assert registry.card(second).activation_overrides == ()

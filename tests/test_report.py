@@ -120,7 +120,7 @@ def test_dicom_results_validate_belong_to_the_study_and_reference_the_source(tmp
                 values.append(str(element.value))
 
     walk(sr)
-    assert {"233604007", "Probability of pneumonia", "Operating threshold", "Algorithm Name",
+    assert {"233604007", "122157", "Probability", "122411", "Threshold Value", "Algorithm Name",
             "Pneumonia X-ray assistant CNN"} <= set(values)
     pdf = subprocess.run([pdftotext, str(out / "child.pdf"), "-"], capture_output=True, text=True).stdout
     assert "Müller^Zoë^^^肺" in pdf and "PAT-ÅÄÖ-7" in pdf and "20210304" in pdf

@@ -8,7 +8,8 @@ import pytest
 
 from xray import settings
 
-VARIABLES = ("XRAY_WEIGHTS", "XRAY_DATA_ROOTS", "XRAY_AUDIT_LOG", "XRAY_CACHE", "XRAY_DATA")
+VARIABLES = ("XRAY_WEIGHTS", "XRAY_DATA_ROOTS", "XRAY_AUDIT_LOG", "XRAY_CACHE", "XRAY_DATA", "XRAY_ROLES",
+             "XRAY_SIGN_IN_HOURS", "XRAY_ALLOW_UNAUTHENTICATED_NETWORK")
 
 
 @pytest.fixture
@@ -49,3 +50,19 @@ def test_data_roots_are_separated_by_the_platform_separator_and_resolved(clean, 
     clean.setenv("XRAY_DATA_ROOTS", os.pathsep.join([str(tmp_path / "a"), "", str(tmp_path / "b" / "..")]))
     assert settings.data_roots() == [(tmp_path / "a").resolve(), tmp_path.resolve()]
     assert f"separated by '{os.pathsep}'" in settings.data_roots_help() and "restart the server" in settings.data_roots_help()
+
+
+def test_sign_in_settings(clean, tmp_path):
+    assert settings.roles_path() == settings.user_data_dir() / "roles.toml" and settings.read_roles() == {}
+    assert settings.sign_in_max_hours() == 12 and not settings.allow_unauthenticated_network()
+    clean.setenv("XRAY_ROLES", str(tmp_path / "r.toml"))
+    (tmp_path / "r.toml").write_text('[users]\n"a@b.example" = "clinician"\n')
+    assert settings.read_roles() == {"users": {"a@b.example": "clinician"}}
+    clean.setenv("XRAY_SIGN_IN_HOURS", "0.5")
+    assert settings.sign_in_max_hours() == 0.5
+    for bad in ("0", "-1", "soon", "nan"):
+        clean.setenv("XRAY_SIGN_IN_HOURS", bad)
+        with pytest.raises(ValueError, match="XRAY_SIGN_IN_HOURS must be a positive number"):
+            settings.sign_in_max_hours()
+    clean.setenv("XRAY_ALLOW_UNAUTHENTICATED_NETWORK", "1")
+    assert settings.allow_unauthenticated_network()

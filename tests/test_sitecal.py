@@ -13,6 +13,7 @@ from conftest import DATASET, FULLRES
 from xray.decide import prevalence as P
 from xray.govern import promotion, sitecal
 from xray.cli import main
+from xray.govern.identity import operator
 from xray.model.registry import Registry
 
 
@@ -115,8 +116,9 @@ def test_site_calibration_promises_a_floor_only_with_enough_images(tiny_registry
     assert g["metric"] == "sensitivity" and g["n"] == 120 and g["lower_bound"] >= 0.95 and g["k"] >= 118
     assert "at least 0.95 on new films like the local ones, with 95% confidence" in sitecal.terminal_summary(result)
     registry = Registry(tiny_registry)
-    card = registry.card(sitecal.write_version(registry, model, result))
+    card = registry.card(sitecal.write_version(registry, model, result, actor=operator()))
     assert card["site_calibration"]["guarantee"] == g and "95% confidence" in card["site_calibration"]["promise"]
+    assert card.site_calibration.guarantee == g and card.site_calibration.promise == card["site_calibration"]["promise"]
     plain = sitecal.recalibrate(model, data, "sensitivity>=0.95")  # the point estimate: no promise made
     assert plain.guarantee is None and plain.threshold > result.threshold
     small = sitecal.SiteData("site", "f" * 64, data.logits[50:], labels[50:], {"NORMAL": 80, "PNEUMONIA": 70})

@@ -11,13 +11,14 @@ against it, counting imports inside functions; ``python scripts/import_graph.py`
 - ``model``: the network, the typed card, the registry, the guard's feature statistics, site settings.
 - ``serve``: ``predict``, the intended-use guard, HiResCAM evidence maps, one upload's analysis, the batch
   pipeline.
-- ``govern``: the promotion gate (and its one minimum of an acceptance set), the audit log, site calibration.
+- ``govern``: who acts (sign-in identity and roles), the promotion gate (and its one minimum of an
+  acceptance set), the audit log, site calibration, the site's saved threshold and prevalence.
 - ``report``: PDF and DICOM results, and the batch of them (``python -m xray report``).
+- ``node``: the DICOM node (receive films from the PACS, score them, send results back; spool and queue).
 - ``train``: the loop, its config, optimiser, events, background jobs, robustness checks.
 - ``cli``, ``bench``, ``__main__``: the command line on top.
 
-A new wing (e.g. the DICOM node, ``xray/node/``: after ``report``) is added here at its place
-(``docs/architecture.md``, "Where a new feature goes").
+A new wing is added here at its place (``docs/architecture.md``, "Where a new feature goes").
 """
 
 # Lowest first. A module may import a module of its own wing (without a cycle) or of any wing listed
@@ -30,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("serve",),
     ("govern",),
     ("report",),
+    ("node",),
     ("train",),
     ("bench",),
     ("cli", "__main__"),

@@ -1,7 +1,10 @@
-"""Command line: ``python -m xray {predict,evaluate,calibrate,adapt,train,jobs,bench,fit-ood,versions,activate,rollback}``.
+"""Command line: ``python -m xray {predict,evaluate,calibrate,adapt,train,jobs,bench,fit-ood,versions,activate,rollback,node}``.
 
 Argparse and thin commands only: the work is done by the engine's wings (``serve.pipeline``, ``train``,
 ``model.registry``, ``govern``, ``report.batch``, ``bench``). The top wing: nothing in ``xray/`` imports this module.
+
+The command line is the machine operator's tool: it acts as the OS login with the administrator's rights
+(``identity.operator``), without the app's sign-in; its audit lines name that login.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from xray.clock import utc_stamp
 from xray.train import events as E
 from xray.govern import promotion
 from xray.govern import sitecal
+from xray.govern.identity import operator
 from xray.report import batch
 from xray.atomic import atomic_write_json
 from xray.bench import add_arguments as bench_arguments
@@ -29,6 +33,7 @@ from xray.serve.pipeline import (
     done_paths,
     evaluate_folder,
     iter_shard,
+    path_text,
     score_paths,
 )
 from xray.model.registry import LoadedModel, ModelFileError, Registry
@@ -36,6 +41,7 @@ from xray.train import adapt as adaptation
 from xray.train.loop import Cancelled, fit_ood_for_version
 from xray.train.loop import main as train_main
 from xray.train.config import add_arguments, config_from_args
+from xray.node import service as node_service
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -82,7 +88,7 @@ def cmd_predict(args) -> int:
             raise SystemExit(f"error: {exc}")
     model = _load_model(args)
     try:
-        out = open(args.csv, "a" if done else "w", newline="") if args.csv else sys.stdout
+        out = open(args.csv, "a" if done else "w", newline="", encoding="utf-8") if args.csv else sys.stdout
     except OSError as exc:
         raise SystemExit(f"error: cannot write {args.csv}: {exc.strerror or exc}")
     writer = csv.writer(out)
@@ -91,7 +97,7 @@ def cmd_predict(args) -> int:
     threshold = model.default_threshold if args.threshold is None else float(args.threshold)
     prevalence = (model.card.calibration_prevalence, _prevalence(args, model))
     skipped: list[tuple[str, str]] = []
-    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if str(p) not in done)
+    paths = (p for p in iter_shard(args.paths, args.shard, skipped) if path_text(p) not in done)
     found = failures = not_xray = 0
     with E.progress_bar(None, "predict") as bar:
         for path, prediction, error in score_paths(model, paths, args.batch_size, args.workers):
@@ -106,7 +112,7 @@ def cmd_predict(args) -> int:
     print(f"{found} image file(s) found and scored or reported" + (f" ({len(done)} already in the CSV)" if done else "")
           + (f"; {len(skipped)} other file(s) skipped:" if skipped else ""), file=sys.stderr)
     for path, reason in skipped:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(f"  skipped {path_text(path)}: {reason}", file=sys.stderr)
     if failures:
         print(f"{failures} file(s) could not be scored; see the error column", file=sys.stderr)
     if not_xray:
@@ -142,7 +148,7 @@ def cmd_calibrate(args) -> int:
     registry = Registry(args.registry or None)
     try:
         version, result = sitecal.calibrate(registry, args.data_dir, args.model or None, args.rule or None,
-                                            args.workers)
+                                            args.workers, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(sitecal.terminal_summary(result), file=sys.stderr)
@@ -156,7 +162,7 @@ def cmd_calibrate(args) -> int:
 def cmd_adapt(args) -> int:
     registry = Registry(args.registry or None)
     try:
-        version, result = adaptation.adapt(registry, args.data_dir, args.model or None)
+        version, result = adaptation.adapt(registry, args.data_dir, args.model or None, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(adaptation.terminal_summary(result, registry.card(version).threshold), file=sys.stderr)
@@ -176,7 +182,7 @@ def cmd_fit_ood(args) -> int:
         raise SystemExit(f"error: {exc}")
     if args.activate:  # through the gate, like every other way to make a version live
         try:
-            promotion.promote(registry, version)
+            promotion.promote(registry, version, actor=operator())
         except promotion.PromotionRefused as exc:
             raise SystemExit(f"error: new version {version} saved but not activated: {exc} "
                              f"(python -m xray activate {version} --force --reason '...')")
@@ -243,7 +249,7 @@ def cmd_train(args) -> int:
 def cmd_jobs(args) -> int:
     root = Registry(args.registry or None).root
     if args.cancel:
-        if not cancel_job(root):
+        if not cancel_job(root, actor=operator()):
             print("no training job is running", file=sys.stderr)
             return 1
         print("asked the running training job to stop", file=sys.stderr)
@@ -284,7 +290,7 @@ def cmd_activate(args) -> int:
             print(f"  {args.version} {name}: {figure}", file=sys.stderr)
         for name, figure in result.active_figures.items():
             print(f"  active {result.active_version} {name}: {figure}", file=sys.stderr)
-        promotion.promote(registry, args.version, force=args.force, reason=args.reason)
+        promotion.promote(registry, args.version, force=args.force, reason=args.reason, actor=operator())
     except promotion.PromotionRefused as exc:
         raise SystemExit(f"error: {exc} (python -m xray activate {args.version} --force --reason '...')")
     except (ModelFileError, ValueError) as exc:
@@ -298,15 +304,53 @@ def cmd_activate(args) -> int:
 
 def cmd_rollback(args) -> int:
     try:
-        version = promotion.rollback(Registry(args.registry or None), reason=args.reason)
+        version = promotion.rollback(Registry(args.registry or None), reason=args.reason, actor=operator())
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     print(f"active model: {version}", file=sys.stderr)
     return 0
 
 
+def cmd_node(args) -> int:
+    """Run the DICOM node until SIGTERM or Ctrl-C."""
+    try:
+        given = {k: v for k, v in dict(
+            ae_title=args.ae_title, port=args.port, host=args.host, allowed=args.allow, spool=args.spool,
+            max_associations=args.max_associations, spool_mb=args.spool_mb, keep_hours=args.keep_hours,
+            retry_max_s=args.retry_max, registry=args.registry or None,
+            destination=node_service.parse_destination(args.destination) if args.destination else None).items()
+            if v not in (None, [])}
+        options = {**node_service.env_defaults(), **given}
+        missing = [name for name in ("ae_title", "port", "destination") if name not in options]
+        if missing:
+            raise ValueError("missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
+                             + " (or XRAY_NODE_" + ", XRAY_NODE_".join(m.upper() for m in missing) + ")")
+        config = node_service.NodeConfig(**options)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    node_service.setup_logging(config.spool)
+    node = node_service.Node(config)
+    try:
+        node.start()
+    except (ModelFileError, ValueError, OSError) as exc:
+        raise SystemExit(f"error: the node cannot start: {exc}")
+    stop = node.stopping
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    node.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xray", description="Pneumonia chest X-ray assistant engine")
+    parser = argparse.ArgumentParser(
+        prog="python -m xray", description="Pneumonia chest X-ray assistant engine",
+        epilog="The command line is the machine operator's tool: it runs as your OS login with the administrator's "
+               "rights and without the app's sign-in, and the audit log names that login. People at a screen use the "
+               "app, where sign-in and roles apply (README 'Sign-in').")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p):
@@ -402,6 +446,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="why; recorded in the audit log")
     p.add_argument("--registry", default="")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("node", help="a DICOM node: receive films from the PACS, send results (SR, SC) back")
+    p.add_argument("--ae-title", default=None, help="this node's AE title ($XRAY_NODE_AE_TITLE)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on ($XRAY_NODE_PORT)")
+    p.add_argument("--destination", default=None, metavar="AET@HOST:PORT",
+                   help="where results go, usually the PACS that sends the films ($XRAY_NODE_DESTINATION)")
+    p.add_argument("--allow", action="append", default=None, metavar="AET",
+                   help="a calling AE title to accept (repeat; default: the destination's; $XRAY_NODE_ALLOW)")
+    p.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0; $XRAY_NODE_HOST)")
+    p.add_argument("--spool", default=None, help="spool and queue folder (default <user data folder>/node)")
+    p.add_argument("--max-associations", type=int, default=None, help="concurrent associations (default 4)")
+    p.add_argument("--spool-mb", type=float, default=None, help="spool size limit in MB (default 2048)")
+    p.add_argument("--keep-hours", type=float, default=None,
+                   help="hours a delivered film stays in the spool for the Worklist (default 24; 0: delete at once)")
+    p.add_argument("--retry-max", type=float, default=None,
+                   help="longest wait between delivery tries, seconds (default 300; tries back off from 2 s)")
+    p.add_argument("--registry", default="", help="registry folder (default weights/ or $XRAY_WEIGHTS)")
+    p.set_defaults(func=cmd_node)
     return parser
 
 

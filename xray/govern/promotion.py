@@ -10,17 +10,18 @@ log. Every figure carries its n and 95% interval (Wilson for proportions, Hanley
 The acceptance set is the card's validation set (a patient-level split of the training folder, or a
 site's labelled folder for a calibrated version). Two versions validated on different images are
 compared figure to figure, each on its own set: the gate says so when their data fingerprints differ.
-Rolling back to the previously active version is not gated (it was live before).
+Rolling back to the previously active version is not gated (it was live before). Activating and rolling
+back are an administrator's (``identity.require``); the override and the audit line name the actor.
 """
 from __future__ import annotations
 
-import getpass
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from xray.clock import utc_now
 from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.decide import metrics as M
 from xray.decide.metrics import Figure
 from xray.model.card import ModelCard
@@ -114,16 +115,19 @@ def gate(registry: Registry, version: str) -> GateResult:
     return check_promotion(registry.card(version), registry.card(active) if active else None)
 
 
-def promote(registry: Registry, version: str, force: bool = False, reason: str = "", by: str = "") -> GateResult:
+def promote(registry: Registry, version: str, force: bool = False, reason: str = "", *,
+            actor: Actor) -> GateResult:
     """Activate ``version`` if it passes the gate, or with ``force`` and a ``reason`` (recorded).
 
     Every activation writes one audit line (``activation``, or ``activation-override`` with the gate's
-    reasons), naming the version that was live before.
+    reasons), naming the version that was live before and ``actor``.
 
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is changed).
         PromotionRefused: it fails the gate and ``force`` is False.
         ValueError: ``force`` without a reason; or the version cannot be loaded.
     """
+    require(actor, ADMINISTRATOR, f"activating model {version}")
     result = gate(registry, version)
     if not result.passed:
         if not force:
@@ -131,10 +135,10 @@ def promote(registry: Registry, version: str, force: bool = False, reason: str =
         if not reason.strip():
             raise ValueError("an override needs a reason")
     previous = registry.active_version()
-    who = by.strip() or _user()
     override = None
     if not result.passed:
-        override = {"by": who, "at": utc_now(), "reason": " ".join(reason.split()), "gate": list(result.reasons)}
+        override = {"by": actor.label, "at": utc_now(), "reason": " ".join(reason.split()),
+                    "gate": list(result.reasons), **({"subject": actor.subject} if not actor.local else {})}
     registry.activate(version, override=override)
     if override is not None:
         try:
@@ -143,30 +147,25 @@ def promote(registry: Registry, version: str, force: bool = False, reason: str =
                                                                    override]})
         except ReadOnlyVersion:
             pass  # a shipped card stays as shipped; the marker and the audit log hold the override
-        audit.record_event("activation-override", version=version, previous=previous, **override)
+        audit.record_event("activation-override", actor=actor, version=version, previous=previous,
+                           reason=override["reason"], gate=override["gate"])
     else:
-        audit.record_event("activation", version=version, previous=previous, by=who,
+        audit.record_event("activation", actor=actor, version=version, previous=previous,
                            reason=" ".join(reason.split()), gate="passed")
     return result
 
 
-def rollback(registry: Registry, reason: str = "", by: str = "") -> str:
+def rollback(registry: Registry, reason: str = "", *, actor: Actor) -> str:
     """Re-activate the previously active version (not gated: it was live before); one audit line.
 
     Returns:
         The version now active.
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is changed).
         ValueError: there is no earlier version to roll back to.
     """
+    require(actor, ADMINISTRATOR, "rolling back the active model")
     previous = registry.active_version()
     version = registry.rollback()
-    audit.record_event("rollback", version=version, previous=previous, by=by.strip() or _user(),
-                       reason=" ".join(reason.split()))
+    audit.record_event("rollback", actor=actor, version=version, previous=previous, reason=" ".join(reason.split()))
     return version
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name (containers): say so rather than invent one
-        return "unknown user"

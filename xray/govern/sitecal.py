@@ -8,7 +8,8 @@ of predictive analytics", BMC Medicine 2019). Figures on the local set are cross
 is scored with a calibration and threshold fitted on the other folds. The folder must hold what the
 promotion gate requires of an acceptance set (``promotion.large_enough``: 200 images, 50 of each class);
 even then the 95% intervals are wide (a sensitivity from 60 pneumonia images has an interval about
-+-0.06 wide at 0.95): the card and the page say so.
++-0.06 wide at 0.95): the card and the page say so. Writing the calibrated version is an administrator's
+(``identity.require``); its card and an audit line (``site-calibration``) name who did it.
 
 A sensitivity floor is fitted with a margin for that sampling error (``site_rule``): the threshold
 keeps enough local pneumonia images that the one-sided 95% Clopper-Pearson lower bound of sensitivity
@@ -24,7 +25,8 @@ import torch
 
 from xray.decide import calibration as C
 from xray.decide import metrics as M
-from xray.govern import promotion
+from xray.govern import audit, promotion
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.io.folders import CLASSES, decoded_dataset, scan_dataset
 from xray.serve.inference import logits_of
 from xray.model.registry import LoadedModel, Registry
@@ -167,9 +169,16 @@ def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> 
     return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data, guarantee)
 
 
-def write_version(registry: Registry, model: LoadedModel, result: Recalibration) -> str:
+def write_version(registry: Registry, model: LoadedModel, result: Recalibration, *, actor: Actor) -> str:
     """Save ``result`` as a new inactive version: the parent's weights byte for byte, its OOD statistics,
-    and a card that records the parent, the site data and the old and new calibration and threshold."""
+    and a card that records the parent, the site data, the old and new calibration and threshold, and who
+    calibrated (also one ``site-calibration`` audit line).
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is written).
+        OSError: the version or the audit line cannot be written.
+    """
+    require(actor, ADMINISTRATOR, "calibrating a model to this site")
     old_scale, old_bias = model.calibration
     data = result.data
     p_local = C.apply(data.logits, result.scale, result.bias)
@@ -187,6 +196,7 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
         "site_calibration": {
             "parent": model.version, "data_root": data.root, "data_fingerprint": data.fingerprint,
             "counts": data.counts, "unreadable": len(data.unreadable), "rule": result.rule,
+            "by": actor.label, "subject": actor.subject,
             "old": {"threshold": model.threshold, "scale": old_scale, "bias": old_bias},
             "new": {"threshold": result.threshold, "scale": result.scale, "bias": result.bias},
             "before_on_site": result.before, "after_on_site_crossvalidated": result.after,
@@ -201,16 +211,24 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration)
         card["borderline"] = {**model.card.borderline_info, "below": round(band[0] * ratio, 4),
                               "above": round(band[1] * ratio, 4),
                               "method": model.card.borderline_info.get("method", "") + "; rescaled to the site calibration"}
-    return registry.save_derived_version(model.version, card, "site")
+    version = registry.save_derived_version(model.version, card, "site")
+    audit.record_event("site-calibration", actor=actor, version=version, parent=model.version,
+                       data_fingerprint=data.fingerprint, threshold=result.threshold, rule=result.rule)
+    return version
 
 
 def calibrate(registry: Registry, data_dir: str, version: str | None = None, rule: str | None = None,
-              workers: int = 0) -> tuple[str, Recalibration]:
-    """``python -m xray calibrate``: score, recalibrate and write the new version; returns (id, result)."""
+              workers: int = 0, *, actor: Actor) -> tuple[str, Recalibration]:
+    """``python -m xray calibrate``: score, recalibrate and write the new version; returns (id, result).
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (checked before any image is scored).
+    """
+    require(actor, ADMINISTRATOR, "calibrating a model to this site")
     model = registry.load(version, torch.device("cpu"))
     data = score_folder(model, data_dir, workers)
     result = recalibrate(model, data, rule)
-    return write_version(registry, model, result), result
+    return write_version(registry, model, result, actor=actor), result
 
 
 def terminal_summary(result: Recalibration) -> str:

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -90,11 +90,60 @@ def patient_id(path: str | os.PathLike) -> str:
     return Path(path).stem.lower()
 
 
+LINK_LOOP = "a link to a folder searched already (a loop, or a second link to it): its files are counted once"
+
+
+def walk_folders(root: Path, skip: Callable[[Path, str], None] | None = None
+                 ) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` in a stable order that follows links to folders (research shares and PACS mounts are laid
+    out with them) and enters each real folder once: a link back to a folder already entered (a loop) is
+    passed to ``skip`` with the reason. Hidden folders are left out; ``dirnames`` may be pruned as in os.walk."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        try:
+            status = here.stat()
+        except OSError as exc:
+            if skip is not None:
+                skip(here, f"cannot read: {exc.strerror or exc}")
+            dirnames[:] = []
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            if skip is not None:
+                skip(here, LINK_LOOP)
+            dirnames[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield here, dirnames, sorted(filenames)
+
+
+def walk_files(root: Path, skip: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+    """Every file under ``root`` once (``walk_folders``): a second path to a file already listed (through a
+    link) and a link whose target is missing go to ``skip`` with the reason. Hidden files are listed."""
+    first: dict[tuple[int, int], Path] = {}
+    for here, _, filenames in walk_folders(root, skip):
+        for name in filenames:
+            path = here / name
+            try:
+                status = path.stat()
+            except OSError as exc:
+                if skip is not None:
+                    skip(path, "a broken link (its target does not exist)" if path.is_symlink()
+                         else f"cannot read: {exc.strerror or exc}")
+                continue
+            key = (status.st_dev, status.st_ino)
+            if key in first:
+                if skip is not None:
+                    skip(path, f"the same file as {first[key]} (reached through a link): counted once")
+                continue
+            first[key] = path
+            yield path
+
+
 def _class_dirs(root: Path) -> list[tuple[Path, int, str]]:
     found = []
-    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
-        dirnames.sort()
-        here = Path(dirpath)
+    for here, dirnames, _ in walk_folders(root):
         for d in list(dirnames):
             if d.upper() in CLASSES:
                 rel_parts = (here / d).relative_to(root).parts[:-1]
@@ -117,26 +166,28 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
     if not class_dirs:
         raise ValueError(f"no NORMAL/ or PNEUMONIA/ folder anywhere under {root}")
     samples, skipped, by_hash = [], [], defaultdict(list)
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append((str(path.relative_to(root)) if path.is_relative_to(root) else str(path), reason))
+
     for class_dir, label, part in class_dirs:
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                rel = str(path.relative_to(root))
-                if name.startswith("."):
-                    continue
-                try:
-                    data = path.read_bytes()
-                except OSError as exc:
-                    skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
-                    continue
-                kind = sniff_bytes(data[:512], name)  # by content: extensionless DICOM counts, renamed text not
-                if kind not in ("image", "DICOM"):
-                    skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                by_hash[digest].append(rel)
-                samples.append(Sample(path, label, part, patient_id(path), digest))
+        for path in walk_files(class_dir, skip):
+            name = path.name
+            rel = str(path.relative_to(root))
+            if name.startswith("."):
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+                continue
+            kind = sniff_bytes(data[:512], name)  # by content: extensionless DICOM counts, renamed text not
+            if kind not in ("image", "DICOM"):
+                skipped.append((rel, "a DICOMDIR index, not an image" if kind else "not an image or DICOM file"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            by_hash[digest].append(rel)
+            samples.append(Sample(path, label, part, patient_id(path), digest))
     present = Counter(s.label for s in samples)
     if not samples:
         raise ValueError(f"no image files in the NORMAL/ and PNEUMONIA/ folders under {root}")

@@ -11,14 +11,23 @@ the Modality LUT, then the first usable VOI rule (VOI LUT sequence, then the win
 pixel range: a window narrower than 1 or lying outside the stored values is skipped, and the
 image's ``notes`` say which rule was used); MONOCHROME1 or a Presentation LUT Shape of INVERSE
 makes bone white. A multi-page TIFF (a scan and its thumbnail) gives its largest page.
+
+Every refusal is a ValueError with a one-line reason; two kinds have their own type, for callers that
+act on the kind (the CLI, the page, the DICOM node): ``IncompleteFileError`` for a file that ends
+before its own structure does (an interrupted transfer: send it again) and ``NotAnImageError`` for a
+complete file that holds no image (an SR, a DICOMDIR, a PDF, a ZIP archive). Decoder faults are named
+by what is wrong with the data, never by the decoder library; a sequential JPEG whose scan header
+gives other spectral-selection values than T.81 allows is decoded as IJG-based readers do.
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -55,6 +64,25 @@ IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".bmp", ".tif", "
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (PS3.10)
 # Group 0x0008 elements an ACR-NEMA style dataset (no preamble, no file meta) starts with
 _ACR_NEMA_FIRST_GROUPS = (0x0008, 0x0010, 0x0018, 0x0020, 0x0028)
+
+
+class IncompleteFileError(ValueError):
+    """The file ends before its own structure does (an interrupted transfer, download or copy): the same
+    file sent or exported again will load. ``reason`` is the same for every such file, for callers
+    (the CLI, the page, the DICOM node) that act on the kind of fault rather than its wording."""
+
+    reason = "incomplete"
+
+
+class NotAnImageError(ValueError):
+    """A complete, readable file that holds no image: a DICOM report, structured report or DICOMDIR
+    index, a PDF, a text file, an archive. Sending it again will not help."""
+
+    reason = "not an image"
+
+
+INCOMPLETE_DICOM = "the DICOM file is incomplete (truncated: the transfer or copy was cut off): send or export it again"
+ZIP_ARCHIVE = "a ZIP archive: extract it and give the folder (or drop the extracted files)"
 
 
 @dataclass
@@ -137,8 +165,10 @@ def _describe_non_image(data: bytes) -> str:
     head = data[:1024]
     if head.startswith(b"%PDF"):
         return "a PDF document, not an image"
-    if head.startswith(b"PK\x03\x04"):
-        return "a ZIP/Office archive, not an image"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        if b"[Content_Types].xml" in head or b"word/" in head or b"xl/" in head or b"ppt/" in head:
+            return "an Office document, not an image"
+        return ZIP_ARCHIVE
     if head[:5].lower() in (b"<!doc", b"<html") or head.startswith(b"<?xml"):
         return "an HTML/XML document, not an image"
     try:
@@ -176,6 +206,17 @@ def _is_dicom(data: bytes, name: str) -> bool:
     if data.startswith(_IMAGE_MAGIC) or _is_heif(data):  # a PNG/JPEG that merely carries a .dcm name
         return False
     return _looks_like_acr_nema(data)
+
+
+def not_an_image_reason(path: str | os.PathLike) -> str:
+    """Why a file ``sniff`` passed over is not read: what it is when its first bytes say (a PDF, a ZIP
+    archive to extract, a text file), else "not an image or DICOM file"."""
+    try:
+        with open(path, "rb") as f:
+            reason = _describe_non_image(f.read(1024))
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return "not an image or DICOM file" if reason.startswith("not a recognised") else reason
 
 
 def sniff(path: str | os.PathLike) -> str | None:
@@ -265,7 +306,7 @@ def _open_pillow(data: bytes) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError("image too large (decompression bomb: header claims too many pixels)") from None
     except UnidentifiedImageError:
-        raise ValueError(_describe_non_image(data)) from None
+        raise NotAnImageError(_describe_non_image(data)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ValueError(f"corrupt image header: {exc}") from None
 
@@ -296,8 +337,11 @@ def _load_pillow(data: bytes) -> XrayImage:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc)
-        if "truncated" in msg or "broken data stream" in msg or "unrecognized data stream" in msg:
-            raise ValueError(f"truncated or damaged {fmt} file") from None
+        if "truncated" in msg:  # Pillow ran out of bytes: the end of the file is missing
+            raise IncompleteFileError(f"the {fmt} file is incomplete (truncated: the transfer or copy was cut off): "
+                                      "send or export it again") from None
+        if "broken data stream" in msg or "unrecognized data stream" in msg:
+            raise ValueError(f"damaged {fmt} file: its compressed data cannot be decoded; export it again") from None
         raise ValueError(f"damaged {fmt} file: {msg}") from None
     try:
         image = ImageOps.exif_transpose(image)  # phones and some exporters rotate through EXIF
@@ -329,58 +373,106 @@ def _dicom_syntax(ds) -> tuple[str, bool]:
     return f"{syntax.name} ({syntax})", bool(getattr(syntax, "is_compressed", False))
 
 
-def _load_dicom(data: bytes) -> XrayImage:
+class _ReadRecorder(io.BytesIO):
+    """A byte stream that notes when a read got some but not all of the bytes asked for: the parser
+    stopped inside an element, so the file ends early."""
+
+    ended_early = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        if size is not None and size > 0 and 0 < len(chunk) < size:
+            self.ended_early = True
+        return chunk
+
+
+def _is_image_storage(ds) -> bool:
+    """The SOP Class is an image storage class (CR, DX, SC, ...), so the object must carry pixels."""
+    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return "Image Storage" in str(getattr(sop_class, "name", ""))
+
+
+def _read_dicom(data: bytes):
+    """Parse the whole dataset; IncompleteFileError when the file ends inside it (PS3.5 7.1, 7.5:
+    an element, a sequence or the encapsulated pixel data without its end)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise ValueError(f"reading the DICOM header failed: {exc}") from None
-    notes: list[str] = []
-    if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) is None:
-        # ACR-NEMA style file: no file meta. The encoding is known once the dataset has been parsed.
-        from pydicom.dataset import FileMetaDataset
-        from pydicom.uid import (
-            ExplicitVRBigEndian,
-            ExplicitVRLittleEndian,
-            ImplicitVRLittleEndian,
-        )
+    stream = _ReadRecorder(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(stream, force=True)
+        except (EOFError, struct_error):
+            raise IncompleteFileError(INCOMPLETE_DICOM) from None
+        except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(f"reading the DICOM header failed: {exc}") from None
+    cut_delimiter = any("End of file reached" in str(w.message) for w in caught)
+    empty_part10 = len(ds) == 0 and data[128:132] == b"DICM"  # the file meta alone, or less
+    if stream.ended_early or cut_delimiter or empty_part10:
+        raise IncompleteFileError(INCOMPLETE_DICOM)
+    return ds
 
-        implicit, little = getattr(ds, "original_encoding", (True, True))
-        syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = syntax
-        notes.append(f"no DICOM file meta: transfer syntax inferred from the dataset ({syntax.name})")
+
+def _infer_file_meta(ds, notes: list[str]) -> None:
+    """An ACR-NEMA style file has no file meta: the encoding is known once the dataset has been parsed."""
+    if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) is not None:
+        return
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    notes.append(f"no DICOM file meta: transfer syntax inferred from the dataset ({syntax.name})")
+
+
+def _refuse_non_image(ds) -> None:
+    """NotAnImageError for a DICOMDIR or an object without pixels (a report, an SR); an image object
+    without its pixels is an incomplete file (cut off between two elements)."""
     if str(getattr(ds.file_meta, "MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
-        raise ValueError("this is a DICOMDIR (the index of a CD or PACS export), not an image: give its folder "
-                         "to score every image it lists")
-    header = {}
-    for key in DICOM_DISPLAY_FIELDS:
-        try:
-            value = str(ds.get(key, "")).strip()
-        except Exception:  # a malformed optional field must not lose the image
-            continue
-        if value:
-            header[key] = value
-    guard_fields = {k: v for k, v in header.items() if k in ("Modality", "BodyPartExamined", "PatientAge", "ViewPosition")}
-    for key in ("PatientBirthDate", "StudyDate", "AcquisitionDate"):
-        try:
-            value = str(ds.get(key, "")).strip()
-        except Exception:
-            continue
-        if value:
-            guard_fields[key] = value
+        raise NotAnImageError("this is a DICOMDIR (the index of a CD or PACS export), not an image: give its folder "
+                              "to score every image it lists")
+    if any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return
+    sop_class = ds.get("SOPClassUID") or getattr(ds.file_meta, "MediaStorageSOPClassUID", None)
+    if _is_image_storage(ds):  # Pixel Data is type 1 in every image IOD: the file stops before it
+        raise IncompleteFileError(f"the DICOM file is incomplete: a {sop_class.name} object with no pixel data "
+                                  "(a transfer or copy cut off?): send or export it again")
+    what = getattr(sop_class, "name", "") if sop_class is not None else ""
+    what = f"a {what}" if what and what != str(sop_class) else "a report, a structured report or an index?"
+    raise NotAnImageError(f"DICOM file has no pixel data (not an image object: {what})")
+
+
+def _text_field(ds, key: str) -> str:
     try:
-        code = ds.get("ViewCodeSequence")
-        if code:
-            guard_fields["ViewCodeValue"] = str(code[0].get("CodeValue", "")).strip()
-    except Exception:  # a malformed sequence: the view falls back to ViewPosition
-        pass
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ValueError("DICOM file has no pixel data (not an image object: a report, a structured report or "
-                         "an index?)")
+        return str(ds.get(key, "")).strip()
+    except Exception:  # a malformed optional field must not lose the image
+        return ""
+
+
+def _dicom_fields(ds) -> tuple[dict[str, str], dict[str, str]]:
+    """(the fields shown to the clinician, the fields the intended-use guard reads)."""
+    header = {key: value for key in DICOM_DISPLAY_FIELDS if (value := _text_field(ds, key))}
+    guard_fields = {k: v for k, v in header.items() if k in ("Modality", "BodyPartExamined", "PatientAge", "ViewPosition")}
+    for key in ("PatientBirthDate", "StudyDate", "AcquisitionDate", "ConversionType"):
+        if value := _text_field(ds, key):
+            guard_fields[key] = value
+    for sequence, prefix in (("ViewCodeSequence", "ViewCode"), ("AnatomicRegionSequence", "AnatomicRegion")):
+        try:
+            code = ds.get(sequence)
+            if code:  # the first item: PS3.3 C.8.11.5 (view), C.7.6.2 / 10.5 (anatomic region)
+                for part in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning"):
+                    if value := _text_field(code[0], part):
+                        guard_fields[prefix + part.removeprefix("Code").removeprefix("Coding")] = value
+        except Exception:  # a malformed sequence: the guard falls back to the plain fields
+            pass
+    return header, guard_fields
+
+
+def _check_dicom_size(ds) -> None:
+    """Rows, Columns and frames from the header: a bomb is refused before decoding."""
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -388,22 +480,130 @@ def _load_dicom(data: bytes) -> XrayImage:
         raise ValueError(f"DICOM image size fields are malformed: {exc}") from None
     if not (rows and cols):
         raise ValueError("DICOM file has pixel data but no Rows/Columns")
-    _check_shape(cols, rows)  # before decoding: a bomb is refused from its header alone
+    _check_shape(cols, rows)
     if frames > 1:
         raise ValueError(f"multi-frame DICOM ({frames} frames): a chest radiograph is a single frame")
+
+
+# Which decoder said what is of no use to a clinician: the fault in the file is (the plugin's name,
+# "does not support" lines of decoders that cannot read this syntax at all, and error codes go)
+_DECODER_PREFIX = re.compile(r"^\s*[\w.-]+:\s*")
+_DECODER_NOISE = (re.compile(r"libjpeg error code '-?\d+' returned from \w+\(\):\s*"), re.compile(r"^Decoding error:\s*"),
+                  re.compile(r"^Error decoding the \w+ data:\s*"))
+_SEQUENTIAL_SCAN_FAULT = "scan start must be zero and scan stop must be 63"
+
+
+def _decoder_faults(message: str) -> list[str]:
+    """The faults the decoders found in the data, without decoder names."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    faults = []
+    for line in (lines[1:] if len(lines) > 1 and lines[0].rstrip().endswith(":") else lines):
+        fault = _DECODER_PREFIX.sub("", line, count=1)
+        for noise in _DECODER_NOISE:
+            fault = noise.sub("", fault)
+        if fault and "does not support" not in fault and "not installed" not in fault and fault not in faults:
+            faults.append(fault.strip())
+    return faults
+
+
+def _decode_pixels(ds, notes: list[str]) -> np.ndarray:
+    """The stored pixel values; a missing decoder, an incomplete file and damaged data each get their
+    own message, in the file's terms (never a decoder's name or a raw exception)."""
     try:
-        array = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:  # pydicom raises several types for missing decoders or bad data
-        syntax, compressed = _dicom_syntax(ds)
         message = str(exc)
-        if compressed and ("missing dependencies" in message or "no decoding plugin" in message.lower()):
-            raise ValueError(f"decoding the DICOM pixel data failed: no decoder for {syntax} is installed here; "
-                             "export the image uncompressed or with another transfer syntax") from None
-        if compressed:
-            raise ValueError(f"decoding the DICOM pixel data ({syntax}) failed: the data look damaged "
-                             f"({message.splitlines()[-1].strip()}); export the image again") from None
-        raise ValueError(f"decoding the DICOM pixel data failed: {message}") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    syntax, compressed = _dicom_syntax(ds)
+    if "less than expected" in message:  # native pixel data cut short (PS3.5 8.1.1)
+        raise IncompleteFileError(f"{INCOMPLETE_DICOM} (the pixel data is shorter than the image size needs)")
+    if compressed and ("missing dependencies" in message or "no decoding plugin" in message.lower()
+                       or "no available plugins" in message.lower()):
+        raise ValueError(f"decoding the DICOM pixel data failed: no decoder for {syntax} is installed here; "
+                         "export the image uncompressed or with another transfer syntax")
+    if compressed and _SEQUENTIAL_SCAN_FAULT in message:
+        repaired = _repair_sequential_scan_headers(ds)
+        if repaired is not None:
+            notes.append("JPEG scan header repaired: a sequential JPEG scan must cover coefficients 0-63 "
+                         "(ITU-T T.81 B.2.3); the file's header said otherwise, as IJG-based readers tolerate")
+            return repaired
+    faults = _decoder_faults(message) if compressed else []
+    if compressed:
+        fault = "; ".join(faults) if faults else "the decoder rejected the data"
+        raise ValueError(f"decoding the DICOM pixel data ({syntax}) failed: the compressed data look damaged "
+                         f"({fault}); export the image again")
+    raise ValueError(f"decoding the DICOM pixel data failed: {message.splitlines()[-1].strip() if message else 'unknown fault'}")
+
+
+_SEQUENTIAL_SOF = (0xC0, 0xC1)  # baseline and extended sequential DCT (ITU-T T.81 Table B.1)
+
+
+def _repair_sequential_scan_headers(ds) -> np.ndarray | None:
+    """Decode a JPEG Baseline/Extended frame whose scan header (SOS) gives a spectral selection or
+    successive approximation other than Ss=0, Se=63, Ah=Al=0, which T.81 B.2.3 fixes for sequential
+    DCT. IJG libjpeg (DCMTK, GDCM) ignores these fields with a warning; they carry no information in
+    sequential mode, so setting them to the only valid values decodes the data as those readers do.
+    None when the stream is not such a frame."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
+
+    if ds.file_meta.TransferSyntaxUID not in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        return None
+    try:
+        frames = [bytearray(f) for f in generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))]
+    except Exception:
+        return None
+    for frame in frames:
+        if not _fix_scan_headers(frame):
+            return None
+    copy = ds.copy()
+    copy.PixelData = encapsulate([bytes(f) for f in frames])
+    try:
+        return copy.pixel_array
+    except Exception:
+        return None
+
+
+def _fix_scan_headers(frame: bytearray) -> bool:
+    """Set Ss, Se, Ah/Al of every SOS in a sequential-DCT frame to 0, 63, 0 in place; False when the
+    frame is not sequential DCT or its markers cannot be followed."""
+    position, sequential, fixed = 2, False, False
+    while position + 4 <= len(frame) and frame[position] == 0xFF:
+        marker = frame[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        length = int.from_bytes(frame[position + 2:position + 4], "big")
+        if marker in _SEQUENTIAL_SOF:
+            sequential = True
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return False  # progressive, lossless or arithmetic: the fields mean something there
+        if marker == 0xDA:  # SOS: Ls, Ns, Ns x (Cs, Td/Ta), Ss, Se, Ah/Al
+            if not sequential or position + 4 + length - 2 > len(frame):
+                return False
+            count = frame[position + 4]
+            tail = position + 5 + 2 * count
+            frame[tail:tail + 3] = b"\x00\x3f\x00"
+            fixed = True
+            position = _next_marker(frame, position + 2 + length)  # past the entropy-coded segment
+            continue
+        position += 2 + length
+    return fixed
+
+
+def _next_marker(frame: bytearray, position: int) -> int:
+    """The next marker after entropy-coded data (skipping stuffed 0xFF00 and restart markers)."""
+    while position + 1 < len(frame):
+        if frame[position] == 0xFF and frame[position + 1] not in (0x00, *range(0xD0, 0xD8)) and frame[position + 1] != 0xFF:
+            return position
+        position += 1
+    return len(frame)
+
+
+def _to_grey(array: np.ndarray, ds, notes: list[str]) -> tuple[np.ndarray, float]:
+    """Stored values -> (H, W) grey levels through the Modality LUT and the VOI rule, and the colourfulness
+    of colour pixel data (PS3.4 N.2)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     colour = 0.0
     try:
         if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -425,15 +625,31 @@ def _load_dicom(data: bytes) -> XrayImage:
         raise
     except Exception as exc:  # anything else in the intensity fields
         raise ValueError(f"applying the DICOM grey-level (LUT/window) fields failed: {exc}") from None
-    array = np.asarray(array, dtype=np.float64)
-    pixels = _finish(array, None)
+    return np.asarray(array, dtype=np.float64), colour
+
+
+def _bone_white(pixels: np.ndarray, ds, notes: list[str]) -> np.ndarray:
+    """MONOCHROME1 (high values dark) and a Presentation LUT Shape of INVERSE each mean "show inverted";
+    for MONOCHROME1 an INVERSE shape states the same inversion again (PS3.3 C.8.11.6.1.2), not a second one."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     inverse = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
-    # MONOCHROME1 (high values dark) and a Presentation LUT Shape of INVERSE each mean "show inverted";
-    # for MONOCHROME1 an INVERSE shape states the same inversion again (PS3.3 C.8.11.6.1.2), not a second one
     if photometric == "MONOCHROME1" or inverse:
         pixels = 1.0 - pixels
         if inverse and photometric != "MONOCHROME1":
             notes.append("Presentation LUT Shape INVERSE applied (bone shown white)")
+    return pixels
+
+
+def _load_dicom(data: bytes) -> XrayImage:
+    """DICOM bytes -> XrayImage, one named step at a time (PS3.10 file, PS3.3 C.7.6.3 pixels, PS3.4 N.2)."""
+    notes: list[str] = []
+    ds = _read_dicom(data)
+    _infer_file_meta(ds, notes)
+    _refuse_non_image(ds)
+    header, guard_fields = _dicom_fields(ds)
+    _check_dicom_size(ds)
+    array, colour = _to_grey(_decode_pixels(ds, notes), ds, notes)
+    pixels = _bone_white(_finish(array, None), ds, notes)
     return XrayImage(pixels.astype(np.float32), "DICOM", header, colour, notes, guard_fields)
 
 
@@ -503,8 +719,9 @@ def load_image(source: Source, name: str | None = None) -> XrayImage:
         if not data.startswith(_IMAGE_MAGIC) and not _is_heif(data) and name.lower().endswith((".dcm", ".dicom")):
             return _load_dicom(data)  # named DICOM, no recognisable content: let the DICOM reader say why
         return _load_pillow(data)
-    except ValueError as exc:
-        raise ValueError(_one_line(str(exc))) from None
+    except ValueError as exc:  # the same kind of error (IncompleteFileError, NotAnImageError), one line
+        kind = type(exc) if type(exc) in (IncompleteFileError, NotAnImageError) else ValueError
+        raise kind(_one_line(str(exc))) from None
     except MemoryError:
         raise ValueError("not enough memory to decode this image") from None
     except Exception as exc:  # a decoder bug on a hostile file is still just a bad file

@@ -261,6 +261,8 @@ class SiteCalibration:
     before: Mapping[str, Any] = field(default_factory=dict)  # on the site's images, the parent's calibration
     after: Mapping[str, Any] = field(default_factory=dict)  # the same, cross-validated with the new one
     note: str = ""
+    guarantee: Mapping[str, Any] | None = None  # metrics.guarantee_at: what the threshold promises on new films
+    promise: str = ""  # that promise in words (sitecal.promise), or that there is none
 
     @property
     def images(self) -> int:
@@ -278,20 +280,24 @@ class SiteCalibration:
                    unreadable=int(block.get("unreadable", 0) or 0), rule=str(block.get("rule", "") or ""),
                    old=OperatingPoint.from_dict(block.get("old")), new=OperatingPoint.from_dict(block.get("new")),
                    before=before if isinstance(before, Mapping) else {},
-                   after=after if isinstance(after, Mapping) else {}, note=str(block.get("note", "") or ""))
+                   after=after if isinstance(after, Mapping) else {}, note=str(block.get("note", "") or ""),
+                   guarantee=block.get("guarantee") if isinstance(block.get("guarantee"), Mapping) else None,
+                   promise=str(block.get("promise", "") or ""))
 
 
 @dataclass(frozen=True)
 class ActivationOverride:
     """One activation past the promotion gate: who, when (UTC), the typed reason and the gate's reasons."""
 
-    by: str
+    by: str  # the signed-in user's e-mail (or name), the OS login on the command line
     at: str
     reason: str
     gate: tuple[str, ...] = ()
+    subject: str = ""  # the identity provider's subject of ``by`` ("" for the OS login and older cards)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"by": self.by, "at": self.at, "reason": self.reason, "gate": list(self.gate)}
+        return {"by": self.by, "at": self.at, "reason": self.reason, "gate": list(self.gate),
+                **({"subject": self.subject} if self.subject else {})}
 
     @classmethod
     def all_from(cls, blocks: Any) -> tuple["ActivationOverride", ...]:
@@ -307,7 +313,8 @@ class ActivationOverride:
         gate = block.get("gate") or ()
         return cls(by=str(block.get("by", "") or ""), at=str(block.get("at", "") or ""),
                    reason=str(block.get("reason", "") or ""),
-                   gate=(str(gate),) if isinstance(gate, str) else tuple(str(g) for g in gate))
+                   gate=(str(gate),) if isinstance(gate, str) else tuple(str(g) for g in gate),
+                   subject=str(block.get("subject", "") or ""))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 version (who, when, why) and the site's pneumonia prevalence. The shipped versions' cards are never
 edited; "restore" removes the site's value and the card's own comes back exactly.
 
-File: ``<registry root>/site.json``, written atomically.
+File: ``<registry root>/site.json``, written atomically. Who may change it is decided above this wing
+(``xray.govern.siteconfig`` checks the role and passes the signed-in identity down as plain data).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ class SavedThreshold:
 
     version: str
     threshold: float  # exact, in [0, 1]
-    by: str  # who saved it (as typed)
+    by: str  # who saved it: the signed-in user's e-mail (or name), the OS login in local mode
     at: str  # UTC time, ISO 8601
     why: str  # the reason given
+    subject: str = ""  # the identity provider's subject of ``by`` ("" in local mode and in older files)
 
     def provenance(self) -> str:
         """Who saved it, when and why, in one line."""
@@ -51,12 +53,12 @@ class SiteSettings:
             return None
         try:
             return SavedThreshold(version, float(entry["threshold"]), str(entry.get("by", "")),
-                                  str(entry.get("at", "")), str(entry.get("why", "")))
+                                  str(entry.get("at", "")), str(entry.get("why", "")), str(entry.get("subject", "")))
         except (KeyError, TypeError, ValueError):
             return None
 
-    def save_threshold(self, version: str, threshold: float, by: str, why: str) -> SavedThreshold:
-        """Record the site's threshold for ``version``.
+    def save_threshold(self, version: str, threshold: float, by: str, why: str, subject: str = "") -> SavedThreshold:
+        """Record the site's threshold for ``version``, saved by ``by`` (provider ``subject``) because ``why``.
 
         Raises:
             ValueError: a threshold outside [0, 1], or no name or no reason given.
@@ -66,8 +68,7 @@ class SiteSettings:
             raise ValueError("the threshold must lie between 0 and 1")
         if not by.strip() or not why.strip():
             raise ValueError("say who saves the threshold and why")
-        saved = SavedThreshold(version, threshold, by.strip(), utc_now(),
-                               why.strip())
+        saved = SavedThreshold(version, threshold, by.strip(), utc_now(), why.strip(), subject.strip())
         state = self._state()
         state.setdefault("thresholds", {})[version] = {k: v for k, v in asdict(saved).items() if k != "version"}
         atomic_write_json(self.path, state)

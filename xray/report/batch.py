@@ -15,6 +15,7 @@ from xray.govern.audit import AuditTrail
 from xray.model.registry import LoadedModel
 from xray.report import writers as R
 from xray.serve import analysis as A
+from xray.serve.pipeline import path_text
 
 WORKLIST = "worklist.pdf"
 
@@ -86,8 +87,8 @@ def _report_one(model: LoadedModel, p: PlannedReport, threshold: float, prevalen
         data, error = p.source.read_bytes(), ""
     except OSError as exc:
         data, error = None, f"cannot read: {exc.strerror or exc}"
-    result = (A.analyse(model, data, p.source.name) if data is not None
-              else A.Analysis(p.source.name, "0" * 64, None, None, error))
+    name = path_text(p.source.name)  # a name that is not UTF-8, escaped as in the CSV
+    result = (A.analyse(model, data, name) if data is not None else A.Analysis(name, "0" * 64, None, None, error))
     header = R.read_dicom_header(data) if data else None
     item = R.ReportInput(result, threshold, prevalence, header)
     if result.prediction is not None:

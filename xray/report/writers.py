@@ -10,8 +10,10 @@ TID 4019). Pneumonia is SNOMED CT 233604007; present/absent/indeterminate are SC
 """
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ FONT, FONT_BOLD = FONT_DIR / "DejaVuSans.ttf", FONT_DIR / "DejaVuSans-Bold.ttf"
 FONT_FALLBACK = FONT_DIR / "DroidSansFallbackFull.ttf"  # CJK and other scripts DejaVu lacks (Apache 2.0)
 MANUFACTURER = "Pneumonia X-ray assistant"
 ALGORITHM = "Pneumonia X-ray assistant CNN"
+NOT_ASSESSED = "Pneumonia not assessed"  # the SR's comment for a film without a verdict, then why
 DISCLAIMER = "Decision support, not a diagnosis: the decision stays with the clinician who reads the image."
 
 
@@ -50,13 +53,79 @@ class ReportInput:
         return prediction.decision(self.threshold) if prediction is not None else None
 
 
+OUTPUT_CHARACTER_SET = "ISO_IR 192"  # UTF-8: every name in any script, declared (PS3.3 C.12.1.1.2)
+_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}  # the VRs Specific Character Set applies to (PS3.5 6.1.2.3)
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+
+
+def _undeclared_set(ds) -> str | None:
+    """The character set of a header that declares none but holds non-ASCII text: ISO_IR 192 when every
+    such value is valid UTF-8, else ISO_IR 100 (Latin-1, what old Western systems write); None when all
+    text is ASCII (the default repertoire is right)."""
+    values = []
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if getattr(raw, "VR", None) in _TEXT_VRS and isinstance(raw.value, (bytes, bytearray)):
+            values.append(bytes(raw.value))
+    if all(v.isascii() for v in values):
+        return None
+    try:
+        for value in values:
+            value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "ISO_IR 100"
+    return "ISO_IR 192"
+
+
+def utf8_header(ds):
+    """A copy of a DICOM header (no pixel data) with its text decoded by its own Specific Character Set
+    (single-byte, UTF-8 or ISO 2022 code extensions such as ISO 2022 IR 87; for bytes it does not declare,
+    ``_undeclared_set``), declaring ISO_IR 192, so that results written from it are valid whatever the
+    input's set. The caller's dataset is not changed."""
+    import pydicom
+
+    header = pydicom.Dataset()
+    for tag in ds.keys():
+        if int(tag) not in _PIXEL_TAGS:
+            header[tag] = copy.deepcopy(ds.get_item(tag))  # raw elements stay raw until decoded below
+    if "file_meta" in ds.__dict__ or getattr(ds, "file_meta", None) is not None:
+        header.file_meta = copy.deepcopy(ds.file_meta)
+    declared = header.get("SpecificCharacterSet")
+    if not declared or declared == [] or all(not str(v).strip() for v in ([declared] if isinstance(declared, str) else declared)):
+        guessed = _undeclared_set(header)
+        if guessed is not None:
+            header.SpecificCharacterSet = guessed
+    with warnings.catch_warnings():  # a byte outside the declared set is replaced, not fatal
+        warnings.simplefilter("ignore")
+        header.decode()
+    _reencode_names(header)
+    header.SpecificCharacterSet = OUTPUT_CHARACTER_SET
+    return header
+
+
+def _reencode_names(ds) -> None:
+    """Person names rebuilt from their decoded text with UTF-8 as their encoding, so none keeps the input's
+    bytes or set (a PersonName carries its own encodings, which later writers use)."""
+    from pydicom.charset import convert_encodings
+    from pydicom.valuerep import PersonName
+
+    utf8 = convert_encodings([OUTPUT_CHARACTER_SET])
+    for element in ds.iterall():
+        if element.VR == "PN" and element.value is not None:
+            if isinstance(element.value, (list, tuple)) or type(element.value).__name__ == "MultiValue":
+                element.value = [PersonName(str(v), encodings=utf8) for v in element.value]
+            else:
+                element.value = PersonName(str(element.value), encodings=utf8)
+
+
 def read_dicom_header(data: bytes):
-    """The input's DICOM header (no pixels), or None for other formats. Type 2 patient and study
-    attributes a writer may have left out are added empty, as PS3.3 allows, so that results copy them."""
+    """The input's DICOM header (no pixels), or None for other formats, with its text decoded and declared
+    as ISO_IR 192 (``utf8_header``). Type 2 patient and study attributes a writer may have left out are
+    added empty, as PS3.3 allows, so that results copy them."""
     try:
         import pydicom
 
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        ds = utf8_header(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True))
     except Exception:
         return None
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SOPClassUID" not in ds:
@@ -176,7 +245,7 @@ def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
                    f"prevalence ({item.prevalence:.0%}) the same evidence means p(pneumonia) {adjusted:.3f}. The "
                    "decision compares the model's probability with the threshold.", 9)
     elif p is not None:
-        _text(pdf, guard.WHAT_TO_DO.get(p.outcome, ""), 9)
+        _text(pdf, guard.advice(p.outcome, p.withheld_reason), 9)
     pdf.ln(1)
     _text(pdf, f"Model version {model.version} (created {card.created or 'unknown'}); report made "
                f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.", 9)
@@ -237,10 +306,11 @@ def _banner(picture: Image.Image, text: str, colour: tuple[int, int, int]) -> np
     return np.asarray(out)
 
 
-def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None):
+def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | None = None,
+                      sop_uid: str | None = None):
     """A Secondary Capture Image of the radiograph (with the heatmap when a verdict was given) under a
     result banner; in the input's study when the input was DICOM, else in a new study (said in the
-    series description)."""
+    series description). ``sop_uid``: fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
 
     film, heat = _pictures(model, item)
@@ -248,11 +318,11 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
     colour = decision_colour(decision)
     pixels = _banner(heat or film, result_line(item) + f" | model {model.version} | decision support only", colour)
     common = dict(pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+                  series_instance_uid=series_uid or hd.UID(), series_number=900, sop_instance_uid=sop_uid or hd.UID(),
                   instance_number=1, manufacturer=MANUFACTURER,
                   series_description="Pneumonia assistant result", patient_orientation=("L", "F"))
     if item.dicom is not None:
-        sc = hd.sc.SCImage.from_ref_dataset(item.dicom, **common)
+        sc = hd.sc.SCImage.from_ref_dataset(utf8_header(item.dicom), **common)
     else:
         now = dt.datetime.now()
         sc = hd.sc.SCImage(study_instance_uid=hd.UID(), patient_id="", patient_name="", study_date=now.date(),
@@ -260,31 +330,44 @@ def secondary_capture(model: LoadedModel, item: ReportInput, series_uid: str | N
         sc.SeriesDescription = "Pneumonia assistant result (new study: the input was not DICOM)"
     sc.ContentDate = dt.date.today().strftime("%Y%m%d")
     sc.ContentTime = dt.datetime.now().strftime("%H%M%S")
+    sc.SpecificCharacterSet = OUTPUT_CHARACTER_SET
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc:
         sc.Laterality = ""  # type 2C of General Series: the chest is not a paired structure (present, empty)
     return sc
 
 
-def structured_report(model: LoadedModel, item: ReportInput, evidence):
+def _codes():
+    import highdicom as hd
+
+    return (hd.sr.CodedConcept("122157", "DCM", "Probability"), hd.sr.CodedConcept("122411", "DCM", "Threshold Value"),
+            hd.sr.CodedConcept("1", "UCUM", "no units"))
+
+
+def structured_report(model: LoadedModel, item: ReportInput, evidence, uids: tuple[str, str] | None = None):
     """A Comprehensive SR (TID 1500) holding the finding (pneumonia present / absent / indeterminate,
-    or no verdict with its reason), p(pneumonia), the threshold and the algorithm (TID 4019). It
-    references ``evidence`` (the input's DICOM image, or the Secondary Capture for other inputs)."""
+    or 'not assessed' with its reason, and then no p(pneumonia): a withheld verdict, or a film that could
+    not be read), the threshold and the algorithm (TID 4019). It references ``evidence`` (the
+    input's DICOM image, or the Secondary Capture for other inputs). ``uids``: (series, SOP instance),
+    fixed by the DICOM node (one result per input), else new."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    evidence = evidence if "PixelData" in evidence and evidence.get("SpecificCharacterSet") == OUTPUT_CHARACTER_SET \
+        else utf8_header(evidence)  # our own SC is UTF-8 already; an input header is decoded and declared
     pneumonia = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
     present = {PNEUMONIA: hd.sr.CodedConcept("52101004", "SCT", "Present"),
                "NORMAL": hd.sr.CodedConcept("2667000", "SCT", "Absent"),
                BORDERLINE: hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")}
     p = item.analysis.prediction
-    measurements = [
-        hd.sr.Measurement(name=hd.sr.CodedConcept("p-pneumonia", "99XRAYAI", "Probability of pneumonia"),
-                          value=round(float(p.p_pneumonia), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
-                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version)),
-        hd.sr.Measurement(name=hd.sr.CodedConcept("threshold", "99XRAYAI", "Operating threshold"),
-                          value=round(float(item.threshold), 6), unit=hd.sr.CodedConcept("1", "UCUM", "no units")),
-    ]
+    probability, threshold_value, no_units = _codes()
+    # DCM 122157 "Probability" in the group whose finding is pneumonia; DCM 122411 "Threshold Value";
+    # UCUM "1" (no units): standard codes (PS3.16 Annex D), so no private coding scheme to declare.
+    # No p(pneumonia) without a verdict, as on the PDF: withheld means withheld.
+    measurements = [] if p is None or p.withheld else [
+        hd.sr.Measurement(name=probability, value=round(float(p.p_pneumonia), 6), unit=no_units,
+                          algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version))]
+    measurements.append(hd.sr.Measurement(name=threshold_value, value=round(float(item.threshold), 6), unit=no_units))
     decision = item.decision
     evaluations = [hd.sr.QualitativeEvaluation(pneumonia, present[decision])] if decision in present else []
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -292,9 +375,10 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         algorithm_id=hd.sr.AlgorithmIdentification(name=ALGORITHM, version=model.version),
         finding_type=pneumonia, measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)])
-    if p.withheld:
+    if p is None or p.withheld:
+        why = f"unreadable): {item.analysis.error}" if p is None else f"no verdict, {p.outcome}): {p.withheld_reason}"
         group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"No verdict ({p.outcome}): {p.withheld_reason}"[:1024],
+            name=hd.sr.CodedConcept("121106", "DCM", "Comment"), value=f"{NOT_ASSESSED} ({why}"[:1024],
             relationship_type="CONTAINS"))
     observer = hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                      observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -303,10 +387,12 @@ def structured_report(model: LoadedModel, item: ReportInput, evidence):
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray"),
         imaging_measurements=[group])
-    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=hd.UID(),
-                               series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
+    series_uid, sop_uid = uids or (hd.UID(), hd.UID())
+    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=report[0], series_instance_uid=series_uid,
+                               series_number=901, sop_instance_uid=sop_uid, instance_number=1,
                                manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
                                series_description="Pneumonia assistant result (structured report)")
+    sr.SpecificCharacterSet = OUTPUT_CHARACTER_SET
     return sr
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from xray.serve.hirescam import colour_levels
 from xray.serve.hirescam import overlay
-from xray.io.loader import XrayImage, load_image
+from xray.io.loader import IncompleteFileError, XrayImage, load_image
 from xray.serve.inference import Prediction, predict
 from xray.serve.pipeline import CSV_HEADER, ResultRow
 from xray.model.registry import LoadedModel, sha256_bytes
@@ -38,10 +38,18 @@ class Analysis:
     image: XrayImage | None
     prediction: Prediction | None
     error: str = ""
+    # the kind of fault when unreadable: IncompleteFileError.reason ("incomplete": send it again),
+    # NotAnImageError.reason ("not an image"), or "unreadable"
+    error_reason: str = ""
 
     @property
     def ok(self) -> bool:
         return self.prediction is not None
+
+    @property
+    def incomplete(self) -> bool:
+        """The file arrived cut off (an interrupted transfer): the same file sent again will load."""
+        return self.error_reason == IncompleteFileError.reason
 
 
 def analyse(model: LoadedModel, data: bytes, name: str) -> Analysis:
@@ -59,7 +67,7 @@ def analyse(model: LoadedModel, data: bytes, name: str) -> Analysis:
     try:
         image = load_image(data, name=name)
     except ValueError as exc:
-        return Analysis(name, digest, None, None, " ".join(str(exc).split()))
+        return Analysis(name, digest, None, None, " ".join(str(exc).split()), getattr(exc, "reason", "unreadable"))
     prediction = predict(model, [image])[0]  # includes the OOD check (xray/ood.py)
     return Analysis(name, digest, image, prediction, "")
 

@@ -161,9 +161,18 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarra
     """
     if image.shape[:2] != cam.shape[:2]:
         raise ValueError(f"heatmap {cam.shape[:2]} and image {image.shape[:2]} differ in size")
-    gray = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-    base = np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2)
-    heat = evidence_colours(cam).astype(np.float32) / 255.0
-    # no colour where there is no evidence: a normal film shows as the film, not as a blue wash
-    weight = alpha * np.clip(cam.astype(np.float32) / 0.15, 0.0, 1.0)[..., None]
-    return np.round(255 * ((1 - weight) * base + weight * heat)).astype(np.uint8)
+    gray = np.clip(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32), 0, 1)
+
+    def blend(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:  # (..., ) -> (..., 3) uint8
+        heat = evidence_colours(cam).astype(np.float32) / 255.0
+        weight = alpha * np.clip(cam.astype(np.float32) / 0.15, 0.0, 1.0)[..., None]
+        return np.round(255 * ((1 - weight) * gray[..., None] + weight * heat)).astype(np.uint8)
+
+    # no colour where there is no evidence: a normal film shows as the film, not as a blue wash. Where most of
+    # the film has none, only the coloured pixels are blended (the same bytes, up to 7x faster: issue 26)
+    coloured = (cam > 0) & (alpha > 0)
+    if coloured.mean() > 0.5:
+        return blend(gray, cam)
+    out = np.repeat(np.round(255 * gray).astype(np.uint8)[..., None], 3, axis=2)
+    out[coloured] = blend(gray[coloured], cam[coloured])
+    return out

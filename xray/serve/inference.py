@@ -98,13 +98,13 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
 def guard_outcome(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None",
                   upside_down: float | None, spec: dict) -> tuple[str, str]:
     """(outcome, reason) of the intended-use guard (``xray.guard``): the DICOM header first, then the
-    cheap input checks, then the feature checks."""
+    cheap input checks, then a film that looks inverted, then the feature checks."""
     outcome, reason = guard.header_outcome(prepared.guard_fields, spec)
     if outcome != guard.VERDICT:
         return outcome, reason
     input_reason = O.input_reason(prepared.pixels, prepared.shape, prepared.colourfulness)
-    feature_reason = ""
-    if not input_reason and stats is not None and distance is not None:
+    feature_reason = "" if input_reason else guard.negative_film_reason(prepared.pixels)  # before "unlike the training films"
+    if not input_reason and not feature_reason and stats is not None and distance is not None:
         feature_reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf),
                                           stats)
     return guard.image_outcome(input_reason, feature_reason)

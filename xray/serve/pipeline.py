@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from xray.decide import metrics as M
-from xray.io.folders import scan_dataset
-from xray.io.loader import dicomdir_files, sniff
+from xray.io.folders import scan_dataset, walk_files
+from xray.io.loader import dicomdir_files, not_an_image_reason, sniff
 from xray.serve.inference import Prediction, predict
 from xray.io.preprocess import ModelInput, try_read_model_input
 from xray.decide.prevalence import adjust_to_prevalence
@@ -35,8 +35,9 @@ CSV_HEADER = ["path", "p_pneumonia", "label", "threshold", "error", "prevalence"
 def iter_image_paths(paths: list[str], skipped: list[tuple[str, str]] | None = None) -> Iterator[Path]:
     """Files as given, and every image or DICOM file found recursively under folders, in a stable order.
 
-    Files are recognised by content (``imageio.sniff``): extensionless DICOM from CD and PACS exports
-    included. A DICOMDIR given as a file yields the images it lists; inside a folder it is an index
+    Files are recognised by content (``loader.sniff``): extensionless DICOM from CD and PACS exports
+    included. Links to folders are followed, each real file is listed once and a loop is reported
+    (``folders.walk_files``). A DICOMDIR given as a file yields the images it lists; inside a folder it is an index
     whose images the walk finds anyway. Everything passed over is appended to ``skipped`` as
     (path, reason): nothing is skipped silently.
     """
@@ -47,24 +48,21 @@ def iter_image_paths(paths: list[str], skipped: list[tuple[str, str]] | None = N
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    file = Path(dirpath) / name
-                    if name.startswith("."):
-                        skip(file, "hidden file")
-                        continue
-                    try:
-                        kind = sniff(file)
-                    except OSError as exc:
-                        skip(file, f"cannot read: {exc.strerror or exc}")
-                        continue
-                    if kind == "DICOMDIR":
-                        skip(file, "DICOMDIR index: the images it lists are scored from this folder")
-                    elif kind is None:
-                        skip(file, "not an image or DICOM file")
-                    else:
-                        yield file
+            for file in walk_files(path, skip):  # links to folders followed, each real file once, loops reported
+                if file.name.startswith("."):
+                    skip(file, "hidden file")
+                    continue
+                try:
+                    kind = sniff(file)
+                except OSError as exc:
+                    skip(file, f"cannot read: {exc.strerror or exc}")
+                    continue
+                if kind == "DICOMDIR":
+                    skip(file, "DICOMDIR index: the images it lists are scored from this folder")
+                elif kind is None:
+                    skip(file, not_an_image_reason(file))
+                else:
+                    yield file
         elif path.is_file() and _is_dicomdir(path):
             try:
                 listed = dicomdir_files(path)
@@ -90,7 +88,14 @@ def _is_dicomdir(path: Path) -> bool:
 def shard_of(key: str, count: int) -> int:
     """Which of ``count`` shards a file belongs to, from a hash of its path relative to the folder
     given: every machine agrees whatever the mount point, and new files never move the others."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
+    return int.from_bytes(hashlib.sha256(os.fsencode(key)).digest()[:8], "big") % count
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """A path as text that any UTF-8 file or terminal takes: a name's bytes that are not UTF-8 (a Latin-1
+    name unzipped from a Windows archive arrives as surrogates) are written as backslash escapes
+    (``M\\xfcller``), so the file can be told apart and found again; other names are unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def iter_shard(paths: list[str], shard: tuple[int, int] = (0, 1),
@@ -134,6 +139,7 @@ class ResultRow:
         """The row of a scored, withheld or unreadable file. ``prevalence``: (the version's calibration
         prevalence, the site's), or None to leave the last two columns empty."""
         calibrated_at, site = prevalence if prevalence is not None else (None, None)
+        path = path_text(path)  # a name that is not UTF-8 is escaped in every table
         if prediction is None:
             return cls(path, None, "", threshold, UNREADABLE, " ".join(str(error).split()), site, None, sha256)
         adjusted = None
@@ -163,7 +169,8 @@ def csv_row(path: str, prediction: Prediction | None, error: str, threshold: flo
             prevalence: tuple[float, float] | None = None) -> list[str]:
     """The one CSV row (columns ``CSV_HEADER``) for a scored, withheld or unreadable file (``ResultRow``).
 
-    ``label`` is ``Prediction.decision(threshold)`` (PNEUMONIA / NORMAL / BORDERLINE) for a verdict, empty
+    ``path`` is written as ``path_text`` (names that are not UTF-8 escaped). ``label`` is
+    ``Prediction.decision(threshold)`` (PNEUMONIA / NORMAL / BORDERLINE) for a verdict, empty
     when the verdict was withheld (``p_pneumonia`` stays, for research; ``error`` says why) or the file
     could not be read. ``prevalence``: (the version's calibration prevalence, the site's), for the last
     two columns; the decision never depends on it.
@@ -172,12 +179,14 @@ def csv_row(path: str, prediction: Prediction | None, error: str, threshold: flo
 
 
 def done_paths(csv_path: Path) -> set[str]:
-    """Paths already in a predict CSV (for --resume); a last line torn by a crash is cut off first."""
+    """Paths already in a predict CSV, as ``path_text`` writes them (for --resume: compare
+    ``path_text(path)``); a last line torn by a crash is cut off first."""
     with open(csv_path, "r+b") as f:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)  # that file is scored again
-    rows = list(csv.reader(open(csv_path, newline="")))
+    with open(csv_path, newline="", encoding="utf-8", errors="backslashreplace") as f:
+        rows = list(csv.reader(f))
     if rows and rows[0] != CSV_HEADER:
         raise ValueError(f"{csv_path} is not a predict CSV with columns {','.join(CSV_HEADER)}; cannot resume it")
     return {row[0] for row in rows[1:] if len(row) == len(CSV_HEADER)}

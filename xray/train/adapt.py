@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from xray.decide import prevalence as P
+from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.io.preprocess import ModelInput, try_read_model_input
 from xray.model.registry import LoadedModel, Registry
 from xray.serve.inference import model_inputs, predict
@@ -227,9 +229,15 @@ def adapt_model(model: LoadedModel, films: Films, prior_correction: bool = PRIOR
                       layers)
 
 
-def write_version(registry: Registry, model: LoadedModel, result: Adaptation, data_dir: str) -> str:
+def write_version(registry: Registry, model: LoadedModel, result: Adaptation, data_dir: str, *, actor: Actor) -> str:
     """Save the adapted net as a new inactive version: the parent's card, guard files, calibration,
-    threshold and band, plus an ``adaptation`` block saying what changed and what was not checked."""
+    threshold and band, plus an ``adaptation`` block saying what changed, what was not checked and who
+    adapted (also one ``site-adaptation`` audit line).
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is written).
+    """
+    require(actor, ADMINISTRATOR, "adapting a model to this site")
     parent_dir = registry.version_dir(model.version)
     extras = {name: (parent_dir / name).read_bytes() for name in model.card.extra_files}
     summary = result.summary(model.threshold)
@@ -243,16 +251,20 @@ def write_version(registry: Registry, model: LoadedModel, result: Adaptation, da
                                            "never the decision)"),
                        "guard": ("kept: the parent's feature statistics and thresholds; films it withheld were not "
                                  "used to adapt"),
-                       "not_checked": NOT_CHECKED},
+                       "not_checked": NOT_CHECKED, "by": actor.label, "subject": actor.subject},
     })
-    return registry.save_version(result.net, card, registry.new_version_id("adapt"), extras)
+    version = registry.save_version(result.net, card, registry.new_version_id("adapt"), extras)
+    audit.record_event("site-adaptation", actor=actor, version=version, parent=model.version,
+                       films=summary["used"], prevalence_em=result.prevalence_before)
+    return version
 
 
-def adapt(registry: Registry, data_dir: str, version: str | None = None) -> tuple[str, Adaptation]:
+def adapt(registry: Registry, data_dir: str, version: str | None = None, *, actor: Actor) -> tuple[str, Adaptation]:
     """``python -m xray adapt``: read, adapt and write the new version; returns (id, result)."""
+    require(actor, ADMINISTRATOR, "adapting a model to this site")
     model = registry.load(version, torch.device("cpu"))
     result = adapt_model(model, read_films(model, data_dir))
-    return write_version(registry, model, result, data_dir), result
+    return write_version(registry, model, result, data_dir, actor=actor), result
 
 
 def terminal_summary(result: Adaptation, threshold: float) -> str:

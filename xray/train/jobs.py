@@ -29,6 +29,8 @@ from xray.clock import utc_stamp
 from xray.train import events as E
 from xray import settings
 from xray.atomic import atomic_write_json, atomic_write_text
+from xray.govern import audit
+from xray.govern.identity import ADMINISTRATOR, Actor, require
 from xray.io.folders import CLASSES, scan_dataset
 from xray.train.events import read_events  # noqa: F401 (part of this module's interface)
 from xray.model.registry import Registry
@@ -315,12 +317,15 @@ def validate_config(registry_root: str | os.PathLike, cfg: TrainConfig) -> None:
             raise JobRefused(f"fine-tuning keeps the model's image size: set it to {size} (the image size of {source})")
 
 
-def start_job(registry_root: str | os.PathLike, cfg: TrainConfig) -> Job:
-    """Start ``python -m xray train`` for ``cfg`` in its own process group and return the job.
+def start_job(registry_root: str | os.PathLike, cfg: TrainConfig, *, actor: Actor) -> Job:
+    """Start ``python -m xray train`` for ``cfg`` in its own process group and return the job; the job
+    record and one ``training-started`` audit line name ``actor``.
 
     Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is started).
         JobRefused: a job is already running on this registry, or the folder or settings are unusable.
     """
+    require(actor, ADMINISTRATOR, "starting a training job")
     registry_root = Path(registry_root).resolve()
     try:
         data_dir = check_data_root(cfg.data_dir)
@@ -355,12 +360,17 @@ def start_job(registry_root: str | os.PathLike, cfg: TrainConfig) -> Job:
         stat = _proc_stat(process.pid)
         record = {"id": job_id, "state": RUNNING, "reason": "", "pid": process.pid,
                   "start_ticks": stat[1] if stat else None, "started": time.time(), "argv": argv,
-                  "config": cfg.to_dict(), "registry": str(registry_root)}
+                  "config": cfg.to_dict(), "registry": str(registry_root), "by": actor.label,
+                  "subject": actor.subject}
         atomic_write_json(job_dir / "status.json", record)
     finally:
         os.close(lock_fd)
     threading.Thread(target=_reap, args=(process, job_dir), daemon=True).start()
     remember_folder(registry_root, str(data_dir))
+    try:
+        audit.record_event("training-started", actor=actor, job=job_id, data_dir=str(data_dir))
+    except OSError:
+        pass  # the job record names who started it; an unwritable audit log does not orphan a running job
     return Job(job_id, job_dir, record)
 
 
@@ -373,8 +383,13 @@ def _reap(process: subprocess.Popen, job_dir: Path) -> None:
         pass
 
 
-def cancel_job(registry_root: str | os.PathLike, job_id: str | None = None) -> bool:
-    """Ask the running job to stop (SIGTERM to its process group); False if none was running."""
+def cancel_job(registry_root: str | os.PathLike, job_id: str | None = None, *, actor: Actor) -> bool:
+    """Ask the running job to stop (SIGTERM to its process group); False if none was running.
+
+    Raises:
+        identity.NotPermitted: ``actor`` is not an administrator (nothing is cancelled).
+    """
+    require(actor, ADMINISTRATOR, "cancelling a training job")
     job = load_job(registry_root, job_id) if job_id else current_job(registry_root)
     if job is None or not job.running:
         return False

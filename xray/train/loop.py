@@ -21,6 +21,7 @@ from xray.clock import utc_stamp
 from xray.decide import borderline
 
 from xray.govern import promotion
+from xray.govern.identity import operator
 from xray.decide import calibration as C
 from xray.model import card as model_card
 from xray.train import events as E
@@ -465,9 +466,9 @@ def register(net: PneumoniaNet, cfg: TrainConfig, data: TrainingData, best_epoch
         environment=environment(), ood=ood_summary, test=test, borderline=band)
     version = registry.save_version(net, card, registry.new_version_id(cfg.tag), extras=extras)
     activated, gate_message = False, ""
-    if cfg.activate:  # through the promotion gate, never around it
+    if cfg.activate:  # through the promotion gate, never around it; only the command line sets it (the operator)
         try:
-            promotion.promote(registry, version)
+            promotion.promote(registry, version, actor=operator())
             activated = True
         except promotion.PromotionRefused as exc:
             gate_message = str(exc)

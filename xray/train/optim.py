@@ -11,8 +11,12 @@ def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, epochs:
     """AdamW with decoupled weight decay (Loshchilov and Hutter, ICLR 2019) and a one-cycle schedule
     peaking at ``lr`` after 20% of the steps (Smith and Topin, 2019): the recipe of every shipped version."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
-                                                    steps_per_epoch=max(1, steps_per_epoch), pct_start=0.2)
+    total = max(1, epochs) * max(1, steps_per_epoch)
+    # OneCycleLR ends the warm-up at step pct_start * total - 1; at exactly 0 (5 steps in all: a small folder's
+    # one step per epoch for 5 epochs) that phase has no length and torch divides by zero (issue 26):
+    # warm up for one step then, peaking at the second step instead of the first
+    pct_start = 0.2 if 0.2 * total != 1 else 2 / total
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=pct_start)
     return optimizer, scheduler
 
 
