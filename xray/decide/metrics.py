@@ -2,6 +2,7 @@
 the operating-threshold rules, and calibration error. Positive class = PNEUMONIA (label 1)."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class TooFewCases(ValueError):
     """A lower-confidence-bound rule cannot promise its floor on this few cases."""
 
 
+@functools.lru_cache(maxsize=256)
 def _confident_count(n: int, target: float, confidence: float, what: str) -> int:
     """The fewest k of n whose lower bound reaches ``target``; TooFewCases when not even n of n does."""
     if n < minimum_for_bound(target, confidence):
