@@ -11,7 +11,9 @@ version (activated like any other, through ``xray.govern.promotion``) whose netw
   ``xray.decide.prevalence``), because plain AdaBN at a 20%-pneumonia site absorbed the prevalence as
   if it were acquisition (specificity 0.98 -> 0.72, films withheld 2.5 -> 175 of 392); and the site's
   statistics are mixed half and half with the parent's (Schneider et al., NeurIPS 2020), which kept
-  the guard's withheld count where it was;
+  the guard's withheld count nearest the parent's. No variant improved AUC on any drift we could
+  build (perturbed sites, a whole unseen acquisition batch), so the gate keeps an adapted version out
+  until labelled films have measured it;
 - the site's prevalence estimate recorded in the card for the site to adopt (it moves the
   probabilities shown at a prevalence, never the decision).
 
