@@ -5,6 +5,7 @@ import streamlit as st
 
 from pages.common import require_model
 from xray.model.card import operating_figures
+from xray.model.ood import measured_phrase
 
 model = require_model()
 card = model.card  # xray.model.card.ModelCard: typed, validated when the version was loaded
@@ -34,6 +35,15 @@ st.markdown(
 
 st.header("Intended use")
 st.markdown(card.intended_use)
+
+st.header("When it withholds its verdict")
+st.markdown("Before a verdict is shown, an intended-use guard checks the film: the DICOM header first (age, view, "
+            "body part, modality), then the pixels. A film unlike the pediatric films the model was made for "
+            "(another kind of equipment or an older patient) gets **no verdict**: read it without the model.")
+guard_figures = measured_phrase(card.ood)
+st.markdown(guard_figures + " (Measured leave one source out: the guard was fitted on one outside hospital's "
+            "films and counted on another's.)" if guard_figures else
+            "This version's guard has no leave-one-source-out measurement recorded.")
 
 st.header("Limits")
 limits = card.limits or ("None stated in this model's card: treat every result with caution.",)

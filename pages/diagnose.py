@@ -30,7 +30,8 @@ from xray.govern import siteconfig
 from xray.decide.decision import BORDERLINE, PNEUMONIA, band_limits
 from xray.serve.hirescam import EVIDENCE_FLOOR, EVIDENCE_FULL_SCALE
 from xray.serve.hirescam import legend as heatmap_legend
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, advice
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, advice
+from xray.model.ood import measured_phrase
 from xray.io.loader import DICOM_DISPLAY_FIELDS
 from xray.decide.prevalence import adjust_to_prevalence, estimate_prevalence, predictive_values
 from xray.model.card import operating_figures
@@ -290,6 +291,8 @@ def verdict_panel(model: LoadedModel, result: analysis.Analysis, threshold: floa
         st.warning(f"**{title}**" + (f": {escape_markdown(reason)}." if reason else ".")
                    + "  \nNo pneumonia verdict is given for it. " + advice(outcome, reason),
                    icon=":material/block:")
+        if outcome == OUTSIDE_INTENDED_USE and measured_phrase(model.card.ood):
+            st.caption(measured_phrase(model.card.ood))
         with st.expander("Show the model's output anyway (not for clinical use)"):  # withheld means withheld
             st.markdown(f":gray[p(pneumonia) {prediction.p_pneumonia:.3f} (not interpretable for this image)]")
     else:

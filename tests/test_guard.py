@@ -108,5 +108,54 @@ def test_the_page_shows_three_outcomes_and_withheld_means_withheld(tmp_path, mon
     assert not [m for m in at.markdown if "-background[" in m.value]  # no decision colour,
     assert not at.toggle  # and no heatmap
     assert any("not for clinical use" in e.label for e in at.expander)
+    assert any("NIH films when fitted on Hannover" in c.value for c in at.caption)  # the guard's measured figures
     at = drop(start_app(), upload(photo, mime="image/png"))
     assert "Not a chest radiograph" in at.warning[0].value
+
+
+NIH = sorted((FIXTURES / "external-nih").glob("*.png"))  # adult films of a second hospital (ATTRIBUTION.md)
+
+
+def test_the_shipped_guard_withholds_nih_films_that_issue_13s_let_through(shipped):
+    """Two NIH adult films the distance alone passed; the summed home-vs-outside score withholds them with
+    the reason a clinician understands (a pin: the shipped score was fitted on these films' collection)."""
+    before = Registry(ROOT / "weights").load("20261129-225647")
+    for path in NIH:
+        image = load_image(path)
+        assert predict(before, [image])[0].outcome == guard.VERDICT, path.name
+        prediction = predict(shipped, [image])[0]
+        assert prediction.outcome == guard.OUTSIDE_INTENDED_USE, (path.name, prediction.withheld_reason)
+        assert prediction.withheld_reason.startswith("the film looks unlike the pediatric films the model was made for: "
+                                                "another kind of equipment or an older patient"), prediction.withheld_reason
+
+
+def test_the_shipped_version_records_its_leave_one_source_out_figures(shipped):
+    from xray.model.ood import measured_phrase
+
+    loso = shipped.card.ood["leave_one_source_out"]
+    assert {(f["fitted_on"], f["measured_on"]) for f in loso["folds"]} == {("Hannover", "NIH"), ("NIH", "Hannover")}
+    assert all(f["n"] > 200 and 0 <= f["withheld"] <= f["n"] for f in loso["folds"])
+    phrase = measured_phrase(shipped.card.ood)
+    assert "of 300 (" in phrase and "NIH films when fitted on Hannover" in phrase and "of 785 (" in phrase
+    assert measured_phrase({}) == "" and measured_phrase({"leave_one_source_out": {"folds": []}}) == ""
+    assert shipped.ood_stats.outside is not None and shipped.ood_stats.n_outside == 543
+
+
+def test_a_dicom_child_inside_the_band_is_still_judged_by_its_pixels(shipped, tmp_path):
+    """The header says 3 years and AP: the header rules pass it, and the pixels of an adult film from another
+    hospital still withhold it for equipment reasons."""
+    ds = pydicom.dcmread(GENERATED / "chest.dcm")
+    pixels = np.asarray(Image.open(NIH[0]).convert("L").resize((256, 256)))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
+    ds.PixelData = pixels.tobytes()
+    ds.PatientAge, ds.ViewPosition = "003Y", "AP"
+    for name in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "VOILUTSequence"):
+        if name in ds:
+            delattr(ds, name)
+    path = tmp_path / "child.dcm"
+    ds.save_as(path)
+    prediction = predict(shipped, [load_image(path)])[0]
+    assert "DICOM header" not in prediction.withheld_reason
+    assert prediction.outcome == guard.OUTSIDE_INTENDED_USE and "equipment" in prediction.withheld_reason

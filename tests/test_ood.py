@@ -18,7 +18,7 @@ from conftest import DATASET, FULLRES
 from xray.model import ood as O
 from xray.serve.pipeline import CSV_HEADER
 from xray.io.loader import load_image
-from xray.serve.inference import Prediction, logits_and_features, model_inputs, predict
+from xray.serve.inference import Prediction, logits_and_features, logits_and_guard_features, model_inputs, predict
 from xray.model.registry import ModelFileError, Registry
 from xray.train.loop import fit_ood_for_version
 
@@ -302,3 +302,100 @@ def test_cli_marks_not_chest_xray_rows_with_score_but_no_label(tiny_registry, tm
     assert photo_row["label"] == "" and 0.0 <= float(photo_row["p_pneumonia"]) <= 1.0
     assert photo_row["error"].startswith("not a chest radiograph: a colour image")
     assert "got no verdict (withheld)" in result.stderr
+
+
+# -- the home-vs-outside score and the combined limit (issue 23) ---------------------------------------
+def test_logistic_regression_reaches_the_optimum_of_its_objective():
+    rng = np.random.default_rng(0)
+    home, outside = rng.normal(size=(300, 5)), rng.normal(size=(60, 5)) + np.array([1.5, 0, 0, -1.0, 0])
+    x, y = np.concatenate([home, outside]), np.r_[np.zeros(300), np.ones(60)]
+    weights, bias = O.logistic_regression(x, y, c=0.05)
+    # stationarity on the standardised features: w = c * sum_i s_i y_i sigmoid(-y_i f_i) z_i, and the
+    # same sum without z (the unpenalised intercept) is zero
+    centre, scale = home.mean(0), home.std(0)
+    z = (x - centre) / scale
+    sign = np.where(y == 1, 1.0, -1.0)
+    sample = np.where(y == 1, 360 / 120, 360 / 600)
+    f = x @ weights + bias
+    residual = 0.05 * sample * sign / (1 + np.exp(sign * f))
+    np.testing.assert_allclose(weights * scale, residual @ z, rtol=1e-4, atol=1e-5)
+    assert abs(residual.sum()) < 1e-6
+    assert weights[0] > 0 and weights[3] < 0  # points from home towards outside
+    with pytest.raises(ValueError, match="both classes"):
+        O.logistic_regression(home, np.zeros(300))
+
+
+def test_combined_limit_flags_its_percentile_of_validation_and_survives_a_round_trip():
+    rng = np.random.default_rng(1)
+    films = lambda n, shift: rng.normal(size=(n, 2 * 4 * 4)) + shift  # noqa: E731 (2 channels on the 4x4 grid)
+    to_2x2 = lambda f: f.reshape(-1, 2, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(-1, 8)  # noqa: E731 (the distance's grid)
+    train, val = films(2000, 0.0), films(2000, 0.0)
+    outside = films(400, 0.7)  # other hospitals: shifted a little in every feature
+    base = O.fit_stats(to_2x2(train), to_2x2(val), percentile=99.0, grid=2)
+    stats = O.fit_outside(base, train, outside, val, base.distances(to_2x2(val)))
+    val_scores = stats.combined_scores(base.distances(to_2x2(val)), stats.outside_scores(val))
+    assert np.mean(val_scores > stats.combined_threshold) == pytest.approx(0.01, abs=0.002)
+    new = films(500, 0.7)  # more films from elsewhere
+    caught = np.mean(stats.combined_scores(base.distances(to_2x2(new)), stats.outside_scores(new))
+                     > stats.combined_threshold)
+    alone = np.mean(base.distances(to_2x2(new)) > base.threshold)
+    assert caught > 0.9 and alone < 0.7  # the discriminative part sees what the distance misses
+    again = O.OodStats.from_bytes(stats.to_bytes())
+    np.testing.assert_array_equal(again.outside, stats.outside)
+    np.testing.assert_array_equal(again.combined, stats.combined)
+    assert (again.outside_bias, again.combined_threshold, again.n_outside) == (
+        stats.outside_bias, stats.combined_threshold, 400)
+    assert O.OodStats.from_bytes(base.to_bytes()).outside is None  # versions without it keep the distance check
+    broken = dataclasses.replace(stats, outside=stats.outside[:-1])
+    with pytest.raises(ValueError, match="inconsistent"):
+        O.OodStats.from_bytes(broken.to_bytes())
+
+
+def _with_outside_score(model, combined_threshold: float, distance_threshold: float = np.inf):
+    """The tiny model with a home-vs-outside score (weights on its 4x4 features) at the given limits."""
+    stats = model.ood_stats
+    channels = stats.mean.shape[0] // (stats.grid * stats.grid)
+    rng = np.random.default_rng(0)
+    return dataclasses.replace(model, ood_stats=dataclasses.replace(
+        stats, threshold=distance_threshold, outside=rng.normal(size=channels * O.OUTSIDE_GRID ** 2),
+        outside_bias=0.0, combined=np.array([0.0, 1.0, 0.0, 1.0]), combined_threshold=combined_threshold))
+
+
+def test_the_combined_limit_replaces_the_distance_limit_and_names_equipment_or_age(tiny_model):
+    images = [load_image(p) for p in XRAYS[:4]]
+    flagged = predict(_with_outside_score(tiny_model, -np.inf), images)
+    assert all(p.withheld and p.outcome == "outside intended use" and p.withheld_reason.startswith(O.EQUIPMENT_OR_AGE)
+               for p in flagged)
+    # with the score, the distance's own limit no longer applies (the sum has one limit)
+    passed = predict(_with_outside_score(tiny_model, np.inf, distance_threshold=0.0), images)
+    assert not any(p.withheld for p in passed)
+    assert [p.p_pneumonia for p in passed] == [p.p_pneumonia for p in flagged]  # the score never changes
+
+
+def test_predict_computes_the_combined_score_from_the_same_pass(tiny_model):
+    model = _with_outside_score(tiny_model, 0.0)
+    images = [load_image(p) for p in XRAYS[:6]]
+    logits, features, outside = logits_and_guard_features(model, model_inputs(images, model.image_size))
+    stats = model.ood_stats
+    scores = stats.combined_scores(stats.distances(features), stats.outside_scores(outside))
+    for p, score in zip(predict(model, images), scores):
+        assert p.withheld == (score > 0.0)
+
+
+def test_fit_ood_with_outside_films_saves_the_score_with_the_new_version(tiny_registry, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for path in sorted((ROOT / "tests" / "fixtures" / "external").glob("*.png")):
+        (outside / path.name).write_bytes(path.read_bytes())
+    registry = Registry(tiny_registry)
+    old = registry.active_version()
+    new = fit_ood_for_version(registry, None, str(DATASET), outside=[str(outside)])
+    fitted = registry.load(new)
+    stats = fitted.ood_stats
+    assert stats.outside is not None and stats.n_outside == 3 and np.isfinite(stats.combined_threshold)
+    assert fitted.card["ood"]["n_outside"] == 3 and "home-vs-outside" in fitted.card["ood"]["method"]
+    assert "3 outside films" in fitted.card["derived_from"]["change"]
+    weights = registry.version_dir(new) / "model.pt", registry.version_dir(old) / "model.pt"
+    assert weights[0].read_bytes() == weights[1].read_bytes()
+    with pytest.raises(ValueError, match="no readable images"):
+        fit_ood_for_version(registry, None, str(DATASET), outside=[str(tmp_path / "empty")])

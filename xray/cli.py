@@ -177,7 +177,7 @@ def cmd_fit_ood(args) -> int:
     registry = Registry(args.registry or None)
     try:
         version = fit_ood_for_version(registry, args.model or None, args.data_dir, workers=args.workers,
-                                      percentile=args.percentile)
+                                      percentile=args.percentile, outside=args.outside)
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     if args.activate:  # through the gate, like every other way to make a version live
@@ -187,7 +187,8 @@ def cmd_fit_ood(args) -> int:
             raise SystemExit(f"error: new version {version} saved but not activated: {exc} "
                              f"(python -m xray activate {version} --force --reason '...')")
     ood = registry.card(version).ood
-    print(f"new version {version}: same weights plus OOD statistics (limit {ood['threshold']:.2f}, "
+    limit = ood.get("combined_threshold", ood["threshold"])
+    print(f"new version {version}: same weights plus OOD statistics (limit {limit:.2f}, "
           f"{ood['val_flagged']:.1%} of validation X-rays flagged)"
           + (" - activated" if args.activate else f"; activate with: python -m xray activate {version}"),
           file=sys.stderr)
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percentile", type=float, default=99.5,
                    help="flag images beyond this percentile of validation distances (default 99.5)")
     p.add_argument("--workers", type=int, default=1, help="image decoding processes (default 1)")
+    p.add_argument("--outside", action="append", default=[], metavar="DIR",
+                   help="a folder of other hospitals' chest films for the home-vs-outside score (repeatable; "
+                        "docs/ood.md round 4); never used to train the pneumonia classifier")
     p.add_argument("--activate", action="store_true", help="activate the new version (through the promotion gate)")
     p.set_defaults(func=cmd_fit_ood)
 

@@ -146,13 +146,15 @@ class OperatingFigures:
     worst_specificity: tuple[float, str] | None = None
 
     def describe(self, short: bool = False) -> str:
-        """In words, e.g. 'validation, 583 pneumonia / 202 normal films: sensitivity 0.967, specificity 0.985;
-        worst acquisition perturbation: 0.950 (gamma 1.4), 0.960 (blur)'."""
+        """In words, e.g. 'validation on 583 pneumonia / 202 normal films (the training hospital's): sensitivity
+        0.967 (0.950-0.979), ...; the same films under the worst acquisition perturbation: sensitivity 0.950
+        (gamma 1.4), ...'."""
         if short:
             worst = ("" if self.worst_sensitivity is None else
                      f"; worst perturbation {self.worst_sensitivity[0]:.2f} / {self.worst_specificity[0]:.2f}")
             return f"sens {self.sensitivity:.2f} / spec {self.specificity:.2f} on validation{worst}"
-        text = (f"validation at the training hospital, {self.positives} pneumonia / {self.negatives} normal films: "
+        where = "this site's labelled" if self.source.startswith("the site's") else "the training hospital's"
+        text = (f"validation on {self.positives} pneumonia / {self.negatives} normal films ({where}): "
                 f"sensitivity {self.sensitivity:.3f} ({self.sensitivity_ci[0]:.3f}-{self.sensitivity_ci[1]:.3f}), "
                 f"specificity {self.specificity:.3f} ({self.specificity_ci[0]:.3f}-{self.specificity_ci[1]:.3f})")
         if self.worst_sensitivity is None:

@@ -7,7 +7,11 @@ Two parts, both run inside ``inference.predict`` (see docs/ood.md for the measur
    places), to the training X-rays' features (Ledoit-Wolf shrunk covariance), flagged above a high
    percentile of the validation X-rays' distances;
 3. an upside-down check on the same features: the Fisher direction from the training X-rays to the
-   same X-rays turned 180 degrees (the Mahalanobis check alone let about a third of those through).
+   same X-rays turned 180 degrees (the Mahalanobis check alone let about a third of those through);
+4. (issue 23, versions fitted with outside films) a home-versus-outside score: a logistic regression on
+   the last stage pooled on a 4x4 grid, trained on the training X-rays against chest films of other
+   hospitals; it and the distance are each scaled by their spread on the validation X-rays and summed,
+   and the sum has one limit (a percentile of the validation X-rays' sums), which replaces the distance's.
 Its statistics travel with the weights as ``ood.npz``.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -33,6 +38,9 @@ MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk on 0-255; grey JPEGs measure < 1, 
 MAX_ASPECT = 2.5  # radiographs in the data set are 1.0-1.8 : 1; the loader refuses beyond 4
 MIN_MIDTONES = 0.25  # fraction of input pixels in grey levels 26-229; documents and line art have few
 MIDTONE_RANGE = (26, 229)  # uint8 grey levels counted as mid-tones (10%-90%)
+OUTSIDE_GRID = 4  # the home-versus-outside score reads the last stage on this grid (docs/ood.md, round 4)
+OUTSIDE_C = 0.01  # inverse L2 strength of that logistic regression on standardised features (scikit-learn's C)
+SPREAD_PERCENTILE = 99.0  # a score's spread on validation: its 99th percentile minus its median
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,27 @@ class OodStats:
     grid: int = 1  # features pooled on a grid x grid grid (``grid_features``); 1 = global average
     upside_down: "np.ndarray | None" = None  # (C,) Fisher direction upright -> turned 180 degrees; None = no check
     upside_down_threshold: float = float("inf")  # score along it above which an image is flagged
+    outside: "np.ndarray | None" = None  # (C_last * OUTSIDE_GRID^2,) home-vs-outside weights; None = distance only
+    outside_bias: float = 0.0  # its intercept (log-odds of "outside")
+    outside_grid: int = OUTSIDE_GRID  # grid of the features it reads
+    combined: "np.ndarray | None" = None  # (4,) distance median, distance spread, outside median, outside spread
+    combined_threshold: float = float("inf")  # limit of the summed scaled scores (replaces ``threshold``)
+    n_outside: int = 0  # outside films the weights were fitted on
+
+    def outside_scores(self, features: np.ndarray) -> np.ndarray:
+        """(B, C_last * outside_grid^2) features -> (B,) log-odds that the film is from elsewhere (-inf without)."""
+        features = np.asarray(features, dtype=np.float64)
+        if self.outside is None:
+            return np.full(len(features), -np.inf)
+        return (torch.from_numpy(features) @ torch.from_numpy(self.outside)).numpy() + self.outside_bias
+
+    def combined_scores(self, distances: np.ndarray, outside: np.ndarray) -> np.ndarray:
+        """(B,) distances and outside scores -> (B,) their sum, each scaled by its validation spread."""
+        if self.combined is None:
+            return np.full(len(distances), -np.inf)
+        d_median, d_spread, o_median, o_spread = self.combined
+        return ((np.asarray(distances, np.float64) - d_median) / d_spread
+                + (np.asarray(outside, np.float64) - o_median) / o_spread)
 
     def upside_down_scores(self, features: np.ndarray) -> np.ndarray:
         """(B, C) features -> (B,) projection on the upside-down direction (-inf without one)."""
@@ -69,7 +98,11 @@ class OodStats:
         np.savez_compressed(buffer, mean=self.mean, precision=self.precision, threshold=self.threshold,
                             percentile=self.percentile, shrinkage=self.shrinkage, n_train=self.n_train,
                             grid=self.grid, **({} if self.upside_down is None else {
-                                "upside_down": self.upside_down, "upside_down_threshold": self.upside_down_threshold}))
+                                "upside_down": self.upside_down, "upside_down_threshold": self.upside_down_threshold}),
+                            **({} if self.outside is None else {
+                                "outside": self.outside, "outside_bias": self.outside_bias,
+                                "outside_grid": self.outside_grid, "combined": self.combined,
+                                "combined_threshold": self.combined_threshold, "n_outside": self.n_outside}))
         return buffer.getvalue()
 
     @classmethod
@@ -82,13 +115,22 @@ class OodStats:
                             int(f["n_train"]), int(f["grid"]) if "grid" in f.files else 1,
                             np.asarray(f["upside_down"], np.float64) if "upside_down" in f.files else None,
                             float(f["upside_down_threshold"]) if "upside_down" in f.files else float("inf"))
+                if "outside" in f.files:
+                    stats = dataclasses.replace(
+                        stats, outside=np.asarray(f["outside"], np.float64), outside_bias=float(f["outside_bias"]),
+                        outside_grid=int(f["outside_grid"]), combined=np.asarray(f["combined"], np.float64),
+                        combined_threshold=float(f["combined_threshold"]), n_outside=int(f["n_outside"]))
         except Exception as exc:  # zip, key and dtype errors all mean a damaged file
             raise ValueError(f"OOD statistics file is damaged: {exc}") from None
         c = stats.mean.shape[0]
         if (stats.mean.ndim != 1 or stats.precision.shape != (c, c) or not np.isfinite(stats.precision).all()
                 or stats.grid < 1 or c % (stats.grid * stats.grid)
                 or (stats.upside_down is not None and (stats.upside_down.shape != (c,)
-                                                       or not np.isfinite(stats.upside_down).all()))):
+                                                       or not np.isfinite(stats.upside_down).all()))
+                or (stats.outside is not None and (
+                    stats.outside.shape != (c // (stats.grid * stats.grid) * stats.outside_grid ** 2,)
+                    or not np.isfinite(stats.outside).all() or stats.combined.shape != (4,)
+                    or not np.isfinite(stats.combined).all() or min(stats.combined[1], stats.combined[3]) <= 0))):
             raise ValueError("OOD statistics file has inconsistent shapes or values")
         return stats
 
@@ -100,6 +142,13 @@ class OodStats:
                "shrinkage": round(self.shrinkage, 4), "n_train": self.n_train, "features": int(self.mean.shape[0])}
         if self.upside_down is not None:
             out["upside_down_threshold"] = round(self.upside_down_threshold, 4)
+        if self.outside is not None:
+            grid = f"{self.outside_grid}x{self.outside_grid}"
+            out["method"] += (f"; plus a home-vs-outside logistic regression on {grid}-grid pooled features "
+                              f"({self.n_outside} outside films); the two scores scaled by their validation spread "
+                              "and summed, one limit (replaces the distance's)")
+            out["combined_threshold"] = round(self.combined_threshold, 4)
+            out["n_outside"] = self.n_outside
         return out
 
 
@@ -179,9 +228,17 @@ def input_reason(inputs: np.ndarray, shape: tuple[int, int], colour: float) -> s
     return ""
 
 
-def feature_reason(distance: float, upside_down: float, stats: OodStats) -> str:
-    """The feature checks' reason for one image ('' when it passes)."""
-    if distance > stats.threshold:
+EQUIPMENT_OR_AGE = ("the film looks unlike the pediatric films the model was made for: another kind of equipment "
+                    "or an older patient")
+
+
+def feature_reason(distance: float, upside_down: float, stats: OodStats, combined: float = -np.inf) -> str:
+    """The feature checks' reason for one image ('' when it passes); ``combined`` is its
+    ``combined_scores`` value (used when the statistics have a home-vs-outside score)."""
+    if stats.outside is not None:
+        if combined > stats.combined_threshold:
+            return f"{EQUIPMENT_OR_AGE} (guard score {combined:.1f}; limit {stats.combined_threshold:.1f})"
+    elif distance > stats.threshold:
         return (f"the film is unlike the pediatric training films: another kind of equipment or exposure, an "
                 f"adult, or another view (feature distance {distance:.1f}; limit {stats.threshold:.1f})")
     if upside_down > stats.upside_down_threshold:
@@ -214,3 +271,92 @@ def fit_for_images(net: torch.nn.Module, images: torch.Tensor, train: np.ndarray
     flagged = ((stats.distances(val_features) > stats.threshold)
                | (stats.upside_down_scores(val_features) > stats.upside_down_threshold))
     return stats, {**stats.summary(), "val_flagged": float(np.mean(flagged))}
+
+
+def logistic_regression(x: np.ndarray, y: np.ndarray, c: float = OUTSIDE_C) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression with balanced class weights: (N, F) features, (N,) 0/1 labels ->
+    (F,) weights and intercept on the standardised features (each feature to the mean and standard
+    deviation of class 0); the objective of scikit-learn's ``LogisticRegression(C=c,
+    class_weight="balanced")`` (intercept not penalised), solved by L-BFGS. Returns weights and intercept
+    that apply to the raw features."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("both classes are needed")
+    centre, scale = x[~y].mean(axis=0), x[~y].std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    z = torch.from_numpy((x - centre) / scale)
+    sign = torch.from_numpy(np.where(y, 1.0, -1.0))
+    weight = torch.from_numpy(np.where(y, len(y) / (2.0 * y.sum()), len(y) / (2.0 * (~y).sum())))
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    solver = torch.optim.LBFGS([w, b], lr=1.0, max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12,
+                               history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():
+        solver.zero_grad()
+        loss = 0.5 * (w * w).sum() + c * (weight * torch.nn.functional.softplus(-sign * (z @ w + b))).sum()
+        loss.backward()
+        return loss
+
+    solver.step(objective)
+    weights = w.detach().numpy() / scale
+    return weights, float(b.detach()) - float(weights @ centre)
+
+
+def fit_outside(stats: OodStats, home_train: np.ndarray, outside: np.ndarray, home_val: np.ndarray,
+                val_distances: np.ndarray, percentile: float | None = None, c: float = OUTSIDE_C) -> OodStats:
+    """``stats`` with the home-vs-outside score and the combined limit (docs/ood.md, round 4).
+
+    Args:
+        home_train, outside, home_val: (N, C_last * OUTSIDE_GRID^2) features of the training X-rays, of chest
+            films from other hospitals, and of the validation X-rays.
+        val_distances: (N_val,) the validation X-rays' Mahalanobis distances (``stats.distances``).
+        percentile: of the validation X-rays' combined scores, the limit (default: ``stats.percentile``).
+    """
+    percentile = stats.percentile if percentile is None else percentile
+    weights, bias = logistic_regression(np.concatenate([home_train, outside]),
+                                        np.r_[np.zeros(len(home_train)), np.ones(len(outside))], c)
+    fitted = dataclasses.replace(stats, outside=weights, outside_bias=bias, outside_grid=OUTSIDE_GRID,
+                                 n_outside=int(len(outside)))
+    val_outside = fitted.outside_scores(home_val)
+
+    def spread(values: np.ndarray) -> tuple[float, float]:
+        median = float(np.median(values))
+        return median, max(float(np.percentile(values, SPREAD_PERCENTILE)) - median, 1e-9)
+
+    fitted = dataclasses.replace(fitted, combined=np.array([*spread(val_distances), *spread(val_outside)]))
+    limit = float(np.percentile(fitted.combined_scores(val_distances, val_outside), percentile))
+    return dataclasses.replace(fitted, combined_threshold=limit)
+
+
+def fit_outside_for_images(net: torch.nn.Module, stats: OodStats, images: torch.Tensor, train: np.ndarray,
+                           val: np.ndarray, outside: torch.Tensor, device: torch.device,
+                           percentile: float | None = None) -> tuple[OodStats, dict]:
+    """``fit_outside`` from (N, S, S) uint8 model inputs: the training set with its split, and (M, S, S)
+    outside hospitals' chest films; with the card's summary (including the share of validation X-rays
+    the feature checks now flag)."""
+    val_grid = features_of(net, images[val], device, stats.grid)
+    val_distances = stats.distances(val_grid)
+    val_outside = features_of(net, images[val], device, OUTSIDE_GRID)
+    fitted = fit_outside(stats, features_of(net, images[train], device, OUTSIDE_GRID),
+                         features_of(net, outside, device, OUTSIDE_GRID), val_outside, val_distances, percentile)
+    flagged = ((fitted.combined_scores(val_distances, fitted.outside_scores(val_outside)) > fitted.combined_threshold)
+               | (fitted.upside_down_scores(val_grid) > fitted.upside_down_threshold))
+    return fitted, {**fitted.summary(), "val_flagged": float(np.mean(flagged))}
+
+
+def measured_phrase(ood: Mapping[str, Any]) -> str:
+    """The guard's leave-one-source-out figures in one sentence, from a card's ``ood`` block (recorded by
+    scripts/guard_loso.py --record); '' when the version has none."""
+    loso = ood.get("leave_one_source_out") if isinstance(ood, Mapping) else None
+    if not isinstance(loso, Mapping) or not loso.get("folds"):
+        return ""
+    share = lambda k, n: f"{k} of {n} ({100 * k / n:.1f}%)" if n else "none"  # noqa: E731
+    folds = "; ".join(f"{share(f['withheld'], f['n'])} {f['measured_on']} films when fitted on {f['fitted_on']}"
+                      for f in loso["folds"])
+    home = loso.get("home", {})
+    val, samples = home.get("validation", (0, 0)), home.get("samples", (0, 0))
+    return (f"Films from a hospital the guard was not fitted on, withheld: {folds}. Films like the training "
+            f"data withheld: {share(*val)} of the validation films and {share(*samples)} of the full-resolution "
+            f"samples.")

@@ -55,15 +55,25 @@ def logits_of(model: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
 def logits_and_features(model: LoadedModel, inputs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """(B, 1, S, S) uint8 -> (B,) logits (with the card's TTA) and the (B, F) features the OOD check
     measures (the last stage pooled on the grid of the version's OOD statistics), one pass."""
+    return logits_and_guard_features(model, inputs)[:2]
+
+
+def logits_and_guard_features(model: LoadedModel, inputs: torch.Tensor
+                              ) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+    """``logits_and_features`` plus the (B, F') features of the home-vs-outside score (the last stage on
+    its grid; None when the version has no such score), from the same pass."""
     stats = getattr(model, "ood_stats", None)
     net = model.inference_net  # BatchNorm folded: model.net's outputs to float rounding
     x = to_input(inputs, model.device, net.config)  # (B, 1, S, S) grey levels
+    outside = None
     with torch.inference_mode(), autocast_for(model.device):
         feature_map = net.feature_map(x)  # (B, C, h, w)
         logits = net.classify(net.pool(feature_map).flatten(1))  # identical to net(x)
         features = O.grid_features(feature_map, stats.grid if stats is not None else 1)
+        if stats is not None and stats.outside is not None:
+            outside = O.grid_features(feature_map, stats.outside_grid).double().cpu().numpy()
         logits = tta_logits(net, x, model.card.tta, logits)
-    return logits.float().cpu(), features.double().cpu().numpy()
+    return logits.float().cpu(), features.double().cpu().numpy(), outside
 
 
 def probabilities(model: LoadedModel, logits: torch.Tensor) -> np.ndarray:
@@ -86,19 +96,24 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         batch = [model_input(im, model.image_size) for im in images[start:start + batch_size]]
-        logits, features = logits_and_features(model, model_inputs(batch, model.image_size))
+        logits, features, outside = logits_and_guard_features(model, model_inputs(batch, model.image_size))
         distances = stats.distances(features) if stats is not None else [None] * len(batch)
         turned = stats.upside_down_scores(features) if stats is not None else [None] * len(batch)
-        for prepared, p, distance, upside_down in zip(batch, probabilities(model, logits), distances, turned):
-            outcome, reason = guard_outcome(prepared, distance, stats, upside_down, spec)
+        combined = (stats.combined_scores(distances, stats.outside_scores(outside)) if outside is not None
+                    else [None] * len(batch))
+        for prepared, p, distance, upside_down, score in zip(batch, probabilities(model, logits), distances, turned,
+                                                             combined):
+            outcome, reason = guard_outcome(prepared, distance, stats, upside_down, spec, score)
             out.append(Prediction(float(p), model.version, outcome, reason, model.card.borderline))
     return out
 
 
 def guard_outcome(prepared: ModelInput, distance: float | None, stats: "O.OodStats | None",
-                  upside_down: float | None, spec: dict) -> tuple[str, str]:
+                  upside_down: float | None, spec: dict, combined: float | None = None) -> tuple[str, str]:
     """(outcome, reason) of the intended-use guard (``xray.guard``): the DICOM header first, then the
-    cheap input checks, then a film that looks inverted, then the feature checks."""
+    cheap input checks, then a film that looks inverted, then the feature checks (``combined``: the image's
+    ``OodStats.combined_scores`` value when the version has a home-vs-outside score). A header that puts the
+    film inside the intended use does not skip the image checks: the pixels still decide about the equipment."""
     outcome, reason = guard.header_outcome(prepared.guard_fields, spec)
     if outcome != guard.VERDICT:
         return outcome, reason
@@ -106,5 +121,5 @@ def guard_outcome(prepared: ModelInput, distance: float | None, stats: "O.OodSta
     feature_reason = "" if input_reason else guard.negative_film_reason(prepared.pixels)  # before "unlike the training films"
     if not input_reason and not feature_reason and stats is not None and distance is not None:
         feature_reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf),
-                                          stats)
+                                          stats, float(combined if combined is not None else -np.inf))
     return guard.image_outcome(input_reason, feature_reason)

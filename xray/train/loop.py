@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import PIL
@@ -29,6 +29,7 @@ from xray.decide import metrics as M
 from xray.model import ood as O
 from xray.atomic import atomic_write
 from xray.io.augment import PERTURBATIONS, PRESETS, augment
+from xray.io.preprocess import try_read_model_input
 from xray.io.folders import CLASSES, TrainingData, load_training_data
 from xray.train.distributed import (  # noqa: F401
     Cancelled,
@@ -497,17 +498,33 @@ def fit_borderline(net: PneumoniaNet, val_images: torch.Tensor, scale: float, bi
 
 
 # -- OOD statistics for an existing version ----------------------------------------------------------
+OUTSIDE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+
+def outside_films(folders: Sequence[str], image_size: int) -> np.ndarray:
+    """(M, S, S) uint8 model inputs of every readable image under ``folders`` (recursively, sorted);
+    ValueError when there is none."""
+    paths = sorted(p for folder in folders for p in Path(folder).rglob("*") if p.suffix.lower() in OUTSIDE_SUFFIXES)
+    pixels = [m.pixels for m in (try_read_model_input(p, image_size)[0] for p in paths) if m is not None]
+    if not pixels:
+        raise ValueError(f"no readable images under {', '.join(map(str, folders))}")
+    return np.stack(pixels)
+
+
 def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, workers: int = 1,
                         percentile: float = O.DEFAULT_PERCENTILE,
-                        emit: Callable[[dict], None] = lambda e: None) -> str:
+                        emit: Callable[[dict], None] = lambda e: None, outside: Sequence[str] = ()) -> str:
     """Fit OOD statistics for an existing version and save them as a NEW, inactive version; returns its id.
 
     The new version has the same weights, threshold and calibration, plus ``ood.npz``; the old
     one is left untouched, so past audit-log lines keep meaning what they said. Making it live is the
-    promotion gate's business (``xray.govern.promotion.promote``), never this function's.
+    promotion gate's business (``xray.govern.promotion.promote``), never this function's. ``outside``:
+    folders of other hospitals' chest films (every image in them, recursively) for the home-vs-outside
+    score (``ood.fit_outside``; docs/ood.md round 4); none = the distance check alone.
     """
     model = registry.load(version, torch.device("cpu"))
     card = model.card
+    films = outside_films(outside, model.image_size) if outside else None  # refuses an empty folder first
     cfg = TrainConfig.from_dict({**card.training.config, "data_dir": str(data_dir), "workers": workers})
     data = load_training_data(cfg.data_dir, **cfg.folder_options(), emit=emit)
     if data.scan.fingerprint() != card.data.fingerprint:
@@ -515,5 +532,11 @@ def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, 
                          "could not be reproduced")
     stats, summary = O.fit_for_images(model.net, torch.from_numpy(data.images), data.train, data.val,
                                     model.device, percentile)
-    new_card = card.derived("added OOD statistics (same weights)", {"ood": summary})
+    change = "added OOD statistics (same weights)"
+    if films is not None:
+        stats, summary = O.fit_outside_for_images(model.net, stats, torch.from_numpy(data.images), data.train,
+                                                  data.val, torch.from_numpy(films), model.device)
+        change = (f"added OOD statistics with a home-vs-outside score fitted on {len(films)} outside films "
+                  "(same weights)")
+    new_card = card.derived(change, {"ood": summary})
     return registry.save_derived_version(model.version, new_card, "ood", extras={O.OOD_FILE: stats.to_bytes()})
