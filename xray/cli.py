@@ -168,8 +168,8 @@ def cmd_adapt(args) -> int:
     print(adaptation.terminal_summary(result, registry.card(version).threshold), file=sys.stderr)
     for name, why in result.films.unreadable:
         print(f"  unreadable, skipped: {name}: {why}", file=sys.stderr)
-    print(f"new version {version} (adapted from {result.parent}); not active: python -m xray activate {version}",
-          file=sys.stderr)
+    print(f"new version {version} (adapted from {result.parent}); not active, and the gate refuses it until it is "
+          f"measured: python -m xray calibrate LABELLED_DIR --model {version}", file=sys.stderr)
     return 0
 
 
