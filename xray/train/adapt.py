@@ -55,7 +55,7 @@ METHOD = ("AdaBN: every BatchNorm layer's running mean and variance re-estimated
 NOT_CHECKED = ("No labels: sensitivity, specificity and calibration on this site's films were not measured, and "
                "the parent's validation figures do not apply to the adapted network, so the card holds none and the "
                "promotion gate refuses it until it is evaluated: calibrate it on labelled films of the site "
-               "(python -m xray calibrate DIR --model VERSION, or the Models page's 'Calibrate to this site'), which measures it and "
+               "(python -m xray calibrate DIR --model VERSION), which measures it and "
                "gives a version the gate can judge.")
 
 
