@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import require_model, rule_in_words
+from xray.model.card import operating_figures
 from xray.model.ood import measured_phrase
 
 model = require_model()
@@ -70,6 +71,9 @@ with left:
 with right:
     at = validation.threshold if validation.threshold is not None else model.threshold
     st.markdown(f"On **{validation.n or '?'}** validation images, at threshold **{at:.6f}**.")
+    figures_at = operating_figures(validation, at)
+    if figures_at is not None:
+        st.markdown(f"Expect new films nearer the second figures: {figures_at.describe()}.")
     if card.ece_crossfit is not None:
         st.markdown(f"Calibration error with the calibration fitted on the other half of validation "
                     f"(an honest estimate): **{card.ece_crossfit:.3f}**.")

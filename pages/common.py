@@ -212,19 +212,8 @@ def ensure_app_navigation() -> None:
 
 
 def model_cache_key() -> tuple[str, str | None, int, int]:
-    """(registry root, active version, card mtime, site settings mtime): changes when a version is
-    activated, its card edited, or the site saves or restores a threshold."""
-    registry = Registry()
-    version = registry.active_version()
-
-    def mtime(path) -> int:
-        try:
-            return os.stat(path).st_mtime_ns
-        except OSError:
-            return 0
-
-    card = mtime(registry.version_dir(version) / "card.json") if version is not None else 0
-    return str(registry.root.resolve()), version, card, mtime(registry.site.path)
+    """Changes when a version is activated, its card edited, or the site saves or restores a threshold."""
+    return Registry().state_key()
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")

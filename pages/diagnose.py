@@ -17,6 +17,7 @@ from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, plain_reason
 from xray.decide import metrics
 from xray.decide.prevalence import estimate_if_enough, predictive_values, ESTIMATE_MIN_IMAGES
 from xray.govern import siteconfig
+from xray.model.card import operating_figures
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
 from xray.report import exports, writers
 from xray.serve import analysis
@@ -220,16 +221,16 @@ def threshold_ui(threshold: float) -> None:
 
 def presets_ui(model: LoadedModel, threshold: float, validation) -> None:
     for name, value in presets_for(model, validation).items():
-        kept = ""
-        if validation is not None:
-            f = metrics.metrics_at(*validation, value)
-            kept = f" (sens {f['sensitivity']:.2f}, spec {f['specificity']:.2f})"
+        figures_at = operating_figures(model.card.validation, value)
+        kept = f" ({figures_at.describe(short=True)})" if figures_at is not None else ""
         st.button(f"{name}: {value:.3f}{kept}", key=f"diagnose_preset_{name}", on_click=set_threshold, args=(value,),
                   width="stretch", type="primary" if abs(value - threshold) < 1e-12 else "secondary")
     st.caption("Model default: chosen when the model was trained. High sensitivity: misses at most 1 in 100 "
                "pneumonia films on validation. High specificity: calls at most 2 in 100 normal films pneumonia. "
                "A preset is offered only where it is more sensitive (or more specific) than the model's default. "
-               "In brackets: validation sensitivity and specificity.")
+               f"In brackets: sensitivity / specificity at that point on the {model.card.validation.n} validation films "
+               "(the training hospital's, so they flatter), and on the same films under the worst acquisition "
+               "perturbation (gamma, contrast, blur, noise, crop, zoom, rotation): expect new films nearer the second.")
     if model.site_threshold is not None:
         st.caption(f"Site threshold {model.site_threshold:.6f}, {escape_markdown(model.site_threshold_note)}.")
 
@@ -269,6 +270,9 @@ def validation_ui(model: LoadedModel, threshold: float, validation, prevalence: 
     figures = metrics.metrics_at(labels, scores, threshold)
     cm = figures["confusion_matrix"]
     st.subheader(f"At {threshold:.3f}, on {figures['n']} validation films")
+    figures_at = operating_figures(model.card.validation, threshold)
+    if figures_at is not None:
+        st.caption(f"Where these come from: {figures_at.describe()}. Validation: {figures_at.source}.")
     left, right = st.columns(2)
     left.metric("Sensitivity", ratio(figures["sensitivity"]), help="Share of pneumonia films called PNEUMONIA.")
     right.metric("Specificity", ratio(figures["specificity"]), help="Share of normal films called NORMAL.")

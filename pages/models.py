@@ -12,8 +12,9 @@ import streamlit as st
 from pages.common import current_actor, ensure_app_navigation, escape_markdown, is_administrator, rule_in_words
 from xray.decide import metrics
 from xray.govern import promotion, sitecal
-from xray.model.card import ModelCard
+from xray.model.card import ModelCard, operating_figures
 from xray.model.registry import ModelFileError, Registry
+from xray.train import adapt as adaptation
 from xray.train import jobs
 
 MESSAGE_KEY = "models_message"  # {place: (kind, text)}: what the last button did, shown beside that button
@@ -26,7 +27,8 @@ ROLLBACK_CONFIRM_KEY = "models_rollback_confirm"
 ROLLBACK_REASON_KEY = "models_rollback_reason"
 CALIBRATE_FOLDER_KEY = "models_calibrate_folder"
 
-FIGURES = [("Area under the ROC curve", "roc_auc"), ("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
+FIGURES = [("Area under the ROC curve", "roc_auc"), ("Sensitivity (validation)", "sensitivity"),
+           ("Specificity (validation)", "specificity"),
            ("PPV (precision)", "precision"), ("NPV", "npv"), ("Calibration error", "ece")]
 GATE_WORDS = {"sensitivity": "Sensitivity at its threshold", "specificity": "Specificity at its threshold",
               "roc_auc": "Area under the ROC curve"}
@@ -59,6 +61,7 @@ def main() -> None:
     activate_ui(selected, active, result)
     rollback_ui(registry, cards, active)
     calibrate_ui(active)
+    adapt_ui(cards, active)
 
 
 def number(value, digits: int = 3) -> str:
@@ -68,10 +71,11 @@ def number(value, digits: int = 3) -> str:
 def summary(card: ModelCard) -> dict[str, str]:
     """One column of the comparison: what a version is, what it was trained on, how it validated."""
     validation, data, training = card.validation, card.data, card.training
-    return {"Created": card.created or "-",
+    row = {"Created": card.created or "-",
             "Threshold": f"{card.threshold:.6f}",
             **{label: number(validation.figure(key)) for label, key in FIGURES},
             "Validation images": str(validation.n or "-"),
+            "Sens. / spec. under the worst acquisition perturbation": worst_perturbation(card),
             "Validation split": validation.description or "-",
             "Trained on": (f"{Path(data.root).name} (folder '{data.root}' on the training machine)"
                            if data.root else "-"),
@@ -80,6 +84,18 @@ def summary(card: ModelCard) -> dict[str, str]:
             "Image size": str(card.image_size),
             "Epochs run (best)": f"{training.epochs_run or '-'} ({training.best_epoch or '-'})",
             "Started from": training.parent or "scratch"}
+    if card.site_calibration is not None and card.site_calibration.promise:
+        row["Site calibration promises"] = card.site_calibration.promise
+    return row
+
+
+def worst_perturbation(card: ModelCard) -> str:
+    """At the card's threshold, the validation films under the worst acquisition perturbation the card stores."""
+    f = operating_figures(card.validation, card.threshold)
+    if f is None or f.worst_sensitivity is None:
+        return "not stored"
+    return (f"{f.worst_sensitivity[0]:.3f} ({f.worst_sensitivity[1]}) / "
+            f"{f.worst_specificity[0]:.3f} ({f.worst_specificity[1]})")
 
 
 def roc_figure(cards: dict[str, ModelCard], active: str | None) -> go.Figure:
@@ -178,6 +194,7 @@ def versions_ui(registry: Registry, cards: dict[str, ModelCard], active: str | N
                    "area under ROC": c.validation.roc_auc,
                    "sensitivity": c.validation.sensitivity,
                    "specificity": c.validation.specificity,
+                   "worst perturbation: sens / spec": worst_perturbation(c),
                    "threshold": c.threshold} for v, c in cards.items()],
                  hide_index=True, column_config={"area under ROC": st.column_config.NumberColumn(format="%.3f"),
                                                  "sensitivity": st.column_config.NumberColumn(format="%.3f"),
@@ -309,6 +326,7 @@ def calibrate_ui(active: str | None) -> None:
                    "after calibration": with_ci(after, "specificity")}],
                  hide_index=True, key="models_calibration_figures")
     counts = result.data.counts
+    st.markdown(f"**What the new threshold promises:** {sitecal.promise(result.guarantee)}.")
     st.caption(f"On this site's {counts['NORMAL']} normal and {counts['PNEUMONIA']} pneumonia films "
                f"({len(result.data.unreadable)} unreadable, skipped). The figures after calibration are what the new "
                "version's card records and the gate reads; each film is scored by a calibration fitted without it. "
@@ -323,6 +341,67 @@ def calibrate_ui(active: str | None) -> None:
     st.button("Create the calibrated version", key="models_calibrate", type="primary",
               on_click=create_calibrated, args=(str(folder), active), icon=":material/tune:")
     message_ui("calibrate")
+
+
+# -- adapt to this site's films, without labels (issue 25) ------------------------------------------
+
+ADAPT_FOLDER_KEY = "models_adapt_folder"
+
+
+@st.cache_resource(ttl=600, max_entries=2, show_spinner=False)
+def site_adaptation(folder: str, version: str) -> adaptation.Adaptation:
+    """Read the folder and adapt once per (folder, version); nothing is written."""
+    model = Registry().load(version)
+    return adaptation.adapt_model(model, adaptation.read_films(model, folder))
+
+
+def create_adapted(folder: str, version: str) -> None:
+    try:
+        registry = Registry()
+        new = adaptation.write_version(registry, registry.load(version), site_adaptation(folder, version), folder,
+                                       actor=current_actor())
+        say("adapt", "success", f"Created {new}: {version} adapted to this site's films. Check it on labelled "
+                             "films before you activate it through the gate.")
+    except (OSError, ValueError, ModelFileError) as exc:
+        say("adapt", "error", f"No adapted version was written: {exc}.")
+
+
+
+def adapt_ui(cards: dict[str, ModelCard], active: str | None) -> None:
+    """Adapt the live model to this site's unlabelled films (issue 25), as a new inactive version."""
+    st.subheader("Adapt to this site's films (no labels)")
+    st.caption(f"Re-estimate the active network's normalisation statistics on a folder of this site's films (labels not "
+               f"needed, any depth, at least {adaptation.MIN_FILMS} films the guard accepts; films it withholds are not used). "
+               "The result is a new, inactive version, activated through the gate like any other.")
+    adapt_folder = st.text_input("Folder of unlabelled films", key=ADAPT_FOLDER_KEY, placeholder="/path/to/site/worklist",
+                                 help="Allowed locations: " + ", ".join(map(str, jobs.data_roots())))
+    if adapt_folder.strip() and active:
+        try:
+            folder = jobs.check_data_root(adapt_folder)
+            with st.spinner("Reading the films and adapting the active model..."):
+                adapted_result = site_adaptation(str(folder), active)
+        except (ValueError, ModelFileError) as exc:
+            st.error(f"This folder cannot be used: {exc}.", icon=":material/folder_off:")
+        else:
+            s = adapted_result.summary(cards[active].threshold)
+            st.dataframe([{"": "films used (withheld by the guard, not used)", "before": f"{s['used']} ({s['withheld_before']})",
+                           "after adaptation": "-"},
+                          {"": "called pneumonia at the threshold", "before": f"{s['called_pneumonia_before']:.1%}",
+                           "after adaptation": f"{s['called_pneumonia_after']:.1%}"},
+                          {"": "mean p(pneumonia)", "before": f"{s['mean_p_before']:.3f}", "after adaptation": f"{s['mean_p_after']:.3f}"},
+                          {"": "withheld by the guard (all films)", "before": str(s["withheld_before"]),
+                           "after adaptation": str(s["withheld_after"])},
+                          {"": "site prevalence, EM estimate", "before": f"{s['prevalence_em_before']:.3f}",
+                           "after adaptation": f"{s['prevalence_em_after']:.3f}"}],
+                         hide_index=True, key="models_adapt_figures")
+            st.markdown(f"**What changes:** {adaptation.METHOD}. {s['decisions_changed']:.1%} of these films' decisions change.")
+            st.warning(f"**Not checked:** {adaptation.NOT_CHECKED}", icon=":material/help:")
+            if adapted_result.films.unreadable:
+                with st.expander("Unreadable files"):
+                    st.dataframe([{"file": n, "reason": w} for n, w in adapted_result.films.unreadable], hide_index=True)
+            st.button("Create the adapted version", key="models_adapt", type="primary",
+                      on_click=create_adapted, args=(str(folder), active), icon=":material/auto_fix_high:")
+    message_ui("adapt")
 
 
 if __name__ == "__main__":  # Streamlit runs a page as __main__

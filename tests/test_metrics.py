@@ -90,3 +90,40 @@ def test_min_sensitivity_rule_holds_the_floor_in_every_condition():
         M.choose_threshold(y[:6], p[:6], "sensitivity>=0.75"))
     with pytest.raises(ValueError):
         M.choose_threshold(y, p, "min-sensitivity>=0.75", groups[:3])
+
+
+def test_clopper_pearson_lower_bound_matches_the_beta_quantile():
+    beta = pytest.importorskip("scipy.stats").beta  # scikit-learn's dependency
+    for k, n in [(150, 155), (57, 60), (1, 10), (3000, 3100)]:
+        assert M.clopper_pearson_lower(k, n) == pytest.approx(beta.ppf(0.05, k, n - k + 1), abs=1e-9)
+    assert M.clopper_pearson_lower(60, 60) == pytest.approx(0.05 ** (1 / 60))  # all right: (1 - c)^(1/n)
+    assert M.clopper_pearson_lower(0, 10) == 0.0
+    assert M.minimum_for_bound(0.95) == 59 and M.clopper_pearson_lower(58, 58) < 0.95 <= M.clopper_pearson_lower(59, 59)
+
+
+def test_lcb_sensitivity_rule_keeps_its_floor_on_new_films_with_its_confidence():
+    # positives' scores uniform on [0, 1]: the true sensitivity at threshold t is exactly 1 - t
+    rng = np.random.default_rng(0)
+    kept, kept_plain = [], []
+    for _ in range(400):
+        y = np.r_[np.ones(120, int), np.zeros(80, int)]
+        s = np.r_[rng.random(120), rng.random(80) - 0.5]
+        kept.append(1 - M.choose_threshold(y, s, "lcb-sensitivity>=0.9") >= 0.9)
+        kept_plain.append(1 - M.choose_threshold(y, s, "sensitivity>=0.9") >= 0.9)
+    assert np.mean(kept) >= 0.93  # nominal 95%; 400 draws
+    assert np.mean(kept_plain) < 0.8  # the point estimate misses about half the time
+    t = M.choose_threshold(y, s, "lcb-sensitivity>=0.9")
+    g = M.guarantee_at(y, s, t, "lcb-sensitivity>=0.9")
+    assert g["n"] == 120 and g["lower_bound"] >= 0.9 > M.clopper_pearson_lower(g["k"] - 1, 120)
+    assert M.guarantee_at(y, s, t, "sensitivity>=0.9") is None
+
+
+def test_lcb_rules_refuse_what_the_number_of_cases_cannot_support():
+    y, s = np.r_[np.ones(58, int), np.zeros(30, int)], np.r_[np.linspace(0.5, 1, 58), np.linspace(0, 0.4, 30)]
+    with pytest.raises(M.TooFewCases, match="at least 59 pneumonia images; there are 58"):
+        M.choose_threshold(y, s, "lcb-sensitivity>=0.95")
+    with pytest.raises(M.TooFewCases, match="normal images; there are 30"):
+        M.choose_threshold(y, s, "lcb-specificity>=0.95")
+    t = M.choose_threshold(y, s, "lcb-specificity>=0.9")  # 29 normals suffice for 0.90: all 30 below it
+    assert M.metrics_at(y, s, t)["specificity"] == 1.0 and 0.4 < t < 0.5
+    assert M.is_threshold_rule("lcb-sensitivity>=0.97") and not M.is_threshold_rule("lcb-sensitivity>=1.5")

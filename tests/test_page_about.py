@@ -76,3 +76,27 @@ def test_about_names_the_shipped_ensemble(monkeypatch, tmp_path):
     assert "248 of 300 (82.7%) NIH films when fitted on Hannover" in text
     assert "240 of 243 (98.8%) Hannover films when fitted on NIH" in text
     assert "5 of 785 (0.6%) of the validation films" in text
+
+
+def test_figures_on_screen_say_their_source_n_and_the_worst_perturbation(monkeypatch, tmp_path):
+    import pytest
+
+    from xray.model.card import operating_figures
+
+    monkeypatch.setenv("XRAY_WEIGHTS", str(ROOT / "weights"))
+    monkeypatch.setenv("XRAY_AUDIT_LOG", "off")
+    monkeypatch.setenv("XRAY_DATA", str(tmp_path / "data"))
+    registry = Registry(ROOT / "weights")
+    card = registry.card(registry.active_version())  # the shipped ensemble (or its OOD-refitted copy: same films)
+    f = operating_figures(card.validation, card.threshold)
+    assert (f.positives, f.negatives) == (583, 202)
+    assert f.sensitivity == pytest.approx(card.validation.sensitivity) and f.sensitivity_ci[0] < f.sensitivity
+    # the card's rule keeps sensitivity >= 0.95 under every perturbation: the worst one sits on the floor
+    assert f.worst_sensitivity[0] >= 0.95 and f.worst_sensitivity[1] == "gamma 1.4"
+    assert f.worst_specificity[0] < f.specificity
+    text = f.describe()
+    assert "583 pneumonia / 202 normal films (the training hospital's)" in text
+    assert "worst acquisition perturbation" in text
+    assert "worst perturbation" in f.describe(short=True)
+    assert operating_figures(type(card.validation).from_dict({}), 0.5) is None
+    assert text in text_of(about_page())  # the page says exactly what the card gives

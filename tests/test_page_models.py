@@ -148,7 +148,12 @@ def test_calibrate_to_this_site_shows_before_and_after_and_creates_a_version(tin
     active = registry.active_version()
     at = open_page()
     at.text_input(key="models_calibrate_folder").input(str(site)).run()
+    assert not at.exception  # the version's sensitivity floor, promised on new films, needs more than 8 pneumonias
+    assert any("lcb-sensitivity>=0.95 promises its floor" in e.value and "the folder has 8" in e.value for e in at.error)
+    registry.update_card(active, {"threshold_rule": "youden"})  # a rule that promises nothing fits on 16 images
+    at.text_input(key="models_calibrate_folder").input(str(site) + "/").run()
     assert not at.exception
+    assert any("What the new threshold promises:** no promise on new films" in m.value for m in at.markdown)
     from xray.govern import promotion
 
     assert any(f"at least {promotion.MIN_ACCEPTANCE_IMAGES} readable films with {promotion.MIN_PER_CLASS} of each"
@@ -184,3 +189,30 @@ def test_a_folder_under_the_gates_minimum_is_refused_before_decoding(tiny_regist
     at.text_input(key="models_calibrate_folder").input(str(site)).run()
     assert any("needs at least 200 with 50 of each class" in e.value for e in at.error)
     assert not decoded
+
+
+def test_adapt_to_this_site_says_what_changes_and_what_was_not_checked(tiny_registry, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import DATASET
+    from xray.train import adapt
+
+    monkeypatch.setattr(adapt, "MIN_FILMS", 8)
+    monkeypatch.setenv("XRAY_DATA_ROOTS", str(tmp_path))
+    site = tmp_path / "worklist"
+    site.mkdir()
+    for i, path in enumerate(sorted(DATASET.rglob("*.jp*g"))):  # the films without their labels' folders
+        shutil.copy(path, site / f"film{i:02d}{path.suffix}")
+    registry = Registry(tiny_registry)
+    active = registry.active_version()
+    at = open_page()
+    at.text_input(key="models_adapt_folder").input(str(site)).run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "after adaptation" in d.value.columns)
+    used, withheld = (int(v) for v in table.iloc[0]["before"].replace("(", "").replace(")", "").split())
+    assert used + withheld == 16 and used >= 8 and "site prevalence, EM estimate" in list(table[""])
+    assert any("Not checked:** No labels" in w.value for w in at.warning)
+    at = click(at, "models_adapt")
+    new = [v for v in registry.versions() if v != active][-1]
+    assert any(f"Created {new}" in s.value for s in at.success)
+    assert registry.card(new)["adaptation"]["used"] == used and registry.active_version() == active

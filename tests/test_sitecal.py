@@ -11,8 +11,9 @@ import pytest
 
 from conftest import DATASET, FULLRES
 from xray.decide import prevalence as P
-from xray.govern import promotion
+from xray.govern import promotion, sitecal
 from xray.cli import main
+from xray.govern.identity import operator
 from xray.model.registry import Registry
 
 
@@ -100,3 +101,35 @@ def test_predict_writes_the_prevalence_and_keeps_the_decision(tiny_registry, cap
     main(["predict", str(image)])
     assert next(csv.DictReader(io.StringIO(capsys.readouterr().out)))["prevalence"] == "0.3000"
     assert json.loads((tiny_registry / "site.json").read_text())["prevalence"] == 0.3
+
+
+def test_site_calibration_promises_a_floor_only_with_enough_images(tiny_registry, tmp_path, monkeypatch):
+    model = Registry(tiny_registry).load()
+    assert sitecal.site_rule("min-sensitivity>=0.95") == "lcb-sensitivity>=0.95"
+    assert sitecal.site_rule("youden") == "youden"
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(120, int), np.zeros(80, int)]
+    data = sitecal.SiteData("site", "f" * 64, np.r_[rng.normal(2, 1, 120), rng.normal(-2, 1, 80)], labels,
+                            {"NORMAL": 80, "PNEUMONIA": 120})
+    result = sitecal.recalibrate(model, data, "lcb-sensitivity>=0.95")
+    g = result.guarantee
+    assert g["metric"] == "sensitivity" and g["n"] == 120 and g["lower_bound"] >= 0.95 and g["k"] >= 118
+    assert "at least 0.95 on new films like the local ones, with 95% confidence" in sitecal.terminal_summary(result)
+    registry = Registry(tiny_registry)
+    card = registry.card(sitecal.write_version(registry, model, result, actor=operator()))
+    assert card["site_calibration"]["guarantee"] == g and "95% confidence" in card["site_calibration"]["promise"]
+    assert card.site_calibration.guarantee == g and card.site_calibration.promise == card["site_calibration"]["promise"]
+    plain = sitecal.recalibrate(model, data, "sensitivity>=0.95")  # the point estimate: no promise made
+    assert plain.guarantee is None and plain.threshold > result.threshold
+    small = sitecal.SiteData("site", "f" * 64, data.logits[50:], labels[50:], {"NORMAL": 80, "PNEUMONIA": 70})
+    with pytest.raises(ValueError, match="needs at least 59 pneumonia images to fit and 74 to cross-validate; the folder has 70"):
+        sitecal.recalibrate(model, small, "lcb-sensitivity>=0.95")
+
+
+def test_calibrate_by_default_refuses_a_promise_the_folder_cannot_keep(tiny_registry, tmp_path, monkeypatch):
+    monkeypatch.setattr(promotion, "MIN_PER_CLASS", 4)
+    monkeypatch.setattr(promotion, "MIN_ACCEPTANCE_IMAGES", 8)
+    Registry(tiny_registry).update_card(Registry(tiny_registry).active_version(),
+                                        {"threshold_rule": "min-sensitivity>=0.95"})
+    with pytest.raises(SystemExit, match="lcb-sensitivity>=0.95 promises its floor .* the folder has 8"):
+        main(["calibrate", str(_site_folder(tmp_path))])

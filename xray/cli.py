@@ -1,4 +1,4 @@
-"""Command line: ``python -m xray {predict,evaluate,train,jobs,bench,fit-ood,versions,activate,rollback,node}``.
+"""Command line: ``python -m xray {predict,evaluate,calibrate,adapt,train,jobs,bench,fit-ood,versions,activate,rollback,node}``.
 
 Argparse and thin commands only: the work is done by the engine's wings (``serve.pipeline``, ``train``,
 ``model.registry``, ``govern``, ``report.batch``, ``bench``). The top wing: nothing in ``xray/`` imports this module.
@@ -37,6 +37,7 @@ from xray.serve.pipeline import (
     score_paths,
 )
 from xray.model.registry import LoadedModel, ModelFileError, Registry
+from xray.train import adapt as adaptation
 from xray.train.loop import Cancelled, fit_ood_for_version
 from xray.train.loop import main as train_main
 from xray.train.config import add_arguments, config_from_args
@@ -155,6 +156,20 @@ def cmd_calibrate(args) -> int:
         print(f"  unreadable, skipped: {name}: {why}", file=sys.stderr)
     print(f"new version {version} (weights of {result.parent}, unchanged); not active: "
           f"python -m xray activate {version}", file=sys.stderr)
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    registry = Registry(args.registry or None)
+    try:
+        version, result = adaptation.adapt(registry, args.data_dir, args.model or None, actor=operator())
+    except (ModelFileError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    print(adaptation.terminal_summary(result, registry.card(version).threshold), file=sys.stderr)
+    for name, why in result.films.unreadable:
+        print(f"  unreadable, skipped: {name}: {why}", file=sys.stderr)
+    print(f"new version {version} (adapted from {result.parent}); not active, and the gate refuses it until it is "
+          f"measured: python -m xray calibrate LABELLED_DIR --model {version}", file=sys.stderr)
     return 0
 
 
@@ -375,9 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"{promotion.MIN_ACCEPTANCE_IMAGES} images with {promotion.MIN_PER_CLASS} of each class (the promotion gate's minimum)")
     p.add_argument("--model", default="", help="version to recalibrate (default: the active one)")
     p.add_argument("--registry", default="", help="registry folder (default: the site registry, or $XRAY_WEIGHTS)")
-    p.add_argument("--rule", default="", help="threshold rule (default: the version's own, e.g. sensitivity>=0.97)")
+    p.add_argument("--rule", default="", help="threshold rule (default: the version's own, a sensitivity floor "
+                                               "fitted as lcb-sensitivity>=X: kept on new films with 95%% confidence)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: automatic)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("adapt", help="adapt a version to a site's unlabelled films (AdaBN; new inactive version)")
+    p.add_argument("data_dir", help=f"folder of the site's films at any depth, labels not needed; at least "
+                                    f"{adaptation.MIN_FILMS} that the guard accepts")
+    p.add_argument("--model", default="", help="version to adapt (default: the active one)")
+    p.add_argument("--registry", default="", help="registry folder (default: the site registry, or $XRAY_WEIGHTS)")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("evaluate", help="metrics on a labelled folder")
     p.add_argument("data_dir")

@@ -2,17 +2,112 @@
 the operating-threshold rules, and calibration error. Positive class = PNEUMONIA (label 1)."""
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-THRESHOLD_RULES = ("youden", "sensitivity>=0.95", "min-sensitivity>=0.95", "balanced-accuracy")
-FLOOR_RULES = ("sensitivity>=", "specificity>=", "min-sensitivity>=")  # followed by any floor, e.g. 0.97
+THRESHOLD_RULES = ("youden", "sensitivity>=0.95", "min-sensitivity>=0.95", "lcb-sensitivity>=0.95",
+                   "balanced-accuracy")
+FLOOR_RULES = ("sensitivity>=", "specificity>=", "min-sensitivity>=",
+               "lcb-sensitivity>=", "lcb-specificity>=")  # followed by any floor, e.g. 0.97
+CONFIDENCE = 0.95  # of the lcb- rules' one-sided lower confidence bound
 
 
 def is_threshold_rule(rule: str) -> bool:
     """Whether ``choose_threshold`` knows ``rule``."""
-    return rule in THRESHOLD_RULES or rule.startswith(FLOOR_RULES)
+    if rule in THRESHOLD_RULES:
+        return True
+    if not rule.startswith(FLOOR_RULES):
+        return False
+    try:
+        return 0.0 < float(rule.split(">=")[1]) < 1.0
+    except ValueError:
+        return False
+
+
+def _binomial_upper_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (exact for any n this product sees)."""
+    if k <= 0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_factorial = np.r_[0.0, np.cumsum(np.log(np.arange(1, n + 1)))]
+    i = np.arange(k, n + 1)
+    log_pmf = (log_factorial[n] - log_factorial[i] - log_factorial[n - i]
+               + i * math.log(p) + (n - i) * math.log1p(-p))
+    top = log_pmf.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
+
+
+def clopper_pearson_lower(successes: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided lower confidence bound of a proportion successes/n (Clopper and Pearson, Biometrika 1934):
+    the p at which P(X >= successes | n, p) = 1 - confidence; 0 when successes == 0, nan when n == 0.
+
+    Exact (never below its nominal coverage). At the threshold set at the k-th highest of n positive
+    scores, it is also the bound on the sensitivity of new films: the true sensitivity there is
+    Beta(k, n - k + 1) distributed (order statistics), whose 1 - confidence quantile this is.
+    """
+    if n <= 0:
+        return float("nan")
+    if successes <= 0:
+        return 0.0
+    alpha = 1.0 - confidence
+    if successes >= n:
+        return float(alpha ** (1.0 / n))
+    low, high = 0.0, successes / n
+    for _ in range(60):  # bisection: the tail grows with p
+        mid = (low + high) / 2
+        if _binomial_upper_tail(successes, n, mid) < alpha:
+            low = mid
+        else:
+            high = mid
+    return float(low)
+
+
+def minimum_for_bound(target: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest cases n whose lower confidence bound can reach ``target`` (all n right: (1-c)^(1/n) >= target)."""
+    return int(math.ceil(math.log(1.0 - confidence) / math.log(target) - 1e-12))
+
+
+class TooFewCases(ValueError):
+    """A lower-confidence-bound rule cannot promise its floor on this few cases."""
+
+
+@functools.lru_cache(maxsize=256)
+def _confident_count(n: int, target: float, confidence: float, what: str) -> int:
+    """The fewest k of n whose lower bound reaches ``target``; TooFewCases when not even n of n does."""
+    if n < minimum_for_bound(target, confidence):
+        raise TooFewCases(
+            f"a {what} of at least {target:g} with {confidence:.0%} confidence needs at least "
+            f"{minimum_for_bound(target, confidence)} {'pneumonia' if what == 'sensitivity' else 'normal'} "
+            f"images; there are {n}")
+    low, high = 1, n  # the bound grows with k: bisection for the smallest k that reaches the target
+    while low < high:
+        mid = (low + high) // 2
+        if clopper_pearson_lower(mid, n, confidence) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def guarantee_at(y_true, p, threshold: float, rule: str, confidence: float = CONFIDENCE) -> dict | None:
+    """What an ``lcb-`` rule promises at ``threshold``: the metric, its floor, the confidence, k of n
+    cases on the right side and their one-sided Clopper-Pearson bound; None for rules without a promise."""
+    if not rule.startswith(("lcb-sensitivity>=", "lcb-specificity>=")):
+        return None
+    y, s = _as_arrays(y_true, p)
+    what = "sensitivity" if rule.startswith("lcb-sensitivity") else "specificity"
+    cases = s[y == 1] if what == "sensitivity" else s[y == 0]
+    k = int(np.sum(cases >= threshold)) if what == "sensitivity" else int(np.sum(cases < threshold))
+    n = int(cases.size)
+    return {"metric": what, "floor": float(rule.split(">=")[1]), "confidence": confidence, "k": k, "n": n,
+            "lower_bound": clopper_pearson_lower(k, n, confidence),
+            "method": f"one-sided {confidence:.0%} Clopper-Pearson lower bound of {k}/{n}"}
 
 
 def _as_arrays(y_true, p) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +207,25 @@ def choose_threshold(y_true, p, rule: str = "youden", groups=None) -> float:
     specificity>=0.95: the lowest threshold whose specificity is at least 0.95 (maximum
         sensitivity under that floor), placed midway to the next lower validation score.
     balanced-accuracy: same optimum as youden (kept as an alias people search for).
+    lcb-sensitivity>=0.95: the highest threshold at which the one-sided 95% (``CONFIDENCE``)
+        Clopper-Pearson lower bound of sensitivity is at least 0.95: it keeps k of the n positives,
+        k the fewest whose bound reaches the floor, so new films keep the floor with that confidence
+        (a margin for the sampling error of a small set). Raises TooFewCases when n cannot support it
+        (``minimum_for_bound``: 59 positives for 0.95). lcb-specificity>=X: the same for normals, the
+        lowest such threshold.
     """
     y, s = _as_arrays(y_true, p)
+    if rule.startswith(("lcb-sensitivity>=", "lcb-specificity>=")):
+        target = float(rule.split(">=")[1])
+        if rule.startswith("lcb-sensitivity"):
+            positives = np.sort(s[y == 1])[::-1]  # descending: the k-th keeps k of them at or above it
+            chosen = positives[_confident_count(positives.size, target, CONFIDENCE, "sensitivity") - 1]
+            lower = s[s < chosen]
+            return float((chosen + lower.max()) / 2) if lower.size else float(chosen)
+        negatives = np.sort(s[y == 0])  # ascending: a threshold above the k-th lowest keeps k of them below
+        chosen = negatives[_confident_count(negatives.size, target, CONFIDENCE, "specificity") - 1]
+        higher = s[s > chosen]
+        return float((chosen + higher.min()) / 2) if higher.size else float(np.nextafter(chosen, np.inf))
     if rule.startswith("min-sensitivity>="):
         target = float(rule.split(">=")[1])
         groups = np.zeros(len(y), int) if groups is None else np.asarray(groups)

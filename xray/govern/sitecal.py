@@ -10,6 +10,11 @@ promotion gate requires of an acceptance set (``promotion.large_enough``: 200 im
 even then the 95% intervals are wide (a sensitivity from 60 pneumonia images has an interval about
 +-0.06 wide at 0.95): the card and the page say so. Writing the calibrated version is an administrator's
 (``identity.require``); its card and an audit line (``site-calibration``) name who did it.
+
+A sensitivity floor is fitted with a margin for that sampling error (``site_rule``): the threshold
+keeps enough local pneumonia images that the one-sided 95% Clopper-Pearson lower bound of sensitivity
+reaches the floor (``metrics.choose_threshold``'s ``lcb-`` rules), so new films like the local ones
+keep it with 95% confidence; too few images for that promise and nothing is fitted.
 """
 from __future__ import annotations
 
@@ -28,6 +33,28 @@ from xray.model.registry import LoadedModel, Registry
 
 FOLDS = 5
 METHOD = "Platt scaling refitted on the site's labelled images (network weights unchanged)"
+NO_PROMISE = ("no promise on new films: the threshold rests on the local images' point estimate, "
+              "which a new set of films misses about half the time")
+
+
+def site_rule(rule: str) -> str:
+    """The rule a site calibration fits for a version's rule: a sensitivity or specificity floor becomes
+    its ``lcb-`` form (the floor kept with 95% confidence on new films); other rules are unchanged."""
+    for prefix, confident in (("min-sensitivity>=", "lcb-sensitivity>="), ("sensitivity>=", "lcb-sensitivity>="),
+                              ("specificity>=", "lcb-specificity>=")):
+        if rule.startswith(prefix):
+            return confident + rule[len(prefix):]
+    return rule
+
+
+def promise(guarantee: dict | None) -> str:
+    """The guarantee of a site calibration in words (the page, the card and the terminal say the same)."""
+    if guarantee is None:
+        return NO_PROMISE
+    what = "pneumonia" if guarantee["metric"] == "sensitivity" else "normal"
+    return (f"{guarantee['metric']} at least {guarantee['floor']:g} on new films like the local ones, with "
+            f"{guarantee['confidence']:.0%} confidence ({guarantee['k']} of {guarantee['n']} local {what} images "
+            f"on the right side of the threshold; {guarantee['method']}: {guarantee['lower_bound']:.3f})")
 
 
 # -- recalibration ----------------------------------------------------------------------------------------
@@ -113,14 +140,31 @@ class Recalibration:
     before: dict  # the parent's calibration and threshold on the local images (in-sample: nothing was fitted)
     after: dict  # figures of the new threshold on the cross-fitted probabilities: what the new card records
     data: SiteData
+    guarantee: dict | None = None  # metrics.guarantee_at: what the threshold promises on new films, or None
     p_crossfit: np.ndarray | None = None  # (N,) each image's probability from the calibration fitted without its fold
 
 
 def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> Recalibration:
-    """Fit the new calibration and threshold on all local images; figures before and (cross-validated) after."""
-    rule = rule or model.card.threshold_rule
+    """Fit the new calibration and threshold on all local images; figures before and (cross-validated) after.
+
+    ``rule`` defaults to ``site_rule`` of the version's rule. Raises:
+        metrics.TooFewCases: an ``lcb-`` rule's promise needs more images than the folder has (the message
+            says how many, and the rule without a promise that would fit).
+    """
+    rule = rule or site_rule(model.card.threshold_rule)
     if not M.is_threshold_rule(rule):
         raise ValueError(f"unknown threshold rule {rule!r}")
+    if rule.startswith(("lcb-sensitivity>=", "lcb-specificity>=")):
+        floor = float(rule.split(">=")[1])
+        needed = M.minimum_for_bound(floor)
+        cases = data.counts["PNEUMONIA" if rule.startswith("lcb-sensitivity") else "NORMAL"]
+        if cases * (FOLDS - 1) // FOLDS < needed:
+            what = "pneumonia" if rule.startswith("lcb-sensitivity") else "normal"
+            raise M.TooFewCases(
+                f"the rule {rule} promises its floor on new films with {M.CONFIDENCE:.0%} confidence, which needs "
+                f"at least {needed} {what} images to fit and {-(-needed * FOLDS // (FOLDS - 1))} to cross-validate; "
+                f"the folder has {cases}. Add labelled images, or choose a lower floor or a rule without a "
+                f"promise ({rule.removeprefix('lcb-')})")
     p_before = C.apply(data.logits, *model.calibration)
     before = {**_figures(data.labels, p_before, p_before >= model.threshold), "threshold": model.threshold}
     scale, bias = C.fit_platt(data.logits, data.labels)
@@ -131,7 +175,8 @@ def recalibrate(model: LoadedModel, data: SiteData, rule: str | None = None) -> 
     p, _ = crossfit_decisions(data, rule)
     after = {**_figures(data.labels, p, p >= threshold), "threshold": float(threshold),
              "method": f"{FOLDS}-fold cross-fitted calibration, at the new threshold"}
-    return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data, p)
+    guarantee = M.guarantee_at(data.labels, C.apply(data.logits, scale, bias), threshold, rule)
+    return Recalibration(model.version, rule, scale, bias, float(threshold), before, after, data, guarantee, p)
 
 
 def write_version(registry: Registry, model: LoadedModel, result: Recalibration, *, actor: Actor) -> str:
@@ -166,6 +211,7 @@ def write_version(registry: Registry, model: LoadedModel, result: Recalibration,
             "old": {"threshold": model.threshold, "scale": old_scale, "bias": old_bias},
             "new": {"threshold": result.threshold, "scale": result.scale, "bias": result.bias},
             "before_on_site": result.before, "after_on_site_crossvalidated": result.after,
+            "guarantee": result.guarantee, "promise": promise(result.guarantee),
             "note": ("figures on the site's images; with a few hundred images their 95% intervals are wide "
                      "(see the _ci fields)"),
         },
@@ -211,5 +257,6 @@ def terminal_summary(result: Recalibration) -> str:
             f"specificity {fig(b, 'specificity')}, ECE {b['ece']:.3f}\n"
             f"after (new threshold {result.threshold:.6f}, rule {result.rule}; {FOLDS}-fold cross-validated): "
             f"sensitivity {fig(a, 'sensitivity')}, specificity {fig(a, 'specificity')}, ECE {a['ece']:.3f}\n"
-            "95% intervals in brackets: with this many images they are wide.")
+            "95% intervals in brackets: with this many images they are wide.\n"
+            f"promise: {promise(result.guarantee)}")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from xray.clock import utc_now
+from xray.decide import metrics as M
 from xray.decide.calibration import parameters as calibration_parameters
 from xray.model.net import ModelConfig
 
@@ -127,6 +128,75 @@ class Validation(_Figures):
 
 
 @dataclass(frozen=True)
+class OperatingFigures:
+    """Sensitivity and specificity at one threshold, with where they come from: on the validation films
+    (n and Wilson 95% intervals) and under the worst of the acquisition perturbations the card stores
+    (``validation.calibration_set``: the same films under gamma, contrast, blur, noise, crop, zoom,
+    rotation), which one it was. What a screen shows beside a threshold (``describe``)."""
+
+    threshold: float
+    source: str  # how the validation films were chosen (the card's split), in words
+    positives: int
+    negatives: int
+    sensitivity: float
+    specificity: float
+    sensitivity_ci: tuple[float, float]
+    specificity_ci: tuple[float, float]
+    worst_sensitivity: tuple[float, str] | None = None  # (figure, perturbation); None: the card stores none
+    worst_specificity: tuple[float, str] | None = None
+
+    def describe(self, short: bool = False) -> str:
+        """In words, e.g. 'validation on 583 pneumonia / 202 normal films (the training hospital's): sensitivity
+        0.967 (0.950-0.979), ...; the same films under the worst acquisition perturbation: sensitivity 0.950
+        (gamma 1.4), ...'."""
+        if short:
+            worst = ("" if self.worst_sensitivity is None else
+                     f"; worst perturbation {self.worst_sensitivity[0]:.2f} / {self.worst_specificity[0]:.2f}")
+            return f"sens {self.sensitivity:.2f} / spec {self.specificity:.2f} on validation{worst}"
+        where = "this site's labelled" if self.source.startswith("the site's") else "the training hospital's"
+        text = (f"validation on {self.positives} pneumonia / {self.negatives} normal films ({where}): "
+                f"sensitivity {self.sensitivity:.3f} ({self.sensitivity_ci[0]:.3f}-{self.sensitivity_ci[1]:.3f}), "
+                f"specificity {self.specificity:.3f} ({self.specificity_ci[0]:.3f}-{self.specificity_ci[1]:.3f})")
+        if self.worst_sensitivity is None:
+            return text + "; no perturbed copy stored, so no figure under changed acquisition"
+        return (text + f"; the same films under the worst acquisition perturbation: sensitivity "
+                f"{self.worst_sensitivity[0]:.3f} ({self.worst_sensitivity[1]}), specificity "
+                f"{self.worst_specificity[0]:.3f} ({self.worst_specificity[1]})")
+
+
+def _perturbed_sets(validation: Validation) -> dict[str, tuple[list[int], list[float]]]:
+    """The card's calibration set split by condition: perturbation name -> (labels, p); {} when absent."""
+    block = validation.figures.get("calibration_set")
+    if not isinstance(block, Mapping) or "under each of " not in str(block.get("images", "")):
+        return {}
+    names = str(block["images"]).split("under each of ", 1)[1].split(", ")
+    labels, scores = list(block.get("label") or []), list(block.get("p_pneumonia") or [])
+    n = len(labels) // (len(names) + 1) if labels else 0
+    if not n or len(scores) != len(labels) or n * (len(names) + 1) != len(labels):
+        return {}
+    return {name: (labels[(k + 1) * n:(k + 2) * n], scores[(k + 1) * n:(k + 2) * n]) for k, name in enumerate(names)}
+
+
+def operating_figures(validation: Validation, threshold: float) -> OperatingFigures | None:
+    """``OperatingFigures`` at ``threshold`` from a card's validation block; None when it stores no predictions."""
+    if validation.labels is None or validation.scores is None:
+        return None
+    m = M.metrics_at(validation.labels, validation.scores, threshold)
+    cm = m["confusion_matrix"]
+    positives, negatives = cm["tp"] + cm["fn"], cm["tn"] + cm["fp"]
+    worst_sens = worst_spec = None
+    for name, (labels, scores) in _perturbed_sets(validation).items():
+        q = M.metrics_at(labels, scores, threshold)
+        if worst_sens is None or q["sensitivity"] < worst_sens[0]:
+            worst_sens = (q["sensitivity"], name)
+        if worst_spec is None or q["specificity"] < worst_spec[0]:
+            worst_spec = (q["specificity"], name)
+    return OperatingFigures(threshold, validation.description, positives, negatives, m["sensitivity"], m["specificity"],
+                            M.wilson_interval(cm["tp"], positives), M.wilson_interval(cm["tn"], negatives),
+                            worst_sens, worst_spec)
+
+
+@dataclass(frozen=True)
 class DataRecord:
     """What the version was trained on (never the images: counts and a fingerprint)."""
 
@@ -193,6 +263,8 @@ class SiteCalibration:
     before: Mapping[str, Any] = field(default_factory=dict)  # on the site's images, the parent's calibration
     after: Mapping[str, Any] = field(default_factory=dict)  # the same, cross-validated with the new one
     note: str = ""
+    guarantee: Mapping[str, Any] | None = None  # metrics.guarantee_at: what the threshold promises on new films
+    promise: str = ""  # that promise in words (sitecal.promise), or that there is none
 
     @property
     def images(self) -> int:
@@ -210,7 +282,9 @@ class SiteCalibration:
                    unreadable=int(block.get("unreadable", 0) or 0), rule=str(block.get("rule", "") or ""),
                    old=OperatingPoint.from_dict(block.get("old")), new=OperatingPoint.from_dict(block.get("new")),
                    before=before if isinstance(before, Mapping) else {},
-                   after=after if isinstance(after, Mapping) else {}, note=str(block.get("note", "") or ""))
+                   after=after if isinstance(after, Mapping) else {}, note=str(block.get("note", "") or ""),
+                   guarantee=block.get("guarantee") if isinstance(block.get("guarantee"), Mapping) else None,
+                   promise=str(block.get("promise", "") or ""))
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,20 @@ class Registry:
             return state if marker == self.marker else {k: v for k, v in state.items() if k != "history"}
         return {}
 
+    def state_key(self) -> tuple[str, str | None, int, int]:
+        """(registry root, active version, its card's mtime, the site settings' mtime): changes when a version
+        is activated, its card edited, or the site saves or restores a threshold (what a loaded model caches)."""
+        version = self.active_version()
+
+        def mtime(path) -> int:
+            try:
+                return os.stat(path).st_mtime_ns
+            except OSError:
+                return 0
+
+        card = mtime(self.version_dir(version) / "card.json") if version is not None else 0
+        return str(self.root.resolve()), version, card, mtime(self.site.path)
+
     def active_version(self) -> str | None:
         version = self._marker_state().get("version")
         return version if isinstance(version, str) and self._complete(version) else None

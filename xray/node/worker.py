@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,17 +61,7 @@ class Models:
         self.model: LoadedModel | None = None
 
     def _key(self) -> tuple:
-        registry = Registry(self.registry)
-        version = registry.active_version()
-
-        def mtime(path) -> int:
-            try:
-                return os.stat(path).st_mtime_ns
-            except OSError:
-                return 0
-
-        card = mtime(registry.version_dir(version) / "card.json") if version is not None else 0
-        return str(registry.root), version, card, mtime(registry.site.path)
+        return Registry(self.registry).state_key()
 
     def current(self) -> LoadedModel:
         """Raises ModelFileError when there is no loadable version (the films wait in the queue)."""

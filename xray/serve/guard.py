@@ -242,17 +242,23 @@ def looks_inverted(pixels: np.ndarray) -> bool:
     return score > NEGATIVE_FILM_LIMIT and score + negative_film_score(np.asarray(pixels).T) > 0
 
 
-def negative_film_reason(pixels: np.ndarray) -> str:
-    """The reason to withhold a film that looks inverted (negative), or ''."""
+def negative_film_reason(pixels: np.ndarray, dicom: bool = False) -> str:
+    """The reason to withhold a film that looks inverted (negative), or ''. ``dicom``: the film came as a
+    DICOM object, whose header (Photometric Interpretation, Presentation LUT Shape) was applied already."""
     if not looks_inverted(pixels):
         return ""
     score = negative_film_score(pixels)
+    cause = ("its stored grey levels run opposite to what its header's Photometric Interpretation says" if dicom
+             else "as when a MONOCHROME1 DICOM is exported to PNG/JPEG without inverting it")
     return (f"the film looks inverted (a negative: lungs brighter than the spine and mediastinum, by {score:.2f}; "
-            f"limit {NEGATIVE_FILM_LIMIT:.2f}), as when a MONOCHROME1 DICOM is exported to PNG/JPEG without inverting it")
+            f"limit {NEGATIVE_FILM_LIMIT:.2f}), {cause}")
 
 
 def advice(outcome: str, reason: str) -> str:
     """What the clinician can do about a withheld verdict, fitted to its reason."""
+    if "looks inverted" in reason and "Photometric Interpretation" in reason:
+        return ("Read the film without the model, and ask for it to be sent again from the modality or the PACS "
+                "with bone shown white (its header and its pixels disagree).")
     if "looks inverted" in reason:
         return ("Export the film again so that bone is white (a MONOCHROME1 image must be inverted when saved as "
                 "PNG/JPEG), or upload the DICOM from the PACS.")

@@ -118,7 +118,8 @@ def guard_outcome(prepared: ModelInput, distance: float | None, stats: "O.OodSta
     if outcome != guard.VERDICT:
         return outcome, reason
     input_reason = O.input_reason(prepared.pixels, prepared.shape, prepared.colourfulness)
-    feature_reason = "" if input_reason else guard.negative_film_reason(prepared.pixels)  # before "unlike the training films"
+    feature_reason = "" if input_reason else guard.negative_film_reason(  # before "unlike the training films"
+        prepared.pixels, dicom=bool(prepared.guard_fields))
     if not input_reason and not feature_reason and stats is not None and distance is not None:
         feature_reason = O.feature_reason(float(distance), float(upside_down if upside_down is not None else -np.inf),
                                           stats, float(combined if combined is not None else -np.inf))
