@@ -285,6 +285,10 @@ def validation_ui(model: LoadedModel, threshold: float, validation, prevalence: 
         st.markdown(f"F1 {ratio(figures['f1'])}; area under the ROC curve {ratio(figures['roc_auc'])}.  \n"
                     f"{cm['tp']} true positive, {cm['fn']} false negative, {cm['fp']} false positive, "
                     f"{cm['tn']} true negative.")
+        # Drawn on request only: the charting library is the heaviest thing the browser loads for this page,
+        # and the first screen should not wait for it (issue 26, first use: benchmarks/idle_and_first_use.py).
+        if not st.checkbox("Show the ROC and precision-recall curves", key="diagnose_show_curves"):
+            return
         fpr, tpr, _ = metrics.roc_curve(labels, scores)
         st.plotly_chart(curve_figure(fpr, tpr, (1 - figures["specificity"], figures["sensitivity"]), "ROC",
                                      "1 - specificity", "sensitivity"), key="diagnose_roc",

@@ -519,3 +519,17 @@ def test_another_page_shows_one_film_with_the_same_view(tiny_registry, tmp_path)
     assert not at.exception, at.exception
     assert at.markdown[0].value.startswith("**Patient:** Test^Fixture")
     assert any(b.label == "Download report (PDF)" for b in at.download_button)
+
+
+def test_the_validation_curves_are_drawn_on_request_only(tiny_registry):
+    """The first screen sends no chart (the browser's heaviest load); the toggle under Details draws the ROC and
+    precision-recall curves of the validation films."""
+    at = start_app()
+    assert not at.get("plotly_chart")
+    at.checkbox(key="diagnose_show_curves").check().run()
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    import json
+
+    titles = [json.dumps(json.loads(chart.proto.spec)["layout"].get("title", "")) for chart in charts]
+    assert "ROC" in titles[0] and "Precision-recall" in titles[1]
