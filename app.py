@@ -13,7 +13,9 @@ PAGES = [("pages/diagnose.py", "Diagnose", ":material/radiology:"),
          ("pages/about.py", "About", ":material/info:")]
 ADMINISTRATOR_PAGES = {"pages/retrain.py"}  # not offered to clinicians (the engine refuses their actions anyway)
 
-st.set_page_config(page_title="Pneumonia X-ray assistant", page_icon=":material/radiology:", layout="wide")
+# The tab's icon is an emoji (drawn by the browser itself): a :material/...: page icon makes every browser fetch it
+# from fonts.gstatic.com, a request to Google from a clinical screen (and one that fails on an offline network).
+st.set_page_config(page_title="Pneumonia X-ray assistant", page_icon="🩻", layout="wide")
 refuse_unsafe_serving()  # a non-loopback address without sign-in: refused before any page (README "Sign-in")
 actor = current_actor(in_app=True)  # nobody known: the sign-in page, and nothing else
 

@@ -11,7 +11,7 @@ import streamlit as st
 from pages.common import (PRESET_MIN_GAP, PRESET_RULES, audit_trail, current_actor, current_threshold,
                           ensure_app_navigation, escape_markdown, is_administrator, record_shown, require_model,
                           set_threshold, validation_predictions)
-from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, plain_reason, result_ui
+from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, result_ui
 from xray.decide import metrics
 from xray.decide.prevalence import estimate_if_enough, predictive_values, ESTIMATE_MIN_IMAGES
 from xray.govern import siteconfig
@@ -19,6 +19,7 @@ from xray.model.card import operating_figures
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
 from xray.report import exports, writers
 from xray.serve import analysis
+from xray.serve.guard import plain_reason
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 # The page's limit for one file. The transport's (server.maxUploadSize in .streamlit/config.toml) is set

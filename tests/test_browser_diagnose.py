@@ -105,11 +105,17 @@ new MutationObserver(() => {
 def test_a_fresh_server_lists_only_the_pages_and_offers_the_uploader_first(app_url):
     """Issue 26, first use: on a fresh server the sidebar never lists the files of pages/ ("app", "common", as
     Streamlit's legacy mode would), only the app's pages; the uploader appears no later than the threshold's
-    widgets (it is sent before the model loads) and works: a film dropped at once gets its probability."""
+    widgets (it is sent before the model loads) and works: a film dropped at once gets its probability. Nothing
+    is fetched from anywhere but this server (the tab's icon included)."""
+    from urllib.parse import urlparse
+
     sync_api = pytest.importorskip("playwright.sync_api")
+    elsewhere = []
     with sync_api.sync_playwright() as p:
         browser, page = new_page(p)
         try:
+            page.on("request", lambda request: elsewhere.append(request.url)
+                    if urlparse(request.url).hostname not in (None, "", "localhost", "127.0.0.1") else None)
             page.add_init_script(WATCH_FIRST_SCREEN)
             page.goto(app_url, wait_until="domcontentloaded")
             page.locator('[data-testid="stFileUploaderDropzone"]').wait_for(state="visible")
@@ -125,6 +131,7 @@ def test_a_fresh_server_lists_only_the_pages_and_offers_the_uploader_first(app_u
     assert links == {"Diagnose", "Worklist", "Retrain", "Models", "About"}, links
     assert first_uploader is not None and first_slider is not None
     assert first_uploader <= first_slider
+    assert not elsewhere, elsewhere
 
 
 def test_a_bookmark_to_a_page_opens_that_page_on_a_fresh_server(app_url):
