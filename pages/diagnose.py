@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import plotly.graph_objects as go
 import streamlit as st
 
 from pages.common import (PRESET_MIN_GAP, PRESET_RULES, audit_trail, current_actor, current_threshold,
@@ -195,9 +196,7 @@ def ratio(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
 
 
-def curve_figure(x, y, point, title: str, x_title: str, y_title: str):
-    import plotly.graph_objects as go  # here, not at the top: only drawn on request (the first screen needs none)
-
+def curve_figure(x, y, point, title: str, x_title: str, y_title: str) -> go.Figure:
     fig = go.Figure(go.Scatter(x=x, y=y, mode="lines", line={"shape": "hv"}, name=title, hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=[point[0]], y=[point[1]], mode="markers", name="current threshold",
                              marker={"size": 12, "color": "#c0392b", "line": {"width": 2, "color": "white"}}))
@@ -433,7 +432,7 @@ def patient_line(fields: list[tuple[str, str]] | None) -> str:
 
 def _styled(table: dict):
     """The worklist with each decision cell in the single view's background colour."""
-    import pandas as pd  # here, not at the top: only a worklist needs it, and a first screen shows none
+    import pandas as pd  # here, not at the top: 0.25 s to import, and only a worklist needs it (issue 26)
 
     frame = pd.DataFrame(table)
     return frame.style.map(lambda d: f"background-color: {DECISION_BACKGROUND[d]}" if d in DECISION_BACKGROUND
