@@ -231,12 +231,15 @@ def get_model() -> tuple[LoadedModel, list[str]]:
     return _load(*model_cache_key())
 
 
-def require_model() -> LoadedModel:
-    """The model, with its load warnings shown; without one, a clear message and the page stops."""
+def require_model(withdraw=None) -> LoadedModel:
+    """The model, with its load warnings shown; without one, a clear message and the page stops (after
+    emptying ``withdraw``, an ``st.empty`` holding what was drawn before the model but needs one: an uploader)."""
     ensure_app_navigation()
     try:
         model, problems = get_model()
     except ModelFileError as exc:
+        if withdraw is not None:
+            withdraw.empty()
         st.error("No model is available, so no image can be analysed.  \n"
                  f"Reason: {exc}.  \nTrain one on the Retrain page or with `python -m xray train`, "
                  "or point $XRAY_WEIGHTS at a model registry.", icon=":material/error:")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from pages.common import (PRESET_MIN_GAP, PRESET_RULES, audit_trail, current_actor, current_threshold,
-                          escape_markdown, is_administrator, record_shown, require_model, set_threshold,
-                          validation_predictions)
-from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, plain_reason, result_ui
+                          ensure_app_navigation, escape_markdown, is_administrator, record_shown, require_model,
+                          set_threshold, validation_predictions)
+from pages.result_view import DECISION_BACKGROUND, forget_heatmaps, result_ui
 from xray.decide import metrics
 from xray.decide.prevalence import estimate_if_enough, predictive_values, ESTIMATE_MIN_IMAGES
 from xray.govern import siteconfig
@@ -21,6 +20,7 @@ from xray.model.card import operating_figures
 from xray.model.registry import LoadedModel, Registry, sha256_bytes
 from xray.report import exports, writers
 from xray.serve import analysis
+from xray.serve.guard import plain_reason
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 # The page's limit for one file. The transport's (server.maxUploadSize in .streamlit/config.toml) is set
@@ -40,18 +40,21 @@ THRESHOLD_PROBLEM_KEY = "diagnose_threshold_problem"
 
 # -- the screen, top to bottom (its parts follow in the same order) -----------------------------------
 def main() -> None:
-    model = require_model()
+    ensure_app_navigation()
+    st.title("Diagnose")
+    st.caption("Decision support for pediatric AP chest radiographs: it assists a clinician and does not diagnose.")
+    # The uploader before the model and everything that needs it (the model's line, the sidebar's threshold and
+    # figures): on a fresh server the browser asks for the uploader's code first and a clinician can drop films
+    # sooner (issue 26, benchmarks/idle_and_first_use.py). A film dropped meanwhile is analysed once the model
+    # has loaded; without any loadable model the uploader is taken away again (nothing could analyse a film).
+    uploader = st.empty()
+    with uploader.container():
+        files = uploads_ui()
+    model = require_model(withdraw=uploader)
     validation = validation_predictions(model)
     threshold = current_threshold(model)
     prevalence = site_prevalence(model)
-
-    st.title("Diagnose")
-    st.caption(f"Model {model.version}. Decision support for pediatric AP chest radiographs: it assists a "
-               "clinician and does not diagnose.")
-    calibration_ui(model)
-    files = uploads_ui()
-    # the sidebar's figures and curves after the uploader: the page is usable sooner on a fresh server (issue 26,
-    # benchmarks/idle_and_first_use.py); the sidebar shows the same, it only fills in a moment later
+    model_ui(model)
     with st.sidebar:
         sidebar_ui(model, threshold, validation, prevalence)
     results, seen = [], set()
@@ -331,13 +334,12 @@ def sidebar_ui(model: LoadedModel, threshold: float, validation, prevalence: flo
 
 
 # -- the main area ----------------------------------------------------------------------------------------
-def calibration_ui(model: LoadedModel) -> None:
+def model_ui(model: LoadedModel) -> None:
+    """Which model scores the films, and on whose films its probabilities were calibrated."""
     site = model.card.site_calibration
-    if site is not None:
-        st.caption(f"Probabilities calibrated on this site's {site.images} labelled films.")
-    else:
-        st.caption(f"Probabilities calibrated on the model's validation films "
-                   f"({model.card.calibration_prevalence:.0%} had pneumonia).")
+    calibrated = (f"on this site's {site.images} labelled films" if site is not None else
+                  f"on the model's validation films ({model.card.calibration_prevalence:.0%} had pneumonia)")
+    st.caption(f"Model {model.version}. Probabilities calibrated {calibrated}.")
 
 
 def uploads_ui() -> list[tuple[str, bytes]]:
@@ -430,6 +432,8 @@ def patient_line(fields: list[tuple[str, str]] | None) -> str:
 
 def _styled(table: dict):
     """The worklist with each decision cell in the single view's background colour."""
+    import pandas as pd  # here, not at the top: 0.25 s to import, and only a worklist needs it (issue 26)
+
     frame = pd.DataFrame(table)
     return frame.style.map(lambda d: f"background-color: {DECISION_BACKGROUND[d]}" if d in DECISION_BACKGROUND
                            else "", subset=["Decision"])

@@ -7,8 +7,6 @@ worklist page can too): the same screen everywhere, recorded in the audit log be
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import streamlit as st
 
@@ -20,7 +18,7 @@ from xray.model.registry import LoadedModel
 from xray.report import exports, writers
 from xray.serve import analysis, hirescam
 from xray.model.ood import measured_phrase
-from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, advice
+from xray.serve.guard import NOT_A_CHEST_RADIOGRAPH, OUTSIDE_INTENDED_USE, advice, plain_reason
 
 HEATMAPS_KEY = "result_heatmaps"  # {(sha256, model version): (display pixels, display-size colour levels)}
 HEATMAP_CAPTION = "Evidence for pneumonia: colour marks the regions that raised p(pneumonia)"
@@ -40,11 +38,6 @@ def report_input_for(result: analysis.Analysis, threshold: float, prevalence: fl
     dicom = data is not None and result.image is not None and result.image.format == "DICOM"
     return writers.ReportInput(result, threshold, prevalence, writers.read_dicom_header(data) if dicom else None,
                                writers.read_patient(data) if dicom else [])
-
-
-def plain_reason(reason: str) -> str:
-    """A withheld film's reason without the measurements in brackets (those go under Details)."""
-    return " ".join(re.sub(r"\s*\([^()]*\)", "", reason).split())
 
 
 def heatmap_legend(model: LoadedModel) -> str:

@@ -66,7 +66,7 @@ def studies(spool: Spool) -> None:
              "Patient": [f["patient_name"] for f in films], "Patient ID": [f["patient_id"] for f in films],
              "Accession": [f["accession"] for f in films], "Decision": [triage.decision_text(f) for f in films],
              "p(pneumonia)": [f["p_pneumonia"] if f["label"] else None for f in films],  # withheld means withheld
-             "Results": [triage.delivery_text(f) for f in films], "Reason": [f["error"] or "" for f in films],
+             "Results": [triage.delivery_text(f) for f in films], "Reason": [triage.reason_text(f) for f in films],
              "Study date": [f["study_date"] for f in films]},
             hide_index=True, key=TABLE_KEY, on_select=pick_row, selection_mode="single-row",
             column_config={"p(pneumonia)": st.column_config.ProgressColumn("p(pneumonia)", min_value=0.0,

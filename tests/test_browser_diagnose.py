@@ -85,6 +85,55 @@ def test_upload_heatmap_and_threshold_in_chromium(app_url, tmp_path):
             browser.close()
 
 
+# Records, from the first paint on, every page link the sidebar ever shows and when the uploader and the
+# threshold slider first appear (a fresh server's first run is the one Streamlit runs in its legacy pages/ mode).
+WATCH_FIRST_SCREEN = """
+window.__links = new Set(); window.__firstUploader = null; window.__firstSlider = null;
+new MutationObserver(() => {
+  document.querySelectorAll('[data-testid="stSidebar"] a, [data-testid="stSidebarNavLink"]').forEach(a => {
+    const lines = a.innerText.split("\\n").map(t => t.trim()).filter(Boolean);
+    if (lines.length) window.__links.add(lines[lines.length - 1]);
+  });
+  if (window.__firstUploader === null && document.querySelector('[data-testid="stFileUploaderDropzone"]'))
+    window.__firstUploader = performance.now();
+  if (window.__firstSlider === null && document.querySelector('[data-testid="stSidebar"] [data-testid="stSlider"]'))
+    window.__firstSlider = performance.now();
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_a_fresh_server_lists_only_the_pages_and_offers_the_uploader_first(app_url):
+    """Issue 26, first use: on a fresh server the sidebar never lists the files of pages/ ("app", "common", as
+    Streamlit's legacy mode would), only the app's pages; the uploader appears no later than the threshold's
+    widgets (it is sent before the model loads) and works: a film dropped at once gets its probability. Nothing
+    is fetched from anywhere but this server (the tab's icon included)."""
+    from urllib.parse import urlparse
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    elsewhere = []
+    with sync_api.sync_playwright() as p:
+        browser, page = new_page(p)
+        try:
+            page.on("request", lambda request: elsewhere.append(request.url)
+                    if urlparse(request.url).hostname not in (None, "", "localhost", "127.0.0.1") else None)
+            page.add_init_script(WATCH_FIRST_SCREEN)
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.locator('[data-testid="stFileUploaderDropzone"]').wait_for(state="visible")
+            page.locator('input[type="file"]').set_input_files(str(SAMPLE))  # at once, the model may still load
+            probability = page.locator('[data-testid="stMain"] [data-testid="stMetricValue"]').first
+            probability.wait_for(timeout=120_000)
+            assert 0.0 <= float(probability.inner_text()) <= 1.0
+            settled(page)
+            links = set(page.evaluate("[...window.__links]"))
+            first_uploader, first_slider = page.evaluate("[window.__firstUploader, window.__firstSlider]")
+        finally:
+            browser.close()
+    assert links == {"Diagnose", "Worklist", "Retrain", "Models", "About"}, links
+    assert first_uploader is not None and first_slider is not None
+    assert first_uploader <= first_slider
+    assert not elsewhere, elsewhere
+
+
 def test_a_bookmark_to_a_page_opens_that_page_on_a_fresh_server(app_url):
     """The first visit to /about on a new server runs in Streamlit's legacy pages/ mode; the app sends it
     through app.py and on to the page asked for (pages/common.py ensure_app_navigation)."""

@@ -336,6 +336,20 @@ def test_activation_and_damage_are_picked_up_without_restart(tiny_registry):
     assert any(f"Model {first}" in c.value for c in at.caption)
 
 
+def test_the_uploader_comes_before_the_model_line_and_the_sidebar_lists_the_pages(tiny_registry):
+    """Issue 26, first use: the page sends its uploader before it loads the model (so a fresh server shows it
+    sooner); the model's line and the threshold follow. The sidebar's page list is app.py's page links."""
+    at = start_app()
+    main = [(n.type, str(getattr(n, "value", ""))) for n in at.main]
+    uploader = next(i for i, (kind, _) in enumerate(main) if kind == "file_uploader")
+    model_line = next(i for i, (kind, value) in enumerate(main) if kind == "caption" and value.startswith("Model "))
+    assert [kind for kind, _ in main[1:3]] == ["title", "caption"] and uploader < model_line
+    sidebar = [(n.type, str(getattr(n, "value", ""))) for n in at.sidebar]
+    links = [value for kind, value in sidebar if kind == "page_link"]
+    assert links == ["Diagnose", "Worklist", "Retrain", "Models", "About"]  # local mode: the administrator's pages
+    assert [kind for kind, _ in sidebar].index("slider") > len(links)  # the threshold after the page list
+
+
 def test_no_model_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("XRAY_WEIGHTS", str(tmp_path / "empty-registry"))
     from streamlit.testing.v1 import AppTest

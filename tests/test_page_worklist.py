@@ -66,6 +66,8 @@ def test_the_worklist_lists_the_nodes_films_by_urgency_with_reasons_and_delivery
     assert rows["Doe^Jane"]["Decision"] == child["label"] == child["csv_row"][2]  # what the node sent
     assert rows["Doe^Jane"]["Accession"] == "A-1" and rows["Doe^Jane"]["Patient ID"] == "ID-child"
     assert rows["Roe^Richard"]["Decision"] == "outside intended use" and "45 years old" in rows["Roe^Richard"]["Reason"]
+    # in Diagnose's words: the header codes and measurements in brackets stay in the film's detail view
+    assert "(" in films["Roe^Richard"]["error"] and "(" not in rows["Roe^Richard"]["Reason"]
     assert rows["Roe^Richard"]["p(pneumonia)"] is None or rows["Roe^Richard"]["p(pneumonia)"] != rows["Roe^Richard"]["p(pneumonia)"]
     assert rows["Poe^Anna"]["Decision"] == "unreadable" and rows["Poe^Anna"]["Reason"]
     assert all(r.startswith("waiting for delivery") for r in table["Results"])

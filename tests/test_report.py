@@ -137,3 +137,34 @@ def test_the_page_offers_report_downloads_that_match_the_screen(tiny_registry, u
     assert "Download report (PDF)" in labels and "Download DICOM results" in labels
     at = drop(start_app(), upload(unicode_dicom, mime="application/dicom"), upload(SAMPLE))
     assert "Download worklist report (PDF)" in [b.label for b in at.download_button]
+
+
+def test_worklist_pdf_says_the_disclaimer_once_per_page_and_a_withheld_reason_in_the_screens_words(tmp_path):
+    """The worklist PDF: the table page and each image's page end with the disclaimer, once; a withheld film's
+    result line reads as the screen's (``guard.plain_reason``: no "feature distance 74.0; limit 41.8"), the
+    measurements on a separate "Details" line, as under the screen's Details."""
+    pdftotext = need("pdftotext")
+    from xray.model.registry import Registry
+    from xray.report import writers
+    from xray.serve import analysis
+    from xray.serve.guard import plain_reason
+
+    model = Registry(ROOT / "weights").load()
+    films = [analysis.analyse(model, path.read_bytes(), path.name) for path in (SAMPLE, ADULT)]
+    adult = films[1].prediction
+    assert adult.withheld and "(" in adult.withheld_reason  # the adult film is withheld, with its measurements
+    items = [writers.ReportInput(a, model.default_threshold, 0.3) for a in films]
+    (tmp_path / "worklist.pdf").write_bytes(writers.worklist_pdf_bytes(model, items))
+    pages = subprocess.run([pdftotext, str(tmp_path / "worklist.pdf"), "-"], capture_output=True,
+                           text=True).stdout.split("\f")
+    pages = [" ".join(page.split()) for page in pages if page.strip()]
+    assert len(pages) == 3  # the table, then one page per film
+    for page in pages:
+        assert page.count("Decision support, not a diagnosis") == 1, page
+    table, adult_page = pages[0], pages[2]
+    plain = " ".join(plain_reason(adult.withheld_reason).split())
+    assert f"No verdict ({adult.outcome}): {plain}" in table and f"No verdict ({adult.outcome}): {plain}" in adult_page
+    measured = adult.withheld_reason[adult.withheld_reason.index("(") + 1:adult.withheld_reason.index(")")]
+    assert measured not in table  # the table gives the clinician's words only
+    assert "Details:" in adult_page and " ".join(measured.split()) in adult_page
+    assert adult_page.index(plain) < adult_page.index("Details:")

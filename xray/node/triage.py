@@ -48,6 +48,15 @@ def decision_text(film: dict) -> str:
     return film["outcome"] or "no verdict"
 
 
+def reason_text(film: dict) -> str:
+    """Why a film has no verdict: a withheld film's reason in Diagnose's words (``guard.plain_reason``; the
+    measurements are in its detail view), an unreadable film's error as the loader gave it."""
+    prediction = prediction_of(film)
+    if prediction is not None and prediction.withheld:
+        return guard.plain_reason(prediction.withheld_reason) or film["error"] or ""
+    return film["error"] or ""
+
+
 def delivery_text(film: dict) -> str:
     """Where the film's results are: delivered (when), waiting (why, which try), not yet scored."""
     if film["state"] == RECEIVED:

@@ -160,8 +160,8 @@ def result_line(item: ReportInput) -> str:
     if a.prediction is None:
         return f"Not analysed: {a.error}"
     p = a.prediction
-    if p.withheld:
-        return f"No verdict ({p.outcome}): {p.withheld_reason}"
+    if p.withheld:  # in the screen's words; the measurements go on the page's "Details" line
+        return f"No verdict ({p.outcome}): {guard.plain_reason(p.withheld_reason) or p.outcome}"
     return f"p(pneumonia) {p.p_pneumonia:.3f}: {item.decision} at threshold {item.threshold:.6f}"
 
 
@@ -276,6 +276,8 @@ def add_page(pdf, model: LoadedModel, item: ReportInput) -> None:
                    "decision compares the model's probability with the threshold.", 9)
     elif p is not None:
         _text(pdf, guard.advice(p.outcome, p.withheld_reason), 9)
+        if guard.plain_reason(p.withheld_reason) != " ".join(p.withheld_reason.split()):
+            _text(pdf, f"Details: {p.withheld_reason}.", 8, height=4.2)  # what the screen shows under "Details"
     pdf.ln(1)
     _text(pdf, f"Model version {model.version} (created {card.created or 'unknown'}); report made "
                f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.", 9)
@@ -316,9 +318,9 @@ def worklist_pdf_bytes(model: LoadedModel, items: list[ReportInput]) -> bytes:
         pdf.set_font("DejaVu", "", 9)
         pdf.multi_cell(0, 4.5, result_line(item), new_x="LMARGIN", new_y="NEXT")
         pdf.set_y(max(pdf.get_y(), y + 16))
+    _text(pdf, DISCLAIMER, 9, True)  # under the table; each image's page below ends with it too
     for item in order:
         add_page(pdf, model, item)
-    _text(pdf, DISCLAIMER, 9, True)
     return bytes(pdf.output())
 
 

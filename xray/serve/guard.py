@@ -254,6 +254,12 @@ def negative_film_reason(pixels: np.ndarray, dicom: bool = False) -> str:
             f"limit {NEGATIVE_FILM_LIMIT:.2f}), {cause}")
 
 
+def plain_reason(reason: str) -> str:
+    """A withheld film's reason in a clinician's words: without the measurements and header codes in brackets
+    (the whole reason stays one click away on the screen, and on a "Details" line in a report)."""
+    return " ".join(re.sub(r"\s*\([^()]*\)", "", reason).split())
+
+
 def advice(outcome: str, reason: str) -> str:
     """What the clinician can do about a withheld verdict, fitted to its reason."""
     if "looks inverted" in reason and "Photometric Interpretation" in reason:
