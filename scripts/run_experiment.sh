@@ -11,5 +11,5 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$REG/results"
 $PY -m xray train "$DATA" --registry "$REG" --run-dir "$REG/runs/$TAG" --tag "$TAG" "$@" 2> "$REG/results/$TAG.train.log"
 VERSION=$(ls -t "$REG/versions" | grep -- "-$TAG\$" | head -1)
-$PY -m xray.robustness --registry "$REG" --model "$VERSION" --json "$REG/results/$TAG.json" > /dev/null
+$PY -m xray.train.robustness --registry "$REG" --model "$VERSION" --json "$REG/results/$TAG.json" > /dev/null
 echo "$TAG $VERSION"

@@ -40,7 +40,7 @@ from xray.train.config import TrainConfig, model_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "chest_xray" / "train"
-REFERENCE_SIZE = 224  # issue #15: predict >= 1.5x mobilenet_v3_small's forward at 224 px, 3-channel, batch 32
+REFERENCE_SIZE = 224  # issues 15 and 25: predict >= 1.0x mobilenet_v3_small's forward at 224 px, 3-channel, batch 32 (was 1.5x)
 MIN_RUN_S = 0.3  # each timed forward-only run lasts at least this long
 # JPEGs as the training set stores them (224 px) and as a clinician uploads them (full resolution)
 DEFAULT_IMAGES = (DEFAULT_TRAIN, REPO / "tests" / "fixtures" / "dataset", REPO / "samples")
@@ -241,7 +241,7 @@ def end_to_end_folder(model: LoadedModel, folder: Path, args: argparse.Namespace
     e2e.update(end_to_end(model, paths, args.repeats, args.workers))
     for row in ("batch_32", "cli_streaming_batch_32", "decode_and_resize_all_cores"):
         e2e[f"{row}_vs_reference_forward"] = round(e2e[row]["images_per_s"] / reference, 3)
-    e2e["target"] = ">= 1.5x the reference's forward-only images/s"
+    e2e["target"] = ">= 1.0x the reference's forward-only images/s"
     return e2e
 
 

@@ -64,7 +64,9 @@ def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
     aucs = [v["roc_auc"] for v in report["perturbations"].values()]
     report["perturbation_worst_auc"] = float(min(aucs))
     report["perturbation_mean_flip_rate"] = float(np.mean([v["flip_rate"] for v in report["perturbations"].values()]))
-    if samples_dir and Path(samples_dir).is_dir():
+    if samples_dir and not Path(samples_dir).is_dir():
+        report["fullres_samples"] = {"skipped": f"no folder {samples_dir}"}
+    elif samples_dir:
         paths, labels = [], []
         for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
             for f in sorted((Path(samples_dir) / cls).glob("*")):
@@ -78,10 +80,10 @@ def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xray.robustness", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m xray.train.robustness", description=__doc__)
     parser.add_argument("--model", default="", help="version id (default: active)")
     parser.add_argument("--registry", default="")
-    parser.add_argument("--samples", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"),
+    parser.add_argument("--samples", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "samples"),
                         help="folder with NORMAL/ and PNEUMONIA/ full-resolution images")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
