@@ -1,7 +1,10 @@
 """Leave-one-source-out measurement of the intended-use guard's image checks (issue 23).
 
-The home-vs-outside score of the guard is fitted on the training X-rays against ONE outside hospital's
-films and measured on the OTHER: fit on Hannover -> measure on NIH, fit on NIH -> measure on Hannover.
+The guard's home-vs-outside networks (``xray.model.outside_net``) are trained on the training X-rays against
+ONE outside hospital's films and measured on the OTHER: fit on Hannover -> measure on NIH, fit on NIH ->
+measure on Hannover; the combined limit (distance + networks' score) is set on the validation split as
+``fit-ood`` does (``ood.fit_net_limit``). The previous design (distance + 4x4 logistic regression,
+20261202-081004-ood) is measured the same way beside it.
 Each fold reports the held-out source's withheld share per group (adults, children of other hospitals,
 NIH children under 6, PA/AP) and the share withheld with a true reason ("outside intended use"), beside
 the home figures: the version's validation split (reproduced from its card, as scripts/measure_guard.py
@@ -9,15 +12,18 @@ does) and the 16 full-resolution samples. The distance-only check of the version
 reported on the same images as the baseline. Every film goes through ``load_image`` and the model input
 that ``predict`` uses; outcomes come from ``inference.guard_outcome``.
 
-Usage (about 5 minutes on 2 shared cores; decoded features are cached):
+Usage (decoding about 1 minute, then about 7 minutes per fold to train the networks, on 2 shared cores;
+decoded features and each fold's network scores are cached beside --cache):
     python scripts/guard_loso.py ../shared/data/chest_xray/train [--registry weights] [--model V]
         [--hannover DIR] [--nih DIR] [--samples DIR] [--cache /tmp/guard-loso.npz] [--json OUT]
+        [--record V] [--net-members K] [--net-epochs E]
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -30,6 +36,7 @@ from xray.io.folders import SPLITS, scan_dataset  # noqa: E402
 from xray.io.preprocess import ModelInput, try_read_model_input  # noqa: E402
 from xray.model import ood as O  # noqa: E402
 from xray.model.net import to_input  # noqa: E402
+from xray.model.outside_net import OutsideNetConfig, fit_outside_net  # noqa: E402
 from xray.model.registry import Registry  # noqa: E402
 from xray.serve import guard  # noqa: E402
 from xray.serve.inference import guard_outcome  # noqa: E402
@@ -78,12 +85,13 @@ def extract(model, rows: list[dict], stats: O.OodStats) -> dict:
             "grid": np.concatenate(grid), "outside": np.concatenate(outside)}
 
 
-def outcomes(stats: O.OodStats, data: dict, spec: dict) -> list[tuple[str, str]]:
-    """The guard's (outcome, reason) per film, from ``inference.guard_outcome`` (no DICOM header here)."""
+def outcomes(stats: O.OodStats, data: dict, spec: dict, net: np.ndarray | None = None) -> list[tuple[str, str]]:
+    """The guard's (outcome, reason) per film, from ``inference.guard_outcome`` (no DICOM header here);
+    ``net``: every film's ``OutsideEnsemble.score`` when the statistics use the networks."""
     distances = stats.distances(data["grid"])
     turned = stats.upside_down_scores(data["grid"])
-    combined = (stats.combined_scores(distances, stats.outside_scores(data["outside"])) if stats.outside is not None
-                else [None] * len(distances))
+    combined = (stats.combined_scores(distances, stats.outside_scores(data["outside"]), net)
+                if stats.combined is not None else [None] * len(distances))
     return [guard_outcome(ModelInput(px, tuple(shape), float(col)), d, stats, u, spec, c)
             for px, shape, col, d, u, c in zip(data["inputs"], data["shapes"], data["colour"], distances, turned,
                                                combined)]
@@ -116,6 +124,11 @@ def table(rows, results, held_out: str) -> dict:
 NAMES = {"hannover": "Hannover", "nih": "NIH"}
 
 
+def config_key(config: OutsideNetConfig) -> str:
+    """A short stable key of the networks' settings, for the score cache's file name."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def record(registry: Registry, version: str, report: dict) -> None:
     """The folds' held-out figures and the home figures into ``version``'s card, for the pages."""
     folds = []
@@ -145,6 +158,10 @@ def main() -> int:
     parser.add_argument("--samples", default=str(root / "samples"))
     parser.add_argument("--cache", default="/tmp/guard-loso.npz", help="decoded features (reused when present)")
     parser.add_argument("--json", default="")
+    parser.add_argument("--net-members", type=int, default=OutsideNetConfig().members,
+                        help=f"home-vs-outside networks per fold (default {OutsideNetConfig().members})")
+    parser.add_argument("--net-epochs", type=int, default=OutsideNetConfig().epochs,
+                        help=f"training passes of each (default {OutsideNetConfig().epochs})")
     parser.add_argument("--record", default="", metavar="VERSION",
                         help="write the folds' figures into this version's card (ood.leave_one_source_out), which the "
                              "pages show")
@@ -154,7 +171,8 @@ def main() -> int:
     base = model.ood_stats
     if base is None:
         raise SystemExit("this version has no OOD statistics (python -m xray fit-ood)")
-    base = dataclasses.replace(base, outside=None, combined=None, combined_threshold=float("inf"), n_outside=0)
+    base = dataclasses.replace(base, outside=None, combined=None, combined_threshold=float("inf"), n_outside=0,
+                               net_scale=None)
     rows = films(args, model.card)
     cache = Path(args.cache)
     # same weights and films, same features
@@ -172,17 +190,37 @@ def main() -> int:
     val = np.array([r["group"] == "validation" for r in rows])
     spec = model.card.intended_use_spec
     val_distances = base.distances(data["grid"][val])
-    report = {"model": model.version, "protocol": "fit the home-vs-outside score on one outside source, measure "
+    report = {"model": model.version, "protocol": "fit the home-vs-outside networks on one outside source, measure "
               "on the other; home limits from the version's validation split", "folds": {}}
     results = outcomes(base, data, spec)
     report["distance only (no outside films)"] = {
         **table(rows, results, "hannover"), **{k: v for k, v in table(rows, results, "nih").items() if "nih" in k}}
+    report["distance + 4x4 logistic regression (20261202-081004-ood's design)"] = previous = {}
+    config = dataclasses.replace(OutsideNetConfig(), members=args.net_members, epochs=args.net_epochs)
+    report["outside_net"] = {**dataclasses.asdict(config), "widths": list(config.widths)}
+    inputs = torch.from_numpy(data["inputs"])
     for fitted_on, held_out in (("hannover", "nih"), ("nih", "hannover")):
-        stats = O.fit_outside(base, data["outside"][train], data["outside"][source == fitted_on],
-                              data["outside"][val], val_distances)
-        report["folds"][f"fit on {fitted_on}, measure on {held_out}"] = {
+        fold = f"fit on {fitted_on}, measure on {held_out}"
+        logistic = O.fit_outside(base, data["outside"][train], data["outside"][source == fitted_on],
+                                 data["outside"][val], val_distances)
+        previous[fold] = table(rows, outcomes(logistic, data, spec), held_out)
+        # the networks of this fold, trained on the training films against the fitted source only
+        scores_file = cache.with_name(f"{cache.stem}-net-{fitted_on}-{config_key(config)}.npy")
+        if scores_file.exists() and np.load(scores_file).shape == (len(rows),):
+            net = np.load(scores_file)
+        else:
+            print(f"training {config.members} networks on home vs {fitted_on} ...", file=sys.stderr, flush=True)
+            ensemble = fit_outside_net(inputs[train], inputs[source == fitted_on], config)
+            net = ensemble.score(inputs)
+            np.save(scores_file, net)
+        stats = O.fit_net_limit(base, val_distances, net[val], int((source == fitted_on).sum()))
+        child = next((i for i, r in enumerate(rows) if r["source"] == "nih" and 0 <= r["age"] < 6), None)
+        report["folds"][fold] = {
             "combined_threshold": round(stats.combined_threshold, 4),
-            **table(rows, outcomes(stats, data, spec), held_out)}
+            **table(rows, outcomes(stats, data, spec, net), held_out),
+            **({"NIH child under 6: guard score, limit": [
+                round(float(stats.combined_scores(base.distances(data["grid"][child:child + 1]), net=net[child:child + 1])[0]), 2),
+                round(stats.combined_threshold, 2)]} if held_out == "nih" and child is not None else {})}
     if args.record:
         record(Registry(args.registry), args.record, report)
     text = json.dumps(report, indent=1)

@@ -138,7 +138,8 @@ def test_the_shipped_version_records_its_leave_one_source_out_figures(shipped):
     phrase = measured_phrase(shipped.card.ood)
     assert "of 300 (" in phrase and "NIH films when fitted on Hannover" in phrase and "of 785 (" in phrase
     assert measured_phrase({}) == "" and measured_phrase({"leave_one_source_out": {"folds": []}}) == ""
-    assert shipped.ood_stats.outside is not None and shipped.ood_stats.n_outside == 543
+    assert shipped.ood_stats.net_scale is not None and shipped.ood_stats.n_outside == 543  # the networks, both sources
+    assert shipped.outside_net is not None and shipped.outside_net.n_outside == 543
 
 
 def test_a_dicom_child_inside_the_band_is_still_judged_by_its_pixels(shipped, tmp_path):

@@ -382,20 +382,36 @@ def test_predict_computes_the_combined_score_from_the_same_pass(tiny_model):
         assert p.withheld == (score > 0.0)
 
 
-def test_fit_ood_with_outside_films_saves_the_score_with_the_new_version(tiny_registry, tmp_path):
+def test_fit_ood_with_outside_films_saves_the_networks_with_the_new_version(tiny_registry, tmp_path):
+    """``fit-ood --outside``: the guard's home-vs-outside networks are trained, saved as ``outside_net.pt`` in a
+    new version (declared in its card, checksummed, loaded with it), and the classifier's weights stay
+    byte-identical; a fit without outside films drops the file again."""
+    from xray.model.outside_net import OUTSIDE_NET_FILE, OutsideNetConfig
+
     outside = tmp_path / "outside"
     outside.mkdir()
     for path in sorted((ROOT / "tests" / "fixtures" / "external").glob("*.png")):
         (outside / path.name).write_bytes(path.read_bytes())
     registry = Registry(tiny_registry)
     old = registry.active_version()
-    new = fit_ood_for_version(registry, None, str(DATASET), outside=[str(outside)])
+    new = fit_ood_for_version(registry, None, str(DATASET), outside=[str(outside)],
+                              net_config=OutsideNetConfig(members=2, epochs=2, batch_size=8))
     fitted = registry.load(new)
     stats = fitted.ood_stats
-    assert stats.outside is not None and stats.n_outside == 3 and np.isfinite(stats.combined_threshold)
-    assert fitted.card["ood"]["n_outside"] == 3 and "home-vs-outside" in fitted.card["ood"]["method"]
+    assert stats.net_scale is not None and stats.outside is None and stats.n_outside == 3
+    assert np.isfinite(stats.combined_threshold) and stats.combined.shape == (2,)
+    assert fitted.outside_net is not None and len(fitted.outside_net.members) == 2
+    assert OUTSIDE_NET_FILE in fitted.card.extra_files and (registry.version_dir(new) / OUTSIDE_NET_FILE).is_file()
+    assert fitted.card["ood"]["n_outside"] == 3 and "CNNs" in fitted.card["ood"]["method"]
+    assert fitted.card["ood"]["outside_net"]["members"] == 2 and fitted.card["ood"]["outside_net"]["n_outside"] == 3
     assert "3 outside films" in fitted.card["derived_from"]["change"]
     weights = registry.version_dir(new) / "model.pt", registry.version_dir(old) / "model.pt"
     assert weights[0].read_bytes() == weights[1].read_bytes()
+    # the validation films' share over the combined limit is what the card says
+    images = [load_image(p) for p in XRAYS]
+    assert all(0.0 <= p.p_pneumonia <= 1.0 for p in predict(fitted, images))
+    again = registry.load(fit_ood_for_version(registry, new, str(DATASET)))  # no --outside: distance alone
+    assert again.outside_net is None and again.ood_stats.net_scale is None
+    assert OUTSIDE_NET_FILE not in again.card.extra_files
     with pytest.raises(ValueError, match="no readable images"):
         fit_ood_for_version(registry, None, str(DATASET), outside=[str(tmp_path / "empty")])

@@ -8,7 +8,8 @@ against it, counting imports inside functions; ``python scripts/import_graph.py`
 - ``io``: films in (the one loader incl. DICOM, preprocessing, acquisition augmentation, labelled folders
   and their validation splits).
 - ``decide``: metrics, calibration, the decision rule, the borderline band, prevalence.
-- ``model``: the network, the typed card, the registry, the guard's feature statistics, site settings.
+- ``model``: the network, the typed card, the registry, the guard's feature statistics and its home-vs-outside
+  networks, site settings.
 - ``serve``: ``predict``, the intended-use guard, HiResCAM evidence maps, one upload's analysis, the batch
   pipeline.
 - ``govern``: who acts (sign-in identity and roles), the promotion gate (and its one minimum of an

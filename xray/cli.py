@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from xray.clock import utc_stamp
@@ -36,6 +37,7 @@ from xray.serve.pipeline import (
     path_text,
     score_paths,
 )
+from xray.model.outside_net import OutsideNetConfig
 from xray.model.registry import LoadedModel, ModelFileError, Registry
 from xray.train import adapt as adaptation
 from xray.train.loop import Cancelled, fit_ood_for_version
@@ -173,11 +175,23 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def _outside_net_progress(epochs: int):
+    """fit-ood's progress on stderr: one line per trained network of the guard."""
+    def emit(event: dict) -> None:
+        if event.get("event") == "outside_net":
+            print(event["message"], file=sys.stderr, flush=True)
+        elif event.get("event") == "outside_net_epoch" and event["epoch"] == epochs - 1:
+            print(f"  network {event['member'] + 1} trained (loss {event['loss']:.3f})", file=sys.stderr, flush=True)
+    return emit
+
+
 def cmd_fit_ood(args) -> int:
     registry = Registry(args.registry or None)
     try:
+        net_config = replace(OutsideNetConfig(), members=args.net_members, epochs=args.net_epochs)
         version = fit_ood_for_version(registry, args.model or None, args.data_dir, workers=args.workers,
-                                      percentile=args.percentile, outside=args.outside)
+                                      percentile=args.percentile, outside=args.outside, net_config=net_config,
+                                      emit=_outside_net_progress(args.net_epochs))
     except (ModelFileError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     if args.activate:  # through the gate, like every other way to make a version live
@@ -426,8 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag images beyond this percentile of validation distances (default 99.5)")
     p.add_argument("--workers", type=int, default=1, help="image decoding processes (default 1)")
     p.add_argument("--outside", action="append", default=[], metavar="DIR",
-                   help="a folder of other hospitals' chest films for the home-vs-outside score (repeatable; "
-                        "docs/ood.md round 4); never used to train the pneumonia classifier")
+                   help="a folder of other hospitals' chest films for the guard's home-vs-outside networks "
+                        "(repeatable; docs/ood.md round 4); never used to train the pneumonia classifier")
+    p.add_argument("--net-members", type=int, default=OutsideNetConfig().members,
+                   help=f"home-vs-outside networks, scores averaged (default {OutsideNetConfig().members})")
+    p.add_argument("--net-epochs", type=int, default=OutsideNetConfig().epochs,
+                   help=f"training passes of each (default {OutsideNetConfig().epochs})")
     p.add_argument("--activate", action="store_true", help="activate the new version (through the promotion gate)")
     p.set_defaults(func=cmd_fit_ood)
 

@@ -11,7 +11,10 @@ Two parts, both run inside ``inference.predict`` (see docs/ood.md for the measur
 4. (issue 23, versions fitted with outside films) a home-versus-outside score: a logistic regression on
    the last stage pooled on a 4x4 grid, trained on the training X-rays against chest films of other
    hospitals; it and the distance are each scaled by their spread on the validation X-rays and summed,
-   and the sum has one limit (a percentile of the validation X-rays' sums), which replaces the distance's.
+   and the sum has one limit (a percentile of the validation X-rays' sums), which replaces the distance's;
+5. (issue 23, from version 20261202-*-cnn) in place of 4: small CNNs home-vs-outside on the 64-pixel
+   histogram-equalised film (``xray.model.outside_net``, their own file ``outside_net.pt``); their averaged
+   logit and the distance, each scaled by its validation spread, summed under one limit the same way.
 Its statistics travel with the weights as ``ood.npz``.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from xray.model.net import to_input
+from xray.model.outside_net import OUTSIDE_NET_FILE, OutsideEnsemble, OutsideNetConfig, fit_outside_net
 
 OOD_FILE = "ood.npz"  # extra file of a model version, checksummed in its card
 DEFAULT_PERCENTILE = 99.5  # of validation X-rays' distances; the feature check's threshold
@@ -59,9 +63,12 @@ class OodStats:
     outside: "np.ndarray | None" = None  # (C_last * OUTSIDE_GRID^2,) home-vs-outside weights; None = distance only
     outside_bias: float = 0.0  # its intercept (log-odds of "outside")
     outside_grid: int = OUTSIDE_GRID  # grid of the features it reads
-    combined: "np.ndarray | None" = None  # (4,) distance median, distance spread, outside median, outside spread
+    combined: "np.ndarray | None" = None  # (4,) distance median, distance spread, outside median, outside spread;
+    # (2,) distance median and spread when the sum has no logistic term (the networks' version)
     combined_threshold: float = float("inf")  # limit of the summed scaled scores (replaces ``threshold``)
-    n_outside: int = 0  # outside films the weights were fitted on
+    n_outside: int = 0  # outside films the weights (or the networks) were fitted on
+    net_scale: "np.ndarray | None" = None  # (2,) median and spread of the outside networks' score on validation;
+    # None = no network term (``outside_net.OutsideEnsemble``, saved beside as ``outside_net.pt``)
 
     def outside_scores(self, features: np.ndarray) -> np.ndarray:
         """(B, C_last * outside_grid^2) features -> (B,) log-odds that the film is from elsewhere (-inf without)."""
@@ -70,13 +77,20 @@ class OodStats:
             return np.full(len(features), -np.inf)
         return (torch.from_numpy(features) @ torch.from_numpy(self.outside)).numpy() + self.outside_bias
 
-    def combined_scores(self, distances: np.ndarray, outside: np.ndarray) -> np.ndarray:
-        """(B,) distances and outside scores -> (B,) their sum, each scaled by its validation spread."""
+    def combined_scores(self, distances: np.ndarray, outside: "np.ndarray | None" = None,
+                        net: "np.ndarray | None" = None) -> np.ndarray:
+        """(B,) distances, logistic outside scores and outside networks' scores -> (B,) the sum of those the
+        statistics use, each scaled by its validation spread (-inf without a combined limit)."""
         if self.combined is None:
             return np.full(len(distances), -np.inf)
-        d_median, d_spread, o_median, o_spread = self.combined
-        return ((np.asarray(distances, np.float64) - d_median) / d_spread
-                + (np.asarray(outside, np.float64) - o_median) / o_spread)
+        total = (np.asarray(distances, np.float64) - self.combined[0]) / self.combined[1]
+        if self.outside is not None:
+            total = total + (np.asarray(outside, np.float64) - self.combined[2]) / self.combined[3]
+        if self.net_scale is not None:
+            if net is None:
+                raise ValueError("these statistics need the outside networks' scores")
+            total = total + (np.asarray(net, np.float64) - self.net_scale[0]) / self.net_scale[1]
+        return total
 
     def upside_down_scores(self, features: np.ndarray) -> np.ndarray:
         """(B, C) features -> (B,) projection on the upside-down direction (-inf without one)."""
@@ -101,8 +115,11 @@ class OodStats:
                                 "upside_down": self.upside_down, "upside_down_threshold": self.upside_down_threshold}),
                             **({} if self.outside is None else {
                                 "outside": self.outside, "outside_bias": self.outside_bias,
-                                "outside_grid": self.outside_grid, "combined": self.combined,
-                                "combined_threshold": self.combined_threshold, "n_outside": self.n_outside}))
+                                "outside_grid": self.outside_grid}),
+                            **({} if self.combined is None else {
+                                "combined": self.combined, "combined_threshold": self.combined_threshold,
+                                "n_outside": self.n_outside}),
+                            **({} if self.net_scale is None else {"net_scale": self.net_scale}))
         return buffer.getvalue()
 
     @classmethod
@@ -118,8 +135,13 @@ class OodStats:
                 if "outside" in f.files:
                     stats = dataclasses.replace(
                         stats, outside=np.asarray(f["outside"], np.float64), outside_bias=float(f["outside_bias"]),
-                        outside_grid=int(f["outside_grid"]), combined=np.asarray(f["combined"], np.float64),
+                        outside_grid=int(f["outside_grid"]))
+                if "combined" in f.files:
+                    stats = dataclasses.replace(
+                        stats, combined=np.asarray(f["combined"], np.float64),
                         combined_threshold=float(f["combined_threshold"]), n_outside=int(f["n_outside"]))
+                if "net_scale" in f.files:
+                    stats = dataclasses.replace(stats, net_scale=np.asarray(f["net_scale"], np.float64))
         except Exception as exc:  # zip, key and dtype errors all mean a damaged file
             raise ValueError(f"OOD statistics file is damaged: {exc}") from None
         c = stats.mean.shape[0]
@@ -129,8 +151,14 @@ class OodStats:
                                                        or not np.isfinite(stats.upside_down).all()))
                 or (stats.outside is not None and (
                     stats.outside.shape != (c // (stats.grid * stats.grid) * stats.outside_grid ** 2,)
-                    or not np.isfinite(stats.outside).all() or stats.combined.shape != (4,)
-                    or not np.isfinite(stats.combined).all() or min(stats.combined[1], stats.combined[3]) <= 0))):
+                    or not np.isfinite(stats.outside).all() or stats.combined is None
+                    or stats.combined.shape != (4,)))
+                or (stats.combined is not None and (
+                    stats.combined.shape not in ((2,), (4,)) or not np.isfinite(stats.combined).all()
+                    or min(stats.combined[1::2]) <= 0 or (stats.outside is None and stats.net_scale is None)))
+                or (stats.net_scale is not None and (
+                    stats.net_scale.shape != (2,) or not np.isfinite(stats.net_scale).all()
+                    or stats.net_scale[1] <= 0 or stats.combined is None))):
             raise ValueError("OOD statistics file has inconsistent shapes or values")
         return stats
 
@@ -147,6 +175,11 @@ class OodStats:
             out["method"] += (f"; plus a home-vs-outside logistic regression on {grid}-grid pooled features "
                               f"({self.n_outside} outside films); the two scores scaled by their validation spread "
                               "and summed, one limit (replaces the distance's)")
+        if self.net_scale is not None:
+            out["method"] += (f"; plus home-vs-outside CNNs on the histogram-equalised film ({self.n_outside} outside "
+                              f"films; {OUTSIDE_NET_FILE}); the distance and their score scaled by their validation "
+                              "spread and summed, one limit (replaces the distance's)")
+        if self.combined is not None:
             out["combined_threshold"] = round(self.combined_threshold, 4)
             out["n_outside"] = self.n_outside
         return out
@@ -235,7 +268,7 @@ EQUIPMENT_OR_AGE = ("the film looks unlike the pediatric films the model was mad
 def feature_reason(distance: float, upside_down: float, stats: OodStats, combined: float = -np.inf) -> str:
     """The feature checks' reason for one image ('' when it passes); ``combined`` is its
     ``combined_scores`` value (used when the statistics have a home-vs-outside score)."""
-    if stats.outside is not None:
+    if stats.combined is not None:
         if combined > stats.combined_threshold:
             return f"{EQUIPMENT_OR_AGE} (guard score {combined:.1f}; limit {stats.combined_threshold:.1f})"
     elif distance > stats.threshold:
@@ -320,14 +353,50 @@ def fit_outside(stats: OodStats, home_train: np.ndarray, outside: np.ndarray, ho
     fitted = dataclasses.replace(stats, outside=weights, outside_bias=bias, outside_grid=OUTSIDE_GRID,
                                  n_outside=int(len(outside)))
     val_outside = fitted.outside_scores(home_val)
-
-    def spread(values: np.ndarray) -> tuple[float, float]:
-        median = float(np.median(values))
-        return median, max(float(np.percentile(values, SPREAD_PERCENTILE)) - median, 1e-9)
-
-    fitted = dataclasses.replace(fitted, combined=np.array([*spread(val_distances), *spread(val_outside)]))
+    fitted = dataclasses.replace(fitted, combined=np.array([*_spread(val_distances), *_spread(val_outside)]))
     limit = float(np.percentile(fitted.combined_scores(val_distances, val_outside), percentile))
     return dataclasses.replace(fitted, combined_threshold=limit)
+
+
+def _spread(values: np.ndarray) -> tuple[float, float]:
+    """A score's median on the validation X-rays and its spread (SPREAD_PERCENTILE minus the median)."""
+    median = float(np.median(values))
+    return median, max(float(np.percentile(values, SPREAD_PERCENTILE)) - median, 1e-9)
+
+
+def fit_net_limit(stats: OodStats, val_distances: np.ndarray, val_net: np.ndarray, n_outside: int,
+                  percentile: float | None = None) -> OodStats:
+    """``stats`` (distance only) with the outside networks' term and the combined limit (docs/ood.md, round 4):
+    the distance and the networks' score each scaled by their spread on the validation X-rays, summed; the
+    limit at ``percentile`` (default ``stats.percentile``) of the validation X-rays' sums.
+
+    Args:
+        val_distances, val_net: (N_val,) the validation X-rays' distances and ``OutsideEnsemble.score``.
+        n_outside: outside films the networks were trained on (for the card).
+    """
+    percentile = stats.percentile if percentile is None else percentile
+    fitted = dataclasses.replace(stats, outside=None, combined=np.array(_spread(val_distances)),
+                                 net_scale=np.array(_spread(val_net)), n_outside=int(n_outside))
+    limit = float(np.percentile(fitted.combined_scores(val_distances, net=val_net), percentile))
+    return dataclasses.replace(fitted, combined_threshold=limit)
+
+
+def fit_net_for_images(net: torch.nn.Module, stats: OodStats, images: torch.Tensor, train: np.ndarray,
+                       val: np.ndarray, outside: torch.Tensor, device: torch.device, config: OutsideNetConfig | None = None,
+                       percentile: float | None = None, progress=lambda member, epoch, loss: None
+                       ) -> tuple[OodStats, OutsideEnsemble, dict]:
+    """Train the outside networks (``outside_net.fit_outside_net``) on the (N, S, S) uint8 training films
+    against (M, S, S) uint8 outside films and set the combined limit on the validation films; with the
+    card's summary (including the share of validation X-rays the feature checks now flag)."""
+    ensemble = fit_outside_net(images[train], outside, config or OutsideNetConfig(), progress)
+    val_grid = features_of(net, images[val], device, stats.grid)
+    val_distances = stats.distances(val_grid)
+    val_net = ensemble.score(images[val])
+    fitted = fit_net_limit(stats, val_distances, val_net, len(outside), percentile)
+    flagged = ((fitted.combined_scores(val_distances, net=val_net) > fitted.combined_threshold)
+               | (fitted.upside_down_scores(val_grid) > fitted.upside_down_threshold))
+    return fitted, ensemble, {**fitted.summary(), "val_flagged": float(np.mean(flagged)),
+                              "outside_net": ensemble.summary()}
 
 
 def fit_outside_for_images(net: torch.nn.Module, stats: OodStats, images: torch.Tensor, train: np.ndarray,

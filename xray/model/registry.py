@@ -24,7 +24,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from xray.model.card import CardError, ModelCard
 from xray.model.net import PneumoniaNet, fold_batchnorm, place
 from xray.model.net import build_net as model_build_net
 from xray.model.ood import OodStats
+from xray.model.outside_net import OUTSIDE_NET_FILE, OutsideEnsemble
 from xray.model.site import SiteSettings
 
 PACKAGE_ROOT = settings.PACKAGE_ROOT
@@ -62,6 +63,7 @@ class LoadedModel:
     card: ModelCard
     device: torch.device
     ood_stats: OodStats | None = None  # training-feature statistics; None = no feature OOD check
+    outside_net: "OutsideEnsemble | None" = None  # the guard's home-vs-outside networks (``outside_net.pt``), if any
     site_threshold: float | None = None  # the threshold the site saved for this version, if any
     site_threshold_note: str = ""  # who saved it, when, why
     _folded: "PneumoniaNet | None" = field(default=None, repr=False, compare=False)
@@ -249,14 +251,18 @@ class Registry:
             raise ModelFileError(f"weights of model {version} cannot be loaded: {exc}") from None
         device = device or pick_device()
         net = place(net, device).eval()
-        ood_stats = None
-        if "ood.npz" in extras:
-            try:
+        ood_stats, outside_net = None, None
+        try:
+            if "ood.npz" in extras:
                 ood_stats = OodStats.from_bytes(extras["ood.npz"])
-            except ValueError as exc:
-                raise ModelFileError(f"model {version}: {exc}") from None
+            if OUTSIDE_NET_FILE in extras:
+                outside_net = OutsideEnsemble.from_bytes(extras[OUTSIDE_NET_FILE])
+        except ValueError as exc:
+            raise ModelFileError(f"model {version}: {exc}") from None
+        if ood_stats is not None and ood_stats.net_scale is not None and outside_net is None:
+            raise ModelFileError(f"model {version}: its guard statistics need {OUTSIDE_NET_FILE}, which it lacks")
         saved = self.site.saved_threshold(version)
-        return LoadedModel(net, card, device, ood_stats, saved.threshold if saved else None,
+        return LoadedModel(net, card, device, ood_stats, outside_net, saved.threshold if saved else None,
                            saved.provenance() if saved else "")
 
     def _read_extras(self, version: str, card: ModelCard) -> dict[str, bytes]:
@@ -340,12 +346,14 @@ class Registry:
         return self._write_version(weights, card, version, extras)
 
     def save_derived_version(self, parent: str, card: Mapping[str, Any], tag: str,
-                             extras: dict[str, bytes] | None = None) -> str:
+                             extras: dict[str, bytes] | None = None, without: Sequence[str] = ()) -> str:
         """A new inactive version with ``parent``'s weights byte for byte (made without training: site
         calibration, added OOD statistics) and ``card`` (``ModelCard.derived``); ``parent``'s extra files
-        come along unless ``extras`` replaces them. Returns the new id (``new_version_id(tag)``)."""
+        come along unless ``extras`` replaces them or ``without`` names them. Returns the new id
+        (``new_version_id(tag)``)."""
         parent_dir = self.version_dir(parent)
-        files = {name: (parent_dir / name).read_bytes() for name in self.card(parent).extra_files}
+        files = {name: (parent_dir / name).read_bytes() for name in self.card(parent).extra_files
+                 if name not in without}
         return self._write_version((parent_dir / "model.pt").read_bytes(), card, self.new_version_id(tag),
                                    {**files, **(extras or {})})
 

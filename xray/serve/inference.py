@@ -76,6 +76,15 @@ def logits_and_guard_features(model: LoadedModel, inputs: torch.Tensor
     return logits.float().cpu(), features.double().cpu().numpy(), outside
 
 
+def outside_net_scores(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray | None:
+    """(B, 1, S, S) uint8 model inputs -> (B,) the guard's home-vs-outside networks' score, or None when the
+    version's guard does not use them (``xray.model.outside_net``)."""
+    stats, ensemble = getattr(model, "ood_stats", None), getattr(model, "outside_net", None)
+    if stats is None or stats.net_scale is None or ensemble is None:
+        return None
+    return ensemble.score(inputs)
+
+
 def probabilities(model: LoadedModel, logits: torch.Tensor) -> np.ndarray:
     """(B,) raw logits -> (B,) calibrated p(pneumonia) (the card's calibration, ``xray.calibration``)."""
     return C.apply(logits, *model.calibration)
@@ -96,11 +105,13 @@ def predict(model: LoadedModel, images: "Sequence[ImageLike | ModelInput]", batc
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         batch = [model_input(im, model.image_size) for im in images[start:start + batch_size]]
-        logits, features, outside = logits_and_guard_features(model, model_inputs(batch, model.image_size))
+        inputs = model_inputs(batch, model.image_size)  # (B, 1, S, S) uint8
+        logits, features, outside = logits_and_guard_features(model, inputs)
         distances = stats.distances(features) if stats is not None else [None] * len(batch)
         turned = stats.upside_down_scores(features) if stats is not None else [None] * len(batch)
-        combined = (stats.combined_scores(distances, stats.outside_scores(outside)) if outside is not None
-                    else [None] * len(batch))
+        combined = (stats.combined_scores(distances, None if outside is None else stats.outside_scores(outside),
+                                          outside_net_scores(model, inputs))
+                    if stats is not None and stats.combined is not None else [None] * len(batch))
         for prepared, p, distance, upside_down, score in zip(batch, probabilities(model, logits), distances, turned,
                                                              combined):
             outcome, reason = guard_outcome(prepared, distance, stats, upside_down, spec, score)

@@ -180,7 +180,7 @@ def prior_weights(p: np.ndarray, calibration_prevalence: float, site_prevalence:
 
 def loaded_like(model: LoadedModel, net: nn.Module) -> LoadedModel:
     """``model`` with another network (same card, guard statistics, device): to score an adapted net."""
-    return LoadedModel(net.to(model.device).eval(), model.card, model.device, model.ood_stats)
+    return LoadedModel(net.to(model.device).eval(), model.card, model.device, model.ood_stats, model.outside_net)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from xray.model import card as model_card
 from xray.train import events as E
 from xray.decide import metrics as M
 from xray.model import ood as O
+from xray.model.outside_net import OUTSIDE_NET_FILE, OutsideNetConfig
 from xray.atomic import atomic_write
 from xray.io.augment import PERTURBATIONS, PRESETS, augment
 from xray.io.preprocess import try_read_model_input
@@ -513,14 +514,16 @@ def outside_films(folders: Sequence[str], image_size: int) -> np.ndarray:
 
 def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, workers: int = 1,
                         percentile: float = O.DEFAULT_PERCENTILE,
-                        emit: Callable[[dict], None] = lambda e: None, outside: Sequence[str] = ()) -> str:
+                        emit: Callable[[dict], None] = lambda e: None, outside: Sequence[str] = (),
+                        net_config: "OutsideNetConfig | None" = None) -> str:
     """Fit OOD statistics for an existing version and save them as a NEW, inactive version; returns its id.
 
     The new version has the same weights, threshold and calibration, plus ``ood.npz``; the old
     one is left untouched, so past audit-log lines keep meaning what they said. Making it live is the
     promotion gate's business (``xray.govern.promotion.promote``), never this function's. ``outside``:
-    folders of other hospitals' chest films (every image in them, recursively) for the home-vs-outside
-    score (``ood.fit_outside``; docs/ood.md round 4); none = the distance check alone.
+    folders of other hospitals' chest films (every image in them, recursively) for the guard's home-vs-outside
+    networks (``ood.fit_net_for_images``, ``net_config``; docs/ood.md round 4), saved as ``outside_net.pt``
+    in the new version; none = the distance check alone.
     """
     model = registry.load(version, torch.device("cpu"))
     card = model.card
@@ -532,11 +535,17 @@ def fit_ood_for_version(registry: Registry, version: str | None, data_dir: str, 
                          "could not be reproduced")
     stats, summary = O.fit_for_images(model.net, torch.from_numpy(data.images), data.train, data.val,
                                     model.device, percentile)
-    change = "added OOD statistics (same weights)"
+    change, extras = "added OOD statistics (same weights)", {}
     if films is not None:
-        stats, summary = O.fit_outside_for_images(model.net, stats, torch.from_numpy(data.images), data.train,
-                                                  data.val, torch.from_numpy(films), model.device)
-        change = (f"added OOD statistics with a home-vs-outside score fitted on {len(films)} outside films "
+        emit({"event": "outside_net", "message": f"training the guard's home-vs-outside networks on {len(films)} "
+                                                 "outside films"})
+        stats, ensemble, summary = O.fit_net_for_images(
+            model.net, stats, torch.from_numpy(data.images), data.train, data.val, torch.from_numpy(films),
+            model.device, net_config, percentile,
+            lambda k, epoch, loss: emit({"event": "outside_net_epoch", "member": k, "epoch": epoch, "loss": loss}))
+        extras[OUTSIDE_NET_FILE] = ensemble.to_bytes()
+        change = (f"added OOD statistics with home-vs-outside networks trained on {len(films)} outside films "
                   "(same weights)")
     new_card = card.derived(change, {"ood": summary})
-    return registry.save_derived_version(model.version, new_card, "ood", extras={O.OOD_FILE: stats.to_bytes()})
+    return registry.save_derived_version(model.version, new_card, "ood", extras={O.OOD_FILE: stats.to_bytes(), **extras},
+                                         without=() if extras else (OUTSIDE_NET_FILE,))
