@@ -1,7 +1,7 @@
 """The shipped models' behaviour is pinned: their predictions on every readable fixture and sample are the
 ones recorded before the layering refactor (tests/fixtures/shipped_predictions.json, the single net shipped
 then), when the ensemble of issue 15 shipped (shipped_predictions_20261129-225647.json) and when its guard
-gained the home-vs-outside score of issue 23 and then its home-vs-outside networks (same weights each time: identical
+gained the home-vs-outside score of issue 23 and then its home-vs-outside networks, five and then three (same weights each time: identical
 p, only the guard outcome pinned anew)."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from xray.model.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ["shipped_predictions.json", "shipped_predictions_20261129-225647.json",
-           "shipped_predictions_20261202-081004-ood.json", "shipped_predictions_20261202-110754-ood.json"]
+           "shipped_predictions_20261202-081004-ood.json", "shipped_predictions_20261202-110754-ood.json",
+           "shipped_predictions_20261202-115000-ood.json"]
 # How far p may move from the record with the pinned packages (requirements.lock), measured with
 # scripts/prediction_spread.py on all 37 files of both records (issue 26). With the pinned Pillow and numpy the
 # decoded pixels and the 128x128 model input are bit-identical everywhere; p moves only through float32
@@ -47,7 +48,7 @@ def test_shipped_predictions_are_unchanged(monkeypatch, record):
         assert (prediction.withheld, prediction.withheld_reason) == (withheld, reason), path
 
 
-@pytest.mark.parametrize("pair", [RECORDS[1:3], RECORDS[2:4]])
+@pytest.mark.parametrize("pair", [RECORDS[1:3], RECORDS[2:4], RECORDS[3:5]])
 def test_the_issue_23_guards_kept_the_ensembles_weights_and_scores(pair):
     before, after = (json.loads((ROOT / "tests" / "fixtures" / r).read_text()) for r in pair)
     assert {p: v[0] for p, v in before["predictions"].items()} == {p: v[0] for p, v in after["predictions"].items()}
