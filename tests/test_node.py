@@ -354,7 +354,10 @@ def test_films_routed_by_the_pacs_get_exactly_one_result_each_as_predict_says(no
         assert not row[1] or abs(float(row[1]) - float(expected[name][1])) < 1e-5, (row, expected[name])
     child = queued[sources["child0.dcm"].SOPInstanceUID]
     assert (child["patient_name"], child["patient_id"], child["accession"]) == ("Test^Child^000", "ID-000", "ACC0")
-    assert not list((node.spool / "in").iterdir()) and not list((node.spool / "out").iterdir())  # cleaned
+    # cleaned (keep-hours 0): the received objects go at the end of the delivery pass, just after the last film of
+    # the pass is marked delivered, so the check waits for that pass to finish
+    wait_for(lambda: not list((node.spool / "in").iterdir()) and not list((node.spool / "out").iterdir()), 30,
+             "the spool was not cleaned after delivery")
 
     # the PACS sends the same films again: acknowledged, no second result
     pacs.request("POST", "/modalities/xraynode/store", {"Resources": ids, "Synchronous": True})
