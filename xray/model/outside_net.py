@@ -105,13 +105,14 @@ class OutsideEnsemble(nn.Module):
         self.config = config
         self.n_home, self.n_outside = n_home, n_outside
         self.members = nn.ModuleList(OutsideNet(config.widths) for _ in range(config.members))
+        self._inference: list | None = None  # the members folded once, for a loaded (read-only) ensemble
 
     @torch.no_grad()
     def score(self, pixels: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(B, S, S) or (B, 1, S, S) uint8 model inputs -> (B,) mean log-odds of "from elsewhere"."""
         pixels = torch.as_tensor(pixels)
         self.eval()
-        members = [self._folded(member) for member in self.members]
+        members = self._inference or [self._folded(member) for member in self.members]
         out = []
         for start in range(0, len(pixels), batch_size):
             x = (equalise(pixels[start:start + batch_size], self.config.size) - 0.5) / 0.29  # as OutsideNet.forward
@@ -155,6 +156,8 @@ class OutsideEnsemble(nn.Module):
             raise ValueError(f"outside-net file is damaged: {exc}") from None
         if not all(torch.isfinite(v).all() for v in ensemble.state_dict().values() if v.is_floating_point()):
             raise ValueError("outside-net file has non-finite weights")
+        with torch.no_grad():  # loaded weights never change: fold each member once, not on every ``score``
+            ensemble._inference = [cls._folded(member.eval()) for member in ensemble.members]
         return ensemble.eval()
 
     def summary(self) -> dict:
