@@ -3,7 +3,7 @@ import json
 import shutil
 from pathlib import Path
 
-from xray.io.augment import PERTURBATIONS
+from xray.io.augment import PERTURBATIONS, WIDTH_CHECKS
 from xray.train import robustness
 
 DATASET = Path(__file__).parent / "fixtures" / "dataset"
@@ -24,6 +24,9 @@ def test_check_reports_every_perturbation_and_the_samples(tiny_model, tmp_path):
     assert set(report["perturbations"]) == set(PERTURBATIONS)
     assert 0.0 <= report["perturbation_mean_flip_rate"] <= 1.0
     assert report["perturbation_worst_auc"] == min(v["roc_auc"] for v in report["perturbations"].values())
+    assert set(report["width"]) == set(WIDTH_CHECKS)
+    for row in report["width"].values():
+        assert 0.0 <= row["mean_p_normals"] <= 1.0 and 0.0 <= row["flip_rate"] <= 1.0
     assert report["fullres_samples"]["n"] == 4
     assert len(report["fullres_samples"]["p_normals"]) == 2
 

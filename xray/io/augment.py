@@ -4,7 +4,7 @@ sits on the left, and a mirrored chest is not a chest X-ray."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,22 @@ class AugmentConfig:
     blur_p: float = 0.3  # probability of a resolution-loss blur
     noise_p: float = 0.3
     noise_std: float = 8.0  # grey levels, at most
+    # Class-matched width: with this probability a film's width is scaled to the other class's typical
+    # framing (pneumonia films stretched by ``width_gap``, normal films squeezed by it), so that the
+    # width of the anatomy says nothing about the class (docs/experiments.md, "The width shortcut").
+    width_swap_p: float = 0.0
+    width_gap: float = 1.0
 
 
-PRESETS = {"none": None, "standard": AugmentConfig(),
-           "strong": AugmentConfig(scale=(0.75, 1.3), aspect=0.15, rotation_deg=15.0, translate=0.12,
-                                   gamma=(0.6, 1.7), blur_p=0.5, noise_p=0.5, noise_std=12.0)}
+# The training copies were squashed to a square from originals of other aspect ratios: the 8 + 8
+# full-resolution samples of the same source are 1.12-1.39 wide (mean 1.24) when normal and 1.25-1.73
+# (mean 1.51) when pneumonia, so a pneumonia film's anatomy is about 1.22x narrower than a normal's.
+WIDTH_GAP = 1.22
+
+_STRONG = AugmentConfig(scale=(0.75, 1.3), aspect=0.15, rotation_deg=15.0, translate=0.12,
+                        gamma=(0.6, 1.7), blur_p=0.5, noise_p=0.5, noise_std=12.0)
+PRESETS = {"none": None, "standard": AugmentConfig(), "strong": _STRONG,
+           "strong-width": replace(_STRONG, width_swap_p=0.5, width_gap=WIDTH_GAP)}
 
 
 def resolution_blur(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -38,8 +49,12 @@ def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tenso
     return low + (high - low) * torch.rand(n, generator=g)
 
 
-def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Random geometric and photometric changes, one draw per image."""
+def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Random geometric and photometric changes, one draw per image.
+
+    ``batch`` (B, 1, S, S) in [0, 255]; ``labels`` (B,) 0 normal / 1 pneumonia, needed only when
+    ``cfg.width_swap_p`` > 0 (class-matched width). Returns (B, 1, S, S) float in [0, 255]."""
     b, _, h, w = batch.shape
     x = batch.float()
     zoom = _uniform(b, *cfg.scale, g)
@@ -47,6 +62,13 @@ def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torc
     angle = _uniform(b, -cfg.rotation_deg, cfg.rotation_deg, g) * math.pi / 180
     tx, ty = _uniform(b, -cfg.translate, cfg.translate, g) * 2, _uniform(b, -cfg.translate, cfg.translate, g) * 2
     sx, sy = 1.0 / (zoom * aspect.sqrt()), aspect.sqrt() / zoom
+    if cfg.width_swap_p > 0:
+        if labels is None:
+            raise ValueError("class-matched width (width_swap_p > 0) needs the labels")
+        swap = (torch.rand(b, generator=g) < cfg.width_swap_p).float()
+        # pneumonia (1): content wider by the gap (sample a narrower strip); normal (0): narrower
+        direction = 2.0 * (labels.view(-1).float() >= 0.5).float() - 1.0
+        sx = sx * cfg.width_gap ** (-swap * direction)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1),
                          torch.stack([sin * sx, cos * sy, ty], 1)], 1)  # (B, 2, 3)
@@ -84,3 +106,16 @@ PERTURBATIONS = {
     "zoom out 90%": lambda x: _affine(x, zoom=0.9),
     "rotate 7 deg": lambda x: _affine(x, angle_deg=7),
 }
+
+
+def scale_width(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The anatomy's width times ``factor`` (height unchanged), edges repeated: ``factor`` < 1 is a film
+    whose original was wider before it was squashed to a square, as the training copies were."""
+    b = x.shape[0]
+    theta = torch.tensor([[1.0 / factor, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float32).expand(b, 2, 3)
+    grid = F.affine_grid(theta, tuple(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# The width check (xray.train.robustness): films from originals 1.25x wider or narrower than usual.
+WIDTH_CHECKS = {"width x0.8": 0.8, "width x1.25": 1.25}

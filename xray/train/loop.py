@@ -98,7 +98,7 @@ def train_one_epoch(model, optimizer, scheduler, indices: np.ndarray, epoch: int
         x = ctx.images[idx].unsqueeze(1).float()  # (B, 1, S, S) in [0, 255]
         y = ctx.labels[idx].float()
         if aug is not None:
-            x = augment(x, aug, generator)
+            x = augment(x, aug, generator, labels=y)
         if cfg.mixup > 0:
             lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(cfg.mixup, cfg.mixup))
             perm = torch.randperm(len(idx), generator=generator)

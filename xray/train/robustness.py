@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from xray.decide import metrics as M
-from xray.io.augment import PERTURBATIONS
+from xray.io.augment import PERTURBATIONS, WIDTH_CHECKS, scale_width
 from xray.io.loader import load_image
 from xray.serve.inference import logits_of, predict, probabilities
 from xray.model.registry import LoadedModel, Registry
@@ -64,6 +64,14 @@ def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
     aucs = [v["roc_auc"] for v in report["perturbations"].values()]
     report["perturbation_worst_auc"] = float(min(aucs))
     report["perturbation_mean_flip_rate"] = float(np.mean([v["flip_rate"] for v in report["perturbations"].values()]))
+    # The width check: the training copies were squashed to a square, so a film from a wider original
+    # shows narrower anatomy; a model that reads width as pneumonia fails normals from wider originals.
+    report["width"] = {}
+    for name, factor in WIDTH_CHECKS.items():
+        q = _p(model, _to_uint8(scale_width(inputs.float(), factor)))
+        report["width"][name] = {**_summary(y, q, t), "mean_p_normals": float(q[y == 0].mean()),
+                                 "mean_p_pneumonia": float(q[y == 1].mean()),
+                                 "flip_rate": float(np.mean((q >= t) != (p >= t)))}
     if samples_dir and not Path(samples_dir).is_dir():
         report["fullres_samples"] = {"skipped": f"no folder {samples_dir}"}
     elif samples_dir:

@@ -1,0 +1,53 @@
+"""Training augmentation (xray.io.augment): the class-matched width that breaks the width shortcut
+(docs/experiments.md, "The width shortcut"), and the width check's transform."""
+import pytest
+import torch
+
+from xray.io.augment import PRESETS, WIDTH_GAP, AugmentConfig, augment, scale_width
+
+# Only the class-matched width acts: no zoom, rotation, shift, grey-level change, blur or noise.
+WIDTH_ONLY = AugmentConfig(scale=(1.0, 1.0), aspect=0.0, rotation_deg=0.0, translate=0.0, gamma=(1.0, 1.0),
+                           blur_p=0.0, noise_p=0.0, width_swap_p=1.0, width_gap=1.25)
+
+
+def _bar(n: int = 4, size: int = 64, width: int = 16) -> torch.Tensor:
+    """(n, 1, size, size): a bright vertical bar of ``width`` pixels in the middle, like a mediastinum."""
+    x = torch.zeros(n, 1, size, size)
+    x[..., (size - width) // 2:(size + width) // 2] = 200.0
+    return x
+
+
+def _bar_width(img: torch.Tensor) -> int:
+    return int((img[0, img.shape[1] // 2] > 100).sum())
+
+
+def test_pneumonia_films_are_widened_and_normal_films_narrowed_by_the_gap():
+    out = augment(_bar(), WIDTH_ONLY, torch.Generator().manual_seed(0), labels=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    widths = [_bar_width(img) for img in out]
+    assert widths[0] == widths[2] and widths[1] == widths[3]
+    assert widths[0] == pytest.approx(16 / 1.25, abs=1)  # normal: as narrow as a pneumonia film's anatomy
+    assert widths[1] == pytest.approx(16 * 1.25, abs=1)  # pneumonia: as wide as a normal film's
+
+
+def test_the_swap_happens_with_its_probability_and_never_without_labels():
+    cfg = AugmentConfig(**{**WIDTH_ONLY.__dict__, "width_swap_p": 0.5})
+    out = augment(_bar(400), cfg, torch.Generator().manual_seed(1), labels=torch.ones(400))
+    widened = sum(_bar_width(img) > 17 for img in out)
+    assert 160 < widened < 240  # about half of 400
+    with pytest.raises(ValueError, match="labels"):
+        augment(_bar(), WIDTH_ONLY, torch.Generator().manual_seed(0))
+
+
+def test_the_strong_width_preset_is_strong_plus_the_class_matched_width():
+    strong, sw = PRESETS["strong"], PRESETS["strong-width"]
+    assert strong.width_swap_p == 0.0  # the earlier versions' recipe is unchanged
+    assert sw.width_swap_p == 0.5 and sw.width_gap == WIDTH_GAP
+    assert {k: v for k, v in sw.__dict__.items() if not k.startswith("width")} == \
+        {k: v for k, v in strong.__dict__.items() if not k.startswith("width")}
+
+
+def test_scale_width_narrows_and_widens_the_anatomy_and_keeps_its_height():
+    x = _bar(1)
+    assert _bar_width(scale_width(x, 0.8)[0]) == pytest.approx(16 * 0.8, abs=1)
+    assert _bar_width(scale_width(x, 1.25)[0]) == pytest.approx(16 * 1.25, abs=1)
+    assert torch.allclose(scale_width(x, 1.0), x, atol=1e-3)
