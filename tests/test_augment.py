@@ -38,12 +38,21 @@ def test_the_swap_happens_with_its_probability_and_never_without_labels():
         augment(_bar(), WIDTH_ONLY, torch.Generator().manual_seed(0))
 
 
-def test_the_strong_width_preset_is_strong_plus_the_class_matched_width():
-    strong, sw = PRESETS["strong"], PRESETS["strong-width"]
-    assert strong.width_swap_p == 0.0  # the earlier versions' recipe is unchanged
-    assert sw.width_swap_p == 0.5 and sw.width_gap == WIDTH_GAP
-    assert {k: v for k, v in sw.__dict__.items() if not k.startswith("width")} == \
-        {k: v for k, v in strong.__dict__.items() if not k.startswith("width")}
+def test_the_width_presets_are_strong_plus_a_width_change_only():
+    strong = PRESETS["strong"]
+    assert strong.width == (1.0, 1.0) and strong.width_swap_p == 0.0  # the earlier versions' recipe is unchanged
+    assert PRESETS["strong-width"].width == (0.72, 1.38) and PRESETS["strong-width"].width_swap_p == 0.0
+    assert PRESETS["strong-width-swap"].width_swap_p == 0.5 and PRESETS["strong-width-swap"].width_gap == WIDTH_GAP
+    for name in ("strong-width", "strong-width-mild", "strong-width-swap", "strong-width-swap1.1"):
+        assert {k: v for k, v in PRESETS[name].__dict__.items() if not k.startswith("width")} == \
+            {k: v for k, v in strong.__dict__.items() if not k.startswith("width")}, name
+
+
+def test_the_class_independent_width_spans_its_range_for_either_class():
+    cfg = AugmentConfig(**{**WIDTH_ONLY.__dict__, "width_swap_p": 0.0, "width": (0.75, 1.25)})
+    widths = torch.tensor([_bar_width(img) for img in augment(_bar(400), cfg, torch.Generator().manual_seed(2))],
+                          dtype=torch.float32)  # no labels needed
+    assert widths.min() <= 13 and widths.max() >= 19 and 14.5 < widths.mean() < 17.5
 
 
 def test_scale_width_narrows_and_widens_the_anatomy_and_keeps_its_height():

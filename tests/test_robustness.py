@@ -3,6 +3,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from xray.io.augment import PERTURBATIONS, WIDTH_CHECKS
 from xray.train import robustness
 
@@ -29,6 +31,15 @@ def test_check_reports_every_perturbation_and_the_samples(tiny_model, tmp_path):
         assert 0.0 <= row["mean_p_normals"] <= 1.0 and 0.0 <= row["flip_rate"] <= 1.0
     assert report["fullres_samples"]["n"] == 4
     assert len(report["fullres_samples"]["p_normals"]) == 2
+    assert len(report["fullres_samples"]["p_normals_at_aspect_1.5"]) == 2
+
+
+def test_widen_pads_the_sides_to_the_aspect_and_leaves_wide_films_alone():
+    film = np.arange(12, dtype=np.float32).reshape(3, 4)
+    wide = robustness._widen(film, 2.0)
+    assert wide.shape == (3, 6)
+    assert (wide[:, 1:5] == film).all() and (wide[:, 0] == film[:, 0]).all() and (wide[:, 5] == film[:, 3]).all()
+    assert robustness._widen(film, 1.0).shape == (3, 4)
 
 
 def test_a_missing_samples_folder_is_reported_not_skipped_silently(tiny_model, tmp_path):

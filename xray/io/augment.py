@@ -25,6 +25,9 @@ class AugmentConfig:
     # width of the anatomy says nothing about the class (docs/experiments.md, "The width shortcut").
     width_swap_p: float = 0.0
     width_gap: float = 1.0
+    # The anatomy's width times a factor drawn log-uniformly from this range, height unchanged, whatever
+    # the class: a film from a wider or narrower original, squashed to a square as the training copies were.
+    width: tuple[float, float] = (1.0, 1.0)
 
 
 # The training copies were squashed to a square from originals of other aspect ratios: the 8 + 8
@@ -35,7 +38,10 @@ WIDTH_GAP = 1.22
 _STRONG = AugmentConfig(scale=(0.75, 1.3), aspect=0.15, rotation_deg=15.0, translate=0.12,
                         gamma=(0.6, 1.7), blur_p=0.5, noise_p=0.5, noise_std=12.0)
 PRESETS = {"none": None, "standard": AugmentConfig(), "strong": _STRONG,
-           "strong-width": replace(_STRONG, width_swap_p=0.5, width_gap=WIDTH_GAP)}
+           "strong-width": replace(_STRONG, width=(0.72, 1.38)),
+           "strong-width-mild": replace(_STRONG, width=(0.8, 1.25)),
+           "strong-width-swap": replace(_STRONG, width_swap_p=0.5, width_gap=WIDTH_GAP),
+           "strong-width-swap1.1": replace(_STRONG, width=(0.72, 1.38), width_swap_p=0.5, width_gap=1.1)}
 
 
 def resolution_blur(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -62,6 +68,8 @@ def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
     angle = _uniform(b, -cfg.rotation_deg, cfg.rotation_deg, g) * math.pi / 180
     tx, ty = _uniform(b, -cfg.translate, cfg.translate, g) * 2, _uniform(b, -cfg.translate, cfg.translate, g) * 2
     sx, sy = 1.0 / (zoom * aspect.sqrt()), aspect.sqrt() / zoom
+    if cfg.width != (1.0, 1.0):
+        sx = sx / torch.exp(_uniform(b, math.log(cfg.width[0]), math.log(cfg.width[1]), g))
     if cfg.width_swap_p > 0:
         if labels is None:
             raise ValueError("class-matched width (width_swap_p > 0) needs the labels")

@@ -29,7 +29,7 @@ class TrainConfig:
     init_seed: int = -1  # seed of the weights, augmentation and batch order; -1 = seed (ensemble members differ here)
     patience: int = 8  # epochs without validation improvement before stopping
     label_smoothing: float = 0.05
-    augment: str = "strong"  # none | standard | strong (docs/experiments.md: strong generalises best)
+    augment: str = "strong"  # xray.io.augment.PRESETS (docs/experiments.md: strong generalises best; "The width shortcut")
     mixup: float = 0.0  # Beta(a, a) mixup strength; 0 = off
     ema: float = 0.998  # decay of the weight moving average used for evaluation; 0 = off
     dropout: float = 0.3
