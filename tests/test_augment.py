@@ -60,3 +60,23 @@ def test_scale_width_narrows_and_widens_the_anatomy_and_keeps_its_height():
     assert _bar_width(scale_width(x, 0.8)[0]) == pytest.approx(16 * 0.8, abs=1)
     assert _bar_width(scale_width(x, 1.25)[0]) == pytest.approx(16 * 1.25, abs=1)
     assert torch.allclose(scale_width(x, 1.0), x, atol=1e-3)
+
+
+def test_clip_highlights_burns_the_top_of_each_film_white_and_keeps_its_order():
+    from xray.io.augment import clip_highlights
+    film = torch.linspace(0, 200, 100).view(1, 1, 10, 10)  # a film whose brightest grey is 200
+    out = clip_highlights(torch.cat([film, film]), torch.tensor([0.8, 0.9]))
+    assert out.min() == 0 and out.max() == 255
+    assert (out[0] >= 254.9).float().mean() == pytest.approx(0.2, abs=0.011)  # the top 20% white
+    assert (out[1] >= 254.9).float().mean() == pytest.approx(0.1, abs=0.011)
+    assert (out[0].flatten().diff() >= 0).all()  # monotone: no grey level overtakes another
+
+
+def test_the_strong_clip_preset_clips_some_films_and_leaves_the_rest_to_strong():
+    from dataclasses import replace
+    cfg = replace(PRESETS["strong-clip"], scale=(1.0, 1.0), aspect=0.0, rotation_deg=0.0, translate=0.0,
+                  gamma=(1.0, 1.0), blur_p=0.0, noise_p=0.0)
+    film = torch.linspace(0, 200, 64 * 64).view(1, 1, 64, 64).repeat(200, 1, 1, 1)
+    out = augment(film, cfg, torch.Generator().manual_seed(3))
+    clipped = ((out >= 254.9).flatten(1).float().mean(1) > 0.02).sum()
+    assert 35 < clipped < 85  # about 30% of 200

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray.io.augment import PERTURBATIONS, WIDTH_CHECKS
+from xray.io.augment import CLIP_CHECKS, PERTURBATIONS, WIDTH_CHECKS
 from xray.train import robustness
 
 DATASET = Path(__file__).parent / "fixtures" / "dataset"
@@ -27,6 +27,7 @@ def test_check_reports_every_perturbation_and_the_samples(tiny_model, tmp_path):
     assert 0.0 <= report["perturbation_mean_flip_rate"] <= 1.0
     assert report["perturbation_worst_auc"] == min(v["roc_auc"] for v in report["perturbations"].values())
     assert set(report["width"]) == set(WIDTH_CHECKS)
+    assert set(report["highlights"]) == set(CLIP_CHECKS)
     for row in report["width"].values():
         assert 0.0 <= row["mean_p_normals"] <= 1.0 and 0.0 <= row["flip_rate"] <= 1.0
     assert report["fullres_samples"]["n"] == 4

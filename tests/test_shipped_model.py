@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ["shipped_predictions.json", "shipped_predictions_20261129-225647.json",
            "shipped_predictions_20261202-081004-ood.json", "shipped_predictions_20261202-110754-ood.json",
            "shipped_predictions_20261202-115000-ood.json",
-           # not shipped: issue 25's width-invariant candidate, kept inactive in weights/ for a hidden-split measurement
-           "shipped_predictions_20261202-143853-ood.json"]
+           # not shipped: issue 25's two candidates (width-invariant; trained with clipped highlights), kept
+           # inactive in weights/ for a hidden-split measurement
+           "shipped_predictions_20261202-143853-ood.json", "shipped_predictions_20261202-152325-ood.json"]
 # How far p may move from the record with the pinned packages (requirements.lock), measured with
 # scripts/prediction_spread.py on all 37 files of both records (issue 26). With the pinned Pillow and numpy the
 # decoded pixels and the 128x128 model input are bit-identical everywhere; p moves only through float32

@@ -28,6 +28,10 @@ class AugmentConfig:
     # The anatomy's width times a factor drawn log-uniformly from this range, height unchanged, whatever
     # the class: a film from a wider or narrower original, squashed to a square as the training copies were.
     width: tuple[float, float] = (1.0, 1.0)
+    # Clipped highlights, as a narrower VOI window leaves them: with this probability every grey level above
+    # a per-film percentile drawn from ``clip_top`` becomes white (the film then stretched back to 0-255).
+    clip_p: float = 0.0
+    clip_top: tuple[float, float] = (0.8, 0.97)
 
 
 # The training copies were squashed to a square from originals of other aspect ratios: the 8 + 8
@@ -40,6 +44,7 @@ _STRONG = AugmentConfig(scale=(0.75, 1.3), aspect=0.15, rotation_deg=15.0, trans
 PRESETS = {"none": None, "standard": AugmentConfig(), "strong": _STRONG,
            "strong-width": replace(_STRONG, width=(0.72, 1.38)),
            "strong-width-mild": replace(_STRONG, width=(0.8, 1.25)),
+           "strong-clip": replace(_STRONG, clip_p=0.3),
            "strong-width-swap": replace(_STRONG, width_swap_p=0.5, width_gap=WIDTH_GAP),
            "strong-width-swap1.1": replace(_STRONG, width=(0.72, 1.38), width_swap_p=0.5, width_gap=1.1)}
 
@@ -87,6 +92,11 @@ def augment(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
     blur = torch.rand(b, generator=g) < cfg.blur_p
     if blur.any():
         x[blur] = resolution_blur(x[blur], float(_uniform(1, 0.4, 0.8, g)))
+    if cfg.clip_p > 0:
+        clipped = torch.rand(b, generator=g) < cfg.clip_p
+        top = _uniform(b, *cfg.clip_top, g)
+        if clipped.any():
+            x[clipped] = clip_highlights(x[clipped], top[clipped])
     noisy = (torch.rand(b, generator=g) < cfg.noise_p).view(b, 1, 1, 1)
     sigma = _uniform(b, 0, cfg.noise_std, g).view(b, 1, 1, 1)
     x = x + noisy * sigma * torch.randn(x.shape, generator=g)
@@ -123,6 +133,22 @@ def scale_width(x: torch.Tensor, factor: float) -> torch.Tensor:
     theta = torch.tensor([[1.0 / factor, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float32).expand(b, 2, 3)
     grid = F.affine_grid(theta, tuple(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def clip_highlights(x: torch.Tensor, top: torch.Tensor | float) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 255]: every grey level above each film's ``top`` quantile (a float, or (B,) one per
+    film) set to that level, then the film stretched back to 0-255: the highlights (mediastinum, heart, bone)
+    burnt out white, as a narrow VOI window (DICOM PS3.3 C.11.2) leaves them."""
+    b = x.shape[0]
+    q = torch.as_tensor(top, dtype=torch.float32).expand(b)
+    flat = x.reshape(b, -1)
+    hi = torch.stack([torch.quantile(flat[i], float(q[i])) for i in range(b)]).view(b, 1, 1, 1)
+    lo = flat.min(dim=1).values.view(b, 1, 1, 1)
+    return (255.0 * (x.clamp(max=hi) - lo) / (hi - lo).clamp(min=1.0)).clamp(0, 255)
+
+
+# The highlight check (xray.train.robustness): the grey levels above a film's 80th / 90th percentile clipped.
+CLIP_CHECKS = {"highlights clipped above p80": 0.8, "highlights clipped above p90": 0.9}
 
 
 # The width check (xray.train.robustness): films from originals 1.25x wider or narrower than usual.

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from xray.decide import metrics as M
-from xray.io.augment import PERTURBATIONS, WIDTH_CHECKS, scale_width
+from xray.io.augment import CLIP_CHECKS, PERTURBATIONS, WIDTH_CHECKS, clip_highlights, scale_width
 from xray.io.loader import load_image
 from xray.serve.inference import logits_of, predict, probabilities
 from xray.model.registry import LoadedModel, Registry
@@ -84,6 +84,12 @@ def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
         report["width"][name] = {**_summary(y, q, t), "mean_p_normals": float(q[y == 0].mean()),
                                  "mean_p_pneumonia": float(q[y == 1].mean()),
                                  "flip_rate": float(np.mean((q >= t) != (p >= t)))}
+    # Clipped highlights: a narrower VOI window burns the mediastinum and heart out white.
+    report["highlights"] = {}
+    for name, top in CLIP_CHECKS.items():
+        q = _p(model, _to_uint8(clip_highlights(inputs.float(), top)))
+        report["highlights"][name] = {**_summary(y, q, t), "mean_p_normals": float(q[y == 0].mean()),
+                                      "flip_rate": float(np.mean((q >= t) != (p >= t)))}
     if samples_dir and not Path(samples_dir).is_dir():
         report["fullres_samples"] = {"skipped": f"no folder {samples_dir}"}
     elif samples_dir:
