@@ -312,3 +312,16 @@ def test_cli_errors_are_one_line_not_tracebacks(tiny_registry, tmp_path, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", str(broken)])
     assert "could be read" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """``python -m xray versions | head -1``: the closed pipe ends the command quietly."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "XRAY_AUDIT_LOG": "off"}
+    reader = subprocess.Popen([sys.executable, "-m", "xray", "versions", "--registry", str(root / "weights")],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # the reader is gone before the first line arrives
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
