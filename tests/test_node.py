@@ -346,7 +346,11 @@ def test_films_routed_by_the_pacs_get_exactly_one_result_each_as_predict_says(no
             assert row[4].split(": ", 1)[1][:60] in comment, (row, comment)
     assert "BORDERLINE" in labels and len(labels) >= 2, labels
     assert "years old" in expected["adult.dcm"][4]  # the adult, by its header
-    queued = {f["sop_uid"]: f for f in node.queue().films()}
+    # the PACS holds the results a moment before the node marks the films delivered (it does so once the
+    # C-STORE has returned), so wait for the marks rather than read the queue at once
+    queued = wait_for(lambda: (q := {f["sop_uid"]: f for f in node.queue().films()}) and all(
+        q.get(ds.SOPInstanceUID, {}).get("state") == "delivered" for ds in sources.values()) and q, 30,
+        "not every film was marked delivered")
     for name, ds in sources.items():
         film = queued[ds.SOPInstanceUID]
         row = film["csv_row"]  # the same CSV row (the score to float rounding: batches differ)
