@@ -68,28 +68,24 @@ def check(model: LoadedModel, samples_dir: str | None = None) -> dict:
             batches[prefix] = {"n": int(mask.sum()), "specificity": float(np.mean(p[mask] < t)),
                                "mean_p": float(p[mask].mean())}
     report["normal_batches"] = batches
-    report["perturbations"] = {}
-    for name, fn in PERTURBATIONS.items():
-        q = _p(model, _to_uint8(fn(inputs.float())))
-        flips = float(np.mean((q >= t) != (p >= t)))
-        report["perturbations"][name] = {**_summary(y, q, t), "flip_rate": flips}
+    def under(change) -> tuple[np.ndarray, dict]:
+        """p of the validation films under ``change``, and its summary with the decisions it flips."""
+        q = _p(model, _to_uint8(change(inputs.float())))
+        return q, {**_summary(y, q, t), "flip_rate": float(np.mean((q >= t) != (p >= t)))}
+
+    report["perturbations"] = {name: under(fn)[1] for name, fn in PERTURBATIONS.items()}
     aucs = [v["roc_auc"] for v in report["perturbations"].values()]
     report["perturbation_worst_auc"] = float(min(aucs))
     report["perturbation_mean_flip_rate"] = float(np.mean([v["flip_rate"] for v in report["perturbations"].values()]))
     # The width check: the training copies were squashed to a square, so a film from a wider original
     # shows narrower anatomy; a model that reads width as pneumonia fails normals from wider originals.
-    report["width"] = {}
-    for name, factor in WIDTH_CHECKS.items():
-        q = _p(model, _to_uint8(scale_width(inputs.float(), factor)))
-        report["width"][name] = {**_summary(y, q, t), "mean_p_normals": float(q[y == 0].mean()),
-                                 "mean_p_pneumonia": float(q[y == 1].mean()),
-                                 "flip_rate": float(np.mean((q >= t) != (p >= t)))}
     # Clipped highlights: a narrower VOI window burns the mediastinum and heart out white.
-    report["highlights"] = {}
-    for name, top in CLIP_CHECKS.items():
-        q = _p(model, _to_uint8(clip_highlights(inputs.float(), top)))
-        report["highlights"][name] = {**_summary(y, q, t), "mean_p_normals": float(q[y == 0].mean()),
-                                      "flip_rate": float(np.mean((q >= t) != (p >= t)))}
+    for section, checks, change in (("width", WIDTH_CHECKS, scale_width), ("highlights", CLIP_CHECKS, clip_highlights)):
+        report[section] = {}
+        for name, value in checks.items():
+            q, row = under(lambda x: change(x, value))
+            report[section][name] = {**row, "mean_p_normals": float(q[y == 0].mean()),
+                                     "mean_p_pneumonia": float(q[y == 1].mean())}
     if samples_dir and not Path(samples_dir).is_dir():
         report["fullres_samples"] = {"skipped": f"no folder {samples_dir}"}
     elif samples_dir:
